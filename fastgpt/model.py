@@ -1,0 +1,165 @@
+"""The GPT-2 model, readable in one sitting.
+
+tokens -> token embedding + learned position embedding -> dropout
+       -> n_layer x [ x + Attention(LN(x));  x + MLP(LN(x)) ]      (pre-LayerNorm blocks)
+       -> final LayerNorm -> LM head (tied to the token embedding) -> logits
+
+Every hot op (LayerNorm, attention, bias+GELU, cross-entropy) is called through
+`fastgpt.ops`, which routes it to the PyTorch reference or to a Triton kernel.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .config import GPTConfig, preset
+from .errors import FastGPTError
+from .kv_cache import KVCache
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm whose computation goes through the dispatch point."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        # The query, key and value projections, computed as one (C -> 3C) matmul.
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.attn_dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, H, T, D): each head attends in its own D-dimensional subspace.
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if cache is not None and T == 1:
+            # Decode: one new token per sequence attends to everything cached so far.
+            cache.write_step(layer, k, v)
+            y = ops.decode_attention(q[:, :, 0], cache.k[layer], cache.v[layer], cache.lengths + 1)
+            y = y.unsqueeze(2)
+        else:
+            if cache is not None:
+                cache.write_prefill(layer, k, v)
+            y = ops.attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # concatenate the heads
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: C -> 4C -> GELU -> C."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        hidden = ops.bias_gelu(F.linear(x, self.fc.weight), self.fc.bias)  # bias add fused into GELU
+        return self.dropout(self.proj(hidden))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + Attention(LN1(x)), then + MLP(LN2(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        attn_out = self.attn(self.ln_1(x), cache, layer)
+        # The residual add and the second LayerNorm, fused: one read and write less.
+        x, h = ops.add_layer_norm(x, attn_out, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
+        return x + self.mlp(h)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig | str):
+        super().__init__()
+        cfg = preset(config) if isinstance(config, str) else config
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # weight tying, as in GPT-2
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
+            elif p.dim() >= 2:
+                nn.init.normal_(p, 0.0, 0.02)
+            elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+
+    # ------------------------------------------------------------------ forward
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> final-LayerNorm'd hidden states (B, T, C).
+
+        With a cache: a prompt (T > 1) on an empty cache is a prefill; T == 1 is one
+        decode step at each sequence's own position `cache.lengths[b]`. The caller
+        advances `cache.lengths` afterwards.
+        """
+        B, T = idx.shape
+        if cache is not None and T == 1:
+            positions = cache.lengths[:, None]  # (B, 1): ragged batches decode at their own positions
+            if int(positions.max()) >= self.config.context_length:
+                raise FastGPTError(f"sequence reached the context length ({self.config.context_length})")
+        else:
+            if T > self.config.context_length:
+                raise FastGPTError(
+                    f"input has {T} tokens but the model's context length is {self.config.context_length}")
+            positions = torch.arange(T, device=idx.device)[None, :]
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V), or, given targets (B, T), the mean cross-entropy loss.
+
+        With targets the LM head and the loss run as one op, so a fused kernel never
+        materialises the (B*T, V) logits.
+        """
+        h = self.hidden_states(idx, cache)
+        if targets is None:
+            return self.lm_head(h)
+        return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
+
+    # ------------------------------------------------------------------ info
+    def num_parameters(self, tied: bool = True) -> int:
+        """Parameter count; `tied=False` counts the LM head as its own matrix (as untied models do)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
+        return n if tied else n + self.lm_head.weight.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device

@@ -1,0 +1,40 @@
+"""Shared test setup.
+
+TRITON_INTERPRET=1 must be set before triton is first imported, so that the
+Triton kernels run on CPU tensors (through numpy) when no GPU is present.
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(min(2, torch.get_num_threads()) or 1)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+GPU = torch.cuda.is_available()
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if GPU else "cpu"
+
+requires_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+
+
+def shared_file(name: str) -> Path:
+    """A file of ../shared/data beside the checkout, or skip the test when it is absent."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_backend():
+    from fastgpt import ops
+    torch.manual_seed(0)
+    previous = ops.get_backend()
+    yield
+    ops.set_backend(previous)
