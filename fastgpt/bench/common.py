@@ -1,0 +1,130 @@
+"""Timing, result rows, and CSV/Markdown output shared by every benchmark."""
+from __future__ import annotations
+
+import csv
+import datetime
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field, asdict, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+COLUMNS = ["name", "backend", "shape", "dtype", "median", "p20", "p80", "unit", "device", "date", "commit", "extra"]
+
+
+@dataclass
+class Row:
+    """One measurement. `median/p20/p80` are in `unit` (ms, tokens/s, GB/s, TFLOP/s, MiB, ...)."""
+    name: str
+    backend: str
+    shape: str
+    dtype: str
+    median: float
+    p20: float
+    p80: float
+    unit: str
+    device: str = field(default_factory=lambda: device_name())
+    date: str = field(default_factory=lambda: datetime.date.today().isoformat())
+    commit: str = field(default_factory=lambda: git_commit())
+    extra: str = ""  # free-form "key=value;key=value" (GB/s, peak MiB, ...)
+
+
+def device_name(device: str | None = None) -> str:
+    if (device is None and torch.cuda.is_available()) or (device and str(device).startswith("cuda")):
+        return torch.cuda.get_device_name()
+    import platform
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def measure_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10,
+               device: str = "cpu") -> tuple[float, float, float]:
+    """(median, p20, p80) wall time of `fn()` in milliseconds.
+
+    On CUDA this uses triton.testing.do_bench (L2 flushed, events); on CPU plain
+    perf_counter over `repeats` calls after `warmup` calls.
+    """
+    if str(device).startswith("cuda"):
+        from triton.testing import do_bench
+        med, p20, p80 = do_bench(fn, warmup=max(warmup, 25), rep=max(repeats, 100), quantiles=[0.5, 0.2, 0.8])
+        return float(med), float(p20), float(p80)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return quantiles(times)
+
+
+def quantiles(values: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of a list of samples."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=10, method="inclusive")
+    return statistics.median(values), q[1], q[7]
+
+
+def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
+    """Peak CUDA memory allocated while running `fn` (MiB), or None on CPU."""
+    if not str(device).startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def write_csv(rows: list[Row], path: str | Path) -> Path:
+    """Append rows to a CSV (header written when the file is new)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
+    return path
+
+
+def markdown_table(rows: list[Row], baseline: str, higher_is_better: bool | None = None) -> str:
+    """Markdown table grouping rows by (name, shape, dtype), with each backend's ratio
+    against `baseline` measured in the same run (>1 means faster / better than baseline)."""
+    lines = ["| name | shape | dtype | backend | median | unit | vs " + baseline + " |",
+             "| --- | --- | --- | --- | ---: | --- | ---: |"]
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.name, row.shape, row.dtype), []).append(row)
+    for (name, shape, dtype), group in groups.items():
+        base = next((r for r in group if r.backend == baseline), None)
+        for row in group:
+            ratio = ""
+            if base is not None and base.median and row.median:
+                better_high = higher_is_better if higher_is_better is not None else _higher_is_better(row.unit)
+                ratio = f"{(row.median / base.median if better_high else base.median / row.median):.2f}x"
+            lines.append(f"| {name} | {shape} | {dtype} | {row.backend} | {row.median:.4g} | {row.unit} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def _higher_is_better(unit: str) -> bool:
+    return unit not in ("ms", "s", "us", "MiB", "GiB")
+
+
+def row_fields() -> list[str]:
+    return [f.name for f in fields(Row)]
