@@ -72,7 +72,10 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        hidden = ops.bias_gelu(F.linear(x, self.fc.weight), self.fc.bias)  # bias add fused into GELU
+        # The bias add is fused into GELU, so fc runs without its bias; an adapter on fc
+        # (fastgpt.finetune.lora.LoRALinear) provides its own bias-free matmul.
+        pre = self.fc.matmul_no_bias(x) if hasattr(self.fc, "matmul_no_bias") else F.linear(x, self.fc.weight)
+        hidden = ops.bias_gelu(pre, self.fc.bias)
         return self.dropout(self.proj(hidden))
 
 
