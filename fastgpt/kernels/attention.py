@@ -1,10 +1,43 @@
-"""Causal multi-head attention: softmax(Q K^T / sqrt(d) + causal mask) V."""
+"""Causal multi-head attention: softmax(Q K^T / sqrt(d) + causal mask) V.
+
+Two implementations with one signature:
+
+* `attention_reference` - the textbook version: builds the (T, T) score matrix.
+* `attention_triton`    - a fused, flash-style kernel pair that never builds it.
+
+How the fused forward works (one program = BLOCK_M queries of one head):
+the query tile stays in registers while key/value tiles of BLOCK_N rows stream
+past it. Softmax is computed *online*: a running row maximum `m` and running
+denominator `l` are rescaled whenever a new tile raises the maximum, so the
+output accumulator is exact once the last tile has been seen. Causality means a
+query tile only visits key tiles up to the diagonal; tiles entirely below the
+diagonal need no mask at all, only the diagonal tiles pay for `where`. The
+kernel stores the row log-sum-exp (B, H, T) so that the backward pass can
+recompute any probability P_ij = exp(S_ij - lse_i) from Q and K alone.
+
+The backward pass first computes delta_i = sum_d dO_id * O_id (= sum_j P_ij dP_ij),
+then one kernel walks query tiles for a fixed key/value tile (accumulating dK
+and dV in registers), and another walks key/value tiles for a fixed query tile
+(accumulating dQ). Nothing of size T x T is ever stored: memory is O(T * D).
+
+Exponentials use exp2 with the scale pre-multiplied by log2(e): exp(x) =
+exp2(x * log2 e), and exp2 is the instruction the hardware has.
+
+Attention dropout is not implemented in the kernel: `fastgpt.ops.attention`
+sends dropout_p > 0 (training with attention dropout) to the reference path.
+fp32 inputs use TF32 tensor-core dots only when PyTorch's
+`torch.backends.cuda.matmul.allow_tf32` says so, exactly as torch matmuls do.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -22,3 +55,412 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ v
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _attn_fwd_tile(acc, m_i, l_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                   offs_m, offs_d, start_n, T, qk_scale,
+                   BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Fold one key/value tile (rows start_n .. start_n + BLOCK_N) into the online softmax."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
+    v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    if DIAGONAL:  # may run past T, and holds keys in the future of some queries
+        k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0)
+    else:  # entirely in the past of every query of the tile: no mask at all
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # log2 domain
+    if DIAGONAL:
+        s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old maximum
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE,
+                     stride_qb, stride_qh, stride_qt, stride_qd,
+                     stride_kb, stride_kh, stride_kt, stride_kd,
+                     stride_vb, stride_vh, stride_vt, stride_vd,
+                     stride_ob, stride_oh, stride_ot, stride_od,
+                     H, T, sm_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)  # int64: B*H*T*D may exceed 2^31
+    b, h = bh // H, bh % H
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    O += b * stride_ob + h * stride_oh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+
+    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Key tiles strictly below the diagonal block: every key is visible to every query.
+    for start_n in range(0, start_m, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        acc, m_i, l_i = _attn_fwd_tile(acc, m_i, l_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                                       offs_m, offs_d, start_n, T, qk_scale,
+                                       BLOCK_N, False, INPUT_PRECISION)
+    # The diagonal block: the causal mask and the end of the sequence apply.
+    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        acc, m_i, l_i = _attn_fwd_tile(acc, m_i, l_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                                       offs_m, offs_d, start_n, T, qk_scale,
+                                       BLOCK_N, True, INPUT_PRECISION)
+
+    acc = acc / l_i[:, None]
+    # Natural-log LSE of the scaled scores: m and log2(l) are in base 2.
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + bh * T + offs_m, lse, mask=row_ok)
+    tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+             acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA,
+                           stride_ob, stride_oh, stride_ot, stride_od,
+                           stride_dob, stride_doh, stride_dot, stride_dod,
+                           H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = sum_d dO_id * O_id, which equals sum_j P_ij * dP_ij (needed by dS)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh * T + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+                        offs_n, offs_d, start_m, T, qk_scale,
+                        BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Add one query tile's contribution to dK and dV of a key/value tile (transposed scores)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < T
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+    # Rows past T: lse = +inf makes their probabilities exactly 0.
+    lse2 = tl.load(LSE + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    pT = tl.exp2(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale - lse2[None, :])
+    if DIAGONAL:
+        pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=INPUT_PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(q.dtype), q, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+                          stride_qb, stride_qh, stride_qt, stride_qd,
+                          stride_kb, stride_kh, stride_kt, stride_kd,
+                          stride_vb, stride_vh, stride_vt, stride_vd,
+                          stride_dob, stride_doh, stride_dot, stride_dod,
+                          stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+                          stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+                          H, T, sm_scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          INPUT_PRECISION: tl.constexpr):
+    """One program owns BLOCK_N keys/values and walks every query tile that can see them."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    LSE += bh * T
+    DELTA += bh * T
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < T
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=key_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    # Queries in the diagonal block see only some of these keys: causal mask.
+    for start_m in range(start_n, tl.minimum(start_n + BLOCK_N, T), BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+                                     offs_n, offs_d, start_m, T, qk_scale, BLOCK_M, True, INPUT_PRECISION)
+    # Later queries see all of them.
+    for start_m in range(start_n + BLOCK_N, T, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+                                     offs_n, offs_d, start_m, T, qk_scale, BLOCK_M, False, INPUT_PRECISION)
+
+    dk *= sm_scale  # dS was taken w.r.t. the scaled scores
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_tile(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                      offs_m, offs_d, start_n, T, qk_scale,
+                      BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Add one key/value tile's contribution to dQ of a query tile."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
+    v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    if DIAGONAL:
+        k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale - lse2[:, None])
+    if DIAGONAL:
+        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
+                        stride_qb, stride_qh, stride_qt, stride_qd,
+                        stride_kb, stride_kh, stride_kt, stride_kd,
+                        stride_vb, stride_vh, stride_vt, stride_vd,
+                        stride_dob, stride_doh, stride_dot, stride_dod,
+                        stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+                        H, T, sm_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        INPUT_PRECISION: tl.constexpr):
+    """One program owns BLOCK_M queries and walks every key/value tile they can see."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    for start_n in range(0, start_m, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        dq = _attn_bwd_dq_tile(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                               offs_m, offs_d, start_n, T, qk_scale, BLOCK_N, False, INPUT_PRECISION)
+    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        dq = _attn_bwd_dq_tile(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                               offs_m, offs_d, start_n, T, qk_scale, BLOCK_N, True, INPUT_PRECISION)
+
+    dq *= sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------- launch
+def _interpreted() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# The interpreter runs one small fixed config (fast on CPU, still several tiles per sequence).
+_INTERPRETER_FWD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+_INTERPRETER_BWD = dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=1)
+
+
+def _fwd_gpu_config(head_dim: int) -> dict:
+    """Forward tiles: 128 queries against 64-key tiles (the standard Hopper/Ampere choice);
+    d=128 doubles the accumulator, so it gets 8 warps to keep registers per thread in check."""
+    if head_dim <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+
+
+def _bwd_gpu_config(head_dim: int) -> dict:
+    """dK/dV: BLOCK_N1 keys per program over BLOCK_M1-query tiles; dQ: BLOCK_M2 queries over
+    BLOCK_N2-key tiles. The owned tile is the big one (its accumulators stay in registers)."""
+    if head_dim <= 64:
+        return dict(BLOCK_M1=32, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=2)
+
+
+def _fwd_config(head_dim: int) -> dict:
+    return _INTERPRETER_FWD if _interpreted() else _fwd_gpu_config(head_dim)
+
+
+def _bwd_config(head_dim: int) -> dict:
+    return _INTERPRETER_BWD if _interpreted() else _bwd_gpu_config(head_dim)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """fp32 dots run as TF32 on tensor cores only if PyTorch's matmul setting allows it."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _bhtd_like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (B, H, T, D) tensor laid out as (B, T, H, D) in memory, so that the
+    model's `y.transpose(1, 2).reshape(B, T, C)` afterwards is free (no copy)."""
+    B, H, T, D = x.shape
+    return x.new_empty(B, T, H, D).transpose(1, 2)
+
+
+def _strides(x: torch.Tensor):
+    return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+
+
+@torch.library.custom_op("fastgpt::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, T, D = q.shape
+    out = _bhtd_like(q)
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    cfg = _fwd_config(D)
+    grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
+    _attn_fwd_kernel[grid](q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                           H, T, sm_scale, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                           INPUT_PRECISION=_input_precision(q.dtype),
+                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, sm_scale):
+    B, H, T, D = q.shape
+    return _bhtd_like(q), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastgpt::attention_bwd", mutates_args=())
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, T, D = q.shape
+    cfg = _bwd_config(D)
+    precision = _input_precision(q.dtype)
+    dq, dk, dv = _bhtd_like(q), _bhtd_like(k), _bhtd_like(v)
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](out, do, delta, *_strides(out), *_strides(do),
+                                                         H, T, HEAD_DIM=D, BLOCK_M=64)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N1"]), B * H)](
+        q, k, v, do, dk, dv, lse, delta,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        H, T, sm_scale, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M1"], BLOCK_N=cfg["BLOCK_N1"],
+        INPUT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M2"]), B * H)](
+        q, k, v, do, dq, lse, delta,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        H, T, sm_scale, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M2"], BLOCK_N=cfg["BLOCK_N2"],
+        INPUT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(do, q, k, v, out, lse, sm_scale):
+    return _bhtd_like(q), _bhtd_like(k), _bhtd_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, sm_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)  # all O(T * D): no T x T tensor survives the forward
+    ctx.sm_scale = sm_scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, ctx.sm_scale)
+    return dq, dk, dv, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _padded_head_dim(d: int) -> int:
+    """Tensor-core dots need a power-of-two tile of at least 16 along D."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Fused causal attention, q, k, v: (B, H, T, D) -> (B, H, T, D); differentiable.
+
+    q/k/v may be strided views (e.g. of the model's fused qkv projection): the
+    kernels take strides, nothing is copied. A head size that is not a power of
+    two >= 16 is zero-padded (zeros change neither q.k nor the kept columns of P V).
+    """
+    D = q.shape[-1]
+    sm_scale = 1.0 / math.sqrt(D)
+    padded = _padded_head_dim(D)
+    if padded != D:
+        q, k, v = (F.pad(t, (0, padded - D)) for t in (q, k, v))
+    out, _ = _attention_fwd(q, k, v, sm_scale)
+    return out[..., :D] if padded != D else out
+
+
+# ----------------------------------------------------------------------------- compile check
+def compile_specs():
+    """Every kernel of this module at GPT-2 shapes (D = 64 and 128, fp16/bf16) for the
+    compile-only check (registers, spills, mma/wgmma) of fastgpt.kernels.compile_check."""
+    from .compile_check import KernelSpec
+
+    specs = []
+    strides16 = {f"stride_{n}{a}": "i32" for n in ("q", "k", "v", "o") for a in "bhtd"}
+    for dtype, ty in (("fp16", "*fp16"), ("bf16", "*bf16")):
+        for D in (64, 128):
+            f = _fwd_gpu_config(D)
+            sig = {"Q": ty, "K": ty, "V": ty, "O": ty, "LSE": "*fp32", **strides16,
+                   "H": "i32", "T": "i32", "sm_scale": "fp32"}
+            specs.append(KernelSpec(f"attention_fwd_{dtype}_d{D}", _attn_fwd_kernel, sig,
+                                    dict(HEAD_DIM=D, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"],
+                                         INPUT_PRECISION="ieee"),
+                                    num_warps=f["num_warps"], num_stages=f["num_stages"]))
+            b = _bwd_gpu_config(D)
+            grads = {f"stride_{n}{a}": "i32" for n in ("q", "k", "v", "do", "dk", "dv") for a in "bhtd"}
+            sig = {"Q": ty, "K": ty, "V": ty, "DO": ty, "DK": ty, "DV": ty, "LSE": "*fp32", "DELTA": "*fp32",
+                   **grads, "H": "i32", "T": "i32", "sm_scale": "fp32"}
+            specs.append(KernelSpec(f"attention_bwd_dkdv_{dtype}_d{D}", _attn_bwd_dkdv_kernel, sig,
+                                    dict(HEAD_DIM=D, BLOCK_M=b["BLOCK_M1"], BLOCK_N=b["BLOCK_N1"],
+                                         INPUT_PRECISION="ieee"),
+                                    num_warps=b["num_warps"], num_stages=b["num_stages"]))
+            grads = {f"stride_{n}{a}": "i32" for n in ("q", "k", "v", "do", "dq") for a in "bhtd"}
+            sig = {"Q": ty, "K": ty, "V": ty, "DO": ty, "DQ": ty, "LSE": "*fp32", "DELTA": "*fp32",
+                   **grads, "H": "i32", "T": "i32", "sm_scale": "fp32"}
+            specs.append(KernelSpec(f"attention_bwd_dq_{dtype}_d{D}", _attn_bwd_dq_kernel, sig,
+                                    dict(HEAD_DIM=D, BLOCK_M=b["BLOCK_M2"], BLOCK_N=b["BLOCK_N2"],
+                                         INPUT_PRECISION="ieee"),
+                                    num_warps=b["num_warps"], num_stages=b["num_stages"]))
+            strides = {f"stride_{n}{a}": "i32" for n in ("o", "do") for a in "bhtd"}
+            sig = {"O": ty, "DO": ty, "DELTA": "*fp32", **strides, "H": "i32", "T": "i32"}
+            specs.append(KernelSpec(f"attention_bwd_delta_{dtype}_d{D}", _attn_bwd_delta_kernel, sig,
+                                    dict(HEAD_DIM=D, BLOCK_M=64)))
+    return specs
