@@ -1,8 +1,35 @@
-"""LayerNorm, and LayerNorm fused with the residual add that precedes it."""
+"""LayerNorm, and LayerNorm fused with the residual add that precedes it.
+
+y = (x - mean) / sqrt(var + eps) * weight + bias, statistics over the last dim.
+
+Triton design (one row = one GPT-2 token's C features):
+* forward: one program per row; the whole row sits in registers (BLOCK_C >= C), so
+  x is read once, mean and variance come from two in-register reductions in fp32,
+  and y is written once. mean and rstd = 1/sqrt(var + eps) are saved per row (fp32)
+  so the backward pass does not recompute the reductions.
+* fused residual add: the same kernel reads residual and x, writes their sum (the new
+  residual stream) and the normed sum; one launch and one read of each input instead
+  of an add kernel followed by a LayerNorm kernel.
+* backward: a persistent grid of a few programs per SM, each walking a contiguous
+  run of rows. dx of a row needs only that row; dweight and dbias are sums over all
+  rows, so each program accumulates its rows' contributions in fp32 registers and
+  writes one partial row into a (programs, C) buffer, summed afterwards by torch.
+  No atomics or locks: programs never wait on each other.
+
+Strides: the kernels take a row stride and need unit stride along C. The wrappers
+view inputs as (rows, C) without copying when possible (a column slice of a wider
+tensor is fine) and copy to contiguous memory only when no such view exists.
+Widths up to 65536 (the whole row must fit one program's registers).
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import FastGPTError
+from ._custom_ops import as_rows, new_output, num_sms
+
+MAX_WIDTH = 65536
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -15,3 +42,276 @@ def add_layer_norm_reference(residual: torch.Tensor, x: torch.Tensor, weight: to
     """(residual + x, LayerNorm(residual + x)): the pre-LN block's add, then its next norm."""
     new_residual = residual + x
     return new_residual, layer_norm_reference(new_residual, weight, bias, eps)
+
+
+# ----------------------------------------------------------------------------- kernels
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without Triton keep the reference path
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _layer_norm_fwd_kernel(X, RESIDUAL, W, B, Y, RESIDUAL_OUT, MEAN, RSTD,
+                               stride_x, stride_residual, stride_y, stride_residual_out,
+                               C, eps,
+                               HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One row: [new residual = residual + x;] y = LayerNorm(row)."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_C)
+        mask = cols < C
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            x += tl.load(RESIDUAL + row * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)
+            x = x.to(RESIDUAL_OUT.dtype.element_ty)
+            tl.store(RESIDUAL_OUT + row * stride_residual_out + cols, x, mask=mask)
+            x = x.to(tl.float32)  # normalize exactly the residual that was stored
+        mean = tl.sum(x, axis=0) / C
+        centered = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(centered * centered, axis=0) / C
+        rstd = tl.rsqrt(var + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        y = centered * rstd * w + b
+        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _layer_norm_bwd_kernel(X, W, MEAN, RSTD, DY, DRESIDUAL, DX, DW_PARTIAL, DB_PARTIAL,
+                               stride_x, stride_dy, stride_dresidual, stride_dx,
+                               N, C, rows_per_program,
+                               HAS_DRESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Rows [pid * rows_per_program, ...): dx per row; this program's share of dw, db.
+
+        With xhat = (x - mean) * rstd and g = dy * w:
+            dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   [+ dresidual]
+        """
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_C)
+        mask = cols < C
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        row_start = pid * rows_per_program
+        row_end = tl.minimum(row_start + rows_per_program, N)
+        first = row_start.to(tl.int64)
+        x_ptr = X + first * stride_x + cols
+        dy_ptr = DY + first * stride_dy + cols
+        dx_ptr = DX + first * stride_dx + cols
+        dres_ptr = DRESIDUAL + first * stride_dresidual + cols
+        for row in range(row_start, row_end):
+            x = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            g = dy * w
+            mean_g = tl.sum(g, axis=0) / C
+            mean_gx = tl.sum(g * xhat, axis=0) / C
+            dx = (g - mean_g - xhat * mean_gx) * rstd
+            if HAS_DRESIDUAL:
+                dx += tl.load(dres_ptr, mask=mask, other=0.0).to(tl.float32)
+                dres_ptr += stride_dresidual
+            tl.store(dx_ptr, dx.to(DX.dtype.element_ty), mask=mask)
+            dw += dy * xhat
+            db += dy
+            x_ptr += stride_x
+            dy_ptr += stride_dy
+            dx_ptr += stride_dx
+        tl.store(DW_PARTIAL + pid * C + cols, dw, mask=mask)
+        tl.store(DB_PARTIAL + pid * C + cols, db, mask=mask)
+
+
+def _block_and_warps(C: int) -> tuple[int, int]:
+    """The whole row in one block; more warps for wider rows (~8 fp32 per thread)."""
+    if C > MAX_WIDTH:
+        raise FastGPTError(f"layer_norm: width {C} exceeds the Triton kernel's maximum of {MAX_WIDTH}")
+    block = max(16, triton.next_power_of_2(C))
+    return block, min(16, max(1, block // 256))
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, what: str) -> None:
+    C = x.shape[-1] if x.dim() else 0
+    if x.dim() == 0 or weight.shape != (C,) or bias.shape != (C,):
+        raise FastGPTError(f"{what}: expected x (..., C) with weight and bias (C,), got x {tuple(x.shape)}, "
+                           f"weight {tuple(weight.shape)}, bias {tuple(bias.shape)}")
+
+
+def _forward(x, residual, weight, bias, eps):
+    """Launch the forward kernel. Returns (y, new_residual or None, mean, rstd)."""
+    C = x.shape[-1]
+    x2 = as_rows(x)
+    N = x2.shape[0]
+    out_dtype = x.dtype if residual is None else torch.result_type(residual, x)
+    y = new_output(x.shape, out_dtype, x.device)
+    mean = new_output(x.shape[:-1], torch.float32, x.device)
+    rstd = new_output(x.shape[:-1], torch.float32, x.device)
+    new_residual = None
+    if residual is not None:
+        res2 = as_rows(residual)
+        new_residual = new_output(x.shape, out_dtype, x.device)
+    if N == 0:
+        return y, new_residual, mean, rstd
+    BLOCK_C, num_warps = _block_and_warps(C)
+    _layer_norm_fwd_kernel[(N,)](
+        x2, res2 if residual is not None else x2, weight, bias, y, new_residual if residual is not None else y,
+        mean, rstd,
+        x2.stride(0), res2.stride(0) if residual is not None else 0, C, C,
+        C, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK_C=BLOCK_C, num_warps=num_warps)
+    return y, new_residual, mean, rstd
+
+
+def _backward(dy, x, weight, mean, rstd, dresidual):
+    """Launch the backward kernel. x is the normalized input (the new residual when fused)."""
+    C = x.shape[-1]
+    x2, dy2 = as_rows(x), as_rows(dy)
+    N = x2.shape[0]
+    dx = new_output(x.shape, x.dtype, x.device)
+    programs = max(1, min(N, 2 * num_sms(x.device)))
+    rows_per_program = triton.cdiv(N, programs) if N else 0
+    dw_partial = new_output((programs, C), torch.float32, x.device)
+    db_partial = new_output((programs, C), torch.float32, x.device)
+    if N == 0:
+        dw_partial.zero_()
+        db_partial.zero_()
+    else:
+        dres2 = as_rows(dresidual) if dresidual is not None else dy2
+        BLOCK_C, num_warps = _block_and_warps(C)
+        _layer_norm_bwd_kernel[(programs,)](
+            x2, weight, mean, rstd, dy2, dres2, dx, dw_partial, db_partial,
+            x2.stride(0), dy2.stride(0), dres2.stride(0), C,
+            N, C, rows_per_program,
+            HAS_DRESIDUAL=dresidual is not None, BLOCK_C=BLOCK_C, num_warps=num_warps)
+    return dx, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
+
+
+# --------------------------------------------------- torch.library ops and their autograd
+# Registered as custom ops so torch.compile treats each launch as one opaque node
+# (no graph break) and can trace shapes through the fake implementations.
+
+@torch.library.custom_op("fastgpt::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, _, mean, rstd = _forward(x, None, weight, bias, eps)
+    return y, mean, rstd
+
+
+@_layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastgpt::add_layer_norm_fwd", mutates_args=())
+def _add_layer_norm_fwd(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, new_residual, mean, rstd = _forward(x, residual, weight, bias, eps)
+    return new_residual, y, mean, rstd
+
+
+@_add_layer_norm_fwd.register_fake
+def _(residual, x, weight, bias, eps):
+    dtype = torch.result_type(residual, x)
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastgpt::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                    dresidual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dy, x, weight, mean, rstd, dresidual)
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, dresidual):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, _bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _layer_norm_grad(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = torch.ops.fastgpt.layer_norm_bwd(dy, x, weight, mean, rstd, None)
+    return dx, dweight, dbias, None
+
+
+_layer_norm_fwd.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    residual, x, weight, _bias, _eps = inputs
+    new_residual, _y, mean, rstd = output
+    ctx.save_for_backward(new_residual, weight, mean, rstd)
+    ctx.input_dtypes = (residual.dtype, x.dtype)
+    ctx.set_materialize_grads(False)
+
+
+def _add_layer_norm_grad(ctx, dnew_residual, dy, _dmean, _drstd):
+    """The new residual feeds two consumers (the next add and this LayerNorm), so its
+    gradient is the sum of both: dnew_residual + LayerNorm-backward(dy). residual and x
+    entered through a plain add, so both receive that same sum."""
+    new_residual, weight, mean, rstd = ctx.saved_tensors
+    dweight = dbias = None
+    if dy is not None:
+        dsum, dweight, dbias = torch.ops.fastgpt.layer_norm_bwd(dy, new_residual, weight, mean, rstd, dnew_residual)
+    elif dnew_residual is not None:
+        dsum = dnew_residual
+    else:
+        return None, None, None, None, None
+    residual_dtype, x_dtype = ctx.input_dtypes
+    return dsum.to(residual_dtype), dsum.to(x_dtype), dweight, dbias, None
+
+
+_add_layer_norm_fwd.register_autograd(_add_layer_norm_grad, setup_context=_add_layer_norm_setup)
+
+
+# ----------------------------------------------------------------------- public entry points
+def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Triton LayerNorm over the last dim, differentiable in x, weight and bias. Output in x's dtype."""
+    _check(x, weight, bias, "layer_norm")
+    return torch.ops.fastgpt.layer_norm_fwd(x, weight, bias, float(eps))[0]
+
+
+def add_layer_norm_triton(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + x, LayerNorm(residual + x)) in one kernel; both outputs in the promoted dtype."""
+    _check(x, weight, bias, "add_layer_norm")
+    if residual.shape != x.shape:
+        raise FastGPTError(f"add_layer_norm: residual {tuple(residual.shape)} and x {tuple(x.shape)} differ in shape")
+    new_residual, y, _mean, _rstd = torch.ops.fastgpt.add_layer_norm_fwd(residual, x, weight, bias, float(eps))
+    return new_residual, y
+
+
+# ------------------------------------------------------------------- compile-only check
+def compile_specs():
+    """Both kernels at GPT-2 small (C=768) and XL (C=1600) widths, fp16 and bf16 activations."""
+    from .compile_check import KernelSpec
+    specs = []
+    for C in (768, 1600):
+        block, warps = _block_and_warps(C)
+        for dt in ("fp16", "bf16"):
+            for fused in (False, True):
+                name = f"layer_norm_fwd{'_add' if fused else ''}[C={C},{dt}]"
+                specs.append(KernelSpec(name, _layer_norm_fwd_kernel, {
+                    "X": f"*{dt}", "RESIDUAL": f"*{dt}", "W": "*fp32", "B": "*fp32", "Y": f"*{dt}",
+                    "RESIDUAL_OUT": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32",
+                    "stride_x": "i32", "stride_residual": "i32", "stride_y": "i32", "stride_residual_out": "i32",
+                    "C": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK_C": "constexpr"},
+                    {"HAS_RESIDUAL": fused, "BLOCK_C": block}, num_warps=warps))
+                name = f"layer_norm_bwd{'_add' if fused else ''}[C={C},{dt}]"
+                specs.append(KernelSpec(name, _layer_norm_bwd_kernel, {
+                    "X": f"*{dt}", "W": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "DY": f"*{dt}",
+                    "DRESIDUAL": f"*{dt}", "DX": f"*{dt}", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
+                    "stride_x": "i32", "stride_dy": "i32", "stride_dresidual": "i32", "stride_dx": "i32",
+                    "N": "i32", "C": "i32", "rows_per_program": "i32",
+                    "HAS_DRESIDUAL": "constexpr", "BLOCK_C": "constexpr"},
+                    {"HAS_DRESIDUAL": fused, "BLOCK_C": block}, num_warps=warps))
+    return specs
