@@ -1,16 +1,189 @@
 """The LM head projection and cross-entropy as one op.
 
-The logits tensor (rows x vocab) is the largest activation of GPT-2; computing
-the loss from the hidden states directly lets a fused kernel avoid storing it.
+The logits tensor (rows x vocab) is the largest activation of GPT-2: 8192 tokens x
+50257 words is 823 MB in bf16, and eager autograd keeps it, its log-softmax and its
+gradient alive at once. The fused version never builds it. It walks the rows in
+chunks; for each chunk:
+
+    logits = hidden_chunk @ weight.T              (cuBLAS: the GEMM is not the problem)
+    cross-entropy kernel -> per-row loss, and the gradient d loss / d logits written
+                            in place over `logits` (no softmax ever stored)
+    grad_hidden_chunk  = dlogits @ weight
+    grad_weight       += dlogits.T @ hidden_chunk  (accumulated in fp32)
+
+so the gradients are finished inside the forward pass (Liger-Kernel's approach) and
+backward only scales them by the incoming grad_output. Peak extra memory is one
+logits chunk plus the fp32 grad_weight accumulator, instead of several (N, V) tensors.
+The weight may be tied to the token embedding: its gradient returns through the
+weight argument and autograd adds it to the embedding's.
+
+reduction="none" cannot finish the gradients early (each row's grad_output is only
+known in backward), so it recomputes each logits chunk in backward instead.
 """
 from __future__ import annotations
 
 import torch
 
-from .cross_entropy import cross_entropy_reference
+from ..errors import FastGPTError
+from .cross_entropy import (check_inputs, check_targets, count_valid, cross_entropy_reference, launch_backward,
+                            launch_forward, reduce_rows)
+
+# A logits chunk holds at most this many elements (64 MiB in bf16): at V = 50257 that is
+# 512 rows, a GEMM tall enough to run cuBLAS near peak while staying a small fraction of
+# the (N, V) logits it replaces.
+CHUNK_ELEMENTS = 2**25
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                    ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
     """cross_entropy(hidden @ weight.T, targets); hidden (N, C), weight (V, C), targets (N,)."""
     return cross_entropy_reference(hidden @ weight.t(), targets, ignore_index, reduction)
+
+
+def default_chunk_rows(N: int, V: int) -> int:
+    """Rows per chunk: a power of two (tidy GEMM tiles) with rows * V <= CHUNK_ELEMENTS."""
+    rows = max(1, CHUNK_ELEMENTS // max(V, 1))
+    rows = 1 << (rows.bit_length() - 1)
+    return max(1, min(N, rows))
+
+
+def _accumulate_grad_weight(grad_weight: torch.Tensor, dlogits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """grad_weight (fp32) += dlogits.T @ hidden."""
+    if dlogits.dtype == torch.float32:
+        grad_weight.addmm_(dlogits.t(), hidden)
+    else:  # the GEMM accumulates in fp32 internally; the chunk sum is rounded once, then summed in fp32
+        grad_weight += torch.mm(dlogits.t(), hidden)
+
+
+def _logits_buffer(hidden: torch.Tensor, weight: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """One flat scratch buffer reused by every chunk (the last, shorter chunk uses a prefix)."""
+    rows = min(chunk_rows, hidden.shape[0])
+    return torch.empty(rows * weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("fastgpt::linear_cross_entropy_fwd", mutates_args=())
+def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              ignore_index: int, reduction: str, chunk_rows: int,
+                              need_grad_hidden: bool, need_grad_weight: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_hidden, grad_weight): the gradients are those of the loss itself (grad_output 1),
+    or empty (0,) tensors when not needed or when reduction="none" (recomputed in backward)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    check_targets(targets, V, ignore_index)
+    write_grad = reduction != "none" and (need_grad_hidden or need_grad_weight)
+    n_valid = count_valid(targets, ignore_index)
+    row_loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    grad_hidden = (torch.empty_like(hidden, memory_format=torch.contiguous_format)
+                   if write_grad and need_grad_hidden else hidden.new_empty(0))
+    grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                   if write_grad and need_grad_weight else weight.new_empty(0, dtype=torch.float32))
+    # d(mean)/d(row loss) = 1 / n_valid; kept on the device so no host sync is needed.
+    scale = (1.0 / n_valid if reduction == "mean" else torch.ones((), device=hidden.device)).reshape(1)
+    buffer = _logits_buffer(hidden, weight, chunk_rows)
+    for start in range(0, N, chunk_rows):
+        end = min(N, start + chunk_rows)
+        hidden_chunk = hidden[start:end]
+        logits = torch.mm(hidden_chunk, weight.t(), out=buffer[: (end - start) * V].view(end - start, V))
+        launch_forward(logits, targets[start:end], ignore_index, scale if write_grad else None,
+                       loss=row_loss[start:end])
+        if write_grad:  # `logits` now holds d loss / d logits
+            if need_grad_hidden:
+                torch.mm(logits, weight, out=grad_hidden[start:end])
+            if need_grad_weight:
+                _accumulate_grad_weight(grad_weight, logits, hidden_chunk)
+    return reduce_rows(row_loss, n_valid, reduction), grad_hidden, grad_weight
+
+
+@_linear_cross_entropy_fwd.register_fake
+def _(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad_hidden, need_grad_weight):
+    write_grad = reduction != "none" and (need_grad_hidden or need_grad_weight)
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=torch.float32)
+    grad_hidden = hidden.new_empty(hidden.shape if write_grad and need_grad_hidden else (0,))
+    grad_weight = weight.new_empty(weight.shape if write_grad and need_grad_weight else (0,), dtype=torch.float32)
+    return loss, grad_hidden, grad_weight
+
+
+@torch.library.custom_op("fastgpt::linear_cross_entropy_bwd_recompute", mutates_args=())
+def _linear_cross_entropy_bwd_recompute(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                                        targets: torch.Tensor, ignore_index: int, chunk_rows: int
+                                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients for reduction="none": per-row grad_loss, logits recomputed chunk by chunk."""
+    N, V = hidden.shape[0], weight.shape[0]
+    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    grad_loss = grad_loss.to(torch.float32)
+    buffer = _logits_buffer(hidden, weight, chunk_rows)
+    for start in range(0, N, chunk_rows):
+        end = min(N, start + chunk_rows)
+        hidden_chunk = hidden[start:end]
+        logits = torch.mm(hidden_chunk, weight.t(), out=buffer[: (end - start) * V].view(end - start, V))
+        _, lse = launch_forward(logits, targets[start:end], ignore_index)
+        launch_backward(logits, targets[start:end], lse, grad_loss[start:end], ignore_index, grad=logits)
+        torch.mm(logits, weight, out=grad_hidden[start:end])
+        _accumulate_grad_weight(grad_weight, logits, hidden_chunk)
+    return grad_hidden, grad_weight
+
+
+@_linear_cross_entropy_bwd_recompute.register_fake
+def _(grad_loss, hidden, weight, targets, ignore_index, chunk_rows):
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            weight.new_empty(weight.shape, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, targets, ignore_index, reduction, chunk_rows, _, _ = inputs
+    _, grad_hidden, grad_weight = output
+    ctx.mark_non_differentiable(grad_hidden, grad_weight)
+    ctx.reduction, ctx.ignore_index, ctx.chunk_rows = reduction, ignore_index, chunk_rows
+    ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, targets)
+    else:
+        ctx.save_for_backward(grad_hidden, grad_weight)
+
+
+def _backward(ctx, grad_loss, _grad_hidden, _grad_weight):
+    need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if ctx.reduction == "none":
+        hidden, weight, targets = ctx.saved_tensors
+        grad_hidden, grad_weight = _linear_cross_entropy_bwd_recompute(
+            grad_loss, hidden, weight, targets, ctx.ignore_index, ctx.chunk_rows)
+    else:  # finished in forward for grad_output = 1: scale by the real grad_output
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_loss if need_hidden else None
+        grad_weight = grad_weight * grad_loss if need_weight else None
+    return (grad_hidden.to(ctx.hidden_dtype) if need_hidden else None,
+            grad_weight.to(ctx.weight_dtype) if need_weight else None,
+            None, None, None, None, None, None)
+
+
+_linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                ignore_index: int = -100, reduction: str = "mean",
+                                chunk_rows: int | None = None) -> torch.Tensor:
+    """Same contract as `linear_cross_entropy_reference`, without materialising (N, V) logits.
+    Under autocast both operands take the autocast dtype, as `hidden @ weight.T` would."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise FastGPTError(f"linear_cross_entropy: hidden (N, C) and weight (V, C) disagree: "
+                           f"{tuple(hidden.shape)} vs {tuple(weight.shape)}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif hidden.dtype != weight.dtype:
+        raise FastGPTError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
+    N, V = hidden.shape[0], weight.shape[0]
+    check_inputs(torch.empty((N, V), dtype=hidden.dtype, device="meta"), targets, ignore_index, reduction, name="hidden @ weight.T")
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(N, V)
+    if chunk_rows < 1:
+        raise FastGPTError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
+    grad_on = torch.is_grad_enabled()
+    with torch.autocast(device_type, enabled=False):
+        loss, _, _ = _linear_cross_entropy_fwd(
+            hidden.contiguous(), weight.contiguous(), targets.contiguous(), int(ignore_index), reduction,
+            int(chunk_rows), grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+    return loss
