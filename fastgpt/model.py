@@ -133,7 +133,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         if cache is not None and T == 1:
             positions = cache.lengths[:, None]  # (B, 1): ragged batches decode at their own positions
-            if int(positions.max()) >= self.config.context_length:
+            # (skipped while a CUDA graph records the step: reading a value back would stall it)
+            capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
+            if not capturing and int(positions.max()) >= self.config.context_length:
                 raise FastGPTError(f"sequence reached the context length ({self.config.context_length})")
         else:
             if T > self.config.context_length:
@@ -166,3 +168,9 @@ class GPT(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.tok_emb.weight.device
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt_ids, max_new_tokens: int, **kwargs):
+        """Continue token-id prompts; see `fastgpt.generate.generate` for the options."""
+        from .generate import generate
+        return generate(self, prompt_ids, max_new_tokens, **kwargs)

@@ -1,0 +1,66 @@
+"""Choosing the next token from a row of logits.
+
+Greedy decoding (temperature 0) always takes the most likely token. Sampling
+divides the logits by a temperature (< 1 sharpens, > 1 flattens) and draws from
+the softmax, optionally restricted first to the `top_k` most likely tokens and/or
+to the nucleus: the smallest set of most likely tokens whose probabilities sum
+to at least `top_p`. Both filters cut the long tail of unlikely tokens that makes
+pure sampling drift into nonsense.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import FastGPTError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0   # 0 = greedy
+    top_k: int | None = None   # keep the k most likely tokens
+    top_p: float | None = None  # keep the nucleus of cumulative probability top_p
+
+    def __post_init__(self):
+        validate(self.temperature, self.top_k, self.top_p)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def validate(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise FastGPTError naming the offending argument."""
+    if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
+        raise FastGPTError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise FastGPTError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+        raise FastGPTError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Logits (B, V) with every token outside the top-k / nucleus set to -inf."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits.float(), dim=-1)
+        mass_ranked_above = sorted_probs.cumsum(dim=-1) - sorted_probs
+        # Drop a token when the tokens ranked above it already reach top_p; the most
+        # likely token is therefore always kept.
+        drop_sorted = mass_ranked_above >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token id (B,) for each row of logits (B, V)."""
+    if params.greedy:
+        return torch.argmax(logits, dim=-1)
+    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
