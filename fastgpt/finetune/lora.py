@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import FastGPTError
+from .files import write_atomic
 
 DEFAULT_TARGETS = ("qkv", "proj", "fc")
 CONFIG_KEY = "lora_config"
@@ -152,16 +152,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     config = getattr(model, "lora_config", None) or {
         "rank": next(iter(layers.values())).rank, "alpha": next(iter(layers.values())).alpha,
         "dropout": 0.0, "targets": sorted({n.rpartition(".")[2] for n in layers})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={CONFIG_KEY: json.dumps(config)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={CONFIG_KEY: json.dumps(config)}))
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
