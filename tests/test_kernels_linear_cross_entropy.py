@@ -1,0 +1,163 @@
+"""Fused LM head + cross-entropy against a float64 reference that builds the full logits."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE, GPU
+from fastgpt.errors import FastGPTError
+from fastgpt.kernels.linear_cross_entropy import (CHUNK_ELEMENTS, default_chunk_rows,
+                                                  linear_cross_entropy_triton)
+
+IGNORE = -100
+# fp32: the matmuls are TF32 on GPU. fp16/bf16: the logits chunk and the gradients are stored
+# in that dtype, so errors scale with its precision.
+TOL = {torch.float32: 1e-5 if not GPU else 2e-3, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+
+def make_case(N, C, V, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, C, generator=gen).to(dtype)
+    weight = (torch.randn(V, C, generator=gen) / C**0.5 * 2).to(dtype)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[2::3] = IGNORE
+    return hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE)
+
+
+def fp64_reference(hidden, weight, targets, reduction, grad_out):
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    loss = F.cross_entropy(h @ w.t(), targets, ignore_index=IGNORE, reduction=reduction)
+    grad_h, grad_w = torch.autograd.grad(loss, (h, w), grad_out.double())
+    return loss.detach(), grad_h, grad_w
+
+
+def assert_close_scaled(got, ref, tol):
+    """Elementwise closeness relative to the tensor's largest reference magnitude."""
+    scale = ref.abs().max().item() or 1.0
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * scale, equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,C,V,chunk_rows", [
+    (7, 16, 31, None),     # one chunk
+    (33, 32, 1000, 8),     # five chunks, the last one short
+    (5, 8, 50257, 2),      # GPT-2's vocabulary, chunks of two rows
+])
+def test_matches_fp64(N, C, V, chunk_rows, dtype, reduction):
+    hidden, weight, targets = make_case(N, C, V, dtype)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = linear_cross_entropy_triton(h, w, targets, IGNORE, reduction, chunk_rows=chunk_rows)
+    grad_out = torch.rand_like(loss) + 0.5
+    grad_h, grad_w = torch.autograd.grad(loss, (h, w), grad_out)
+    ref_loss, ref_h, ref_w = fp64_reference(hidden, weight, targets, reduction, grad_out)
+    assert loss.dtype == torch.float32 and grad_h.dtype == dtype and grad_w.dtype == dtype
+    assert_close_scaled(loss, ref_loss, TOL[dtype])
+    assert_close_scaled(grad_h, ref_h, TOL[dtype])
+    assert_close_scaled(grad_w, ref_w, TOL[dtype])
+    assert torch.equal(grad_h[2::3], torch.zeros_like(grad_h[2::3]))  # ignored rows get no gradient
+
+
+def test_tied_weight_gets_both_gradients():
+    """The LM head shares its matrix with the token embedding: the weight's gradient is the
+    embedding lookup's plus the head's, exactly as with unfused logits."""
+    V, C, N = 300, 24, 21
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, V, (N,), generator=gen).to(DEVICE)
+    targets = torch.randint(0, V, (N,), generator=gen).to(DEVICE)
+    targets[::4] = IGNORE
+    mixer = torch.randn(C, C, generator=gen, dtype=torch.float64).to(DEVICE)
+    start = torch.randn(V, C, generator=gen, dtype=torch.float64).to(DEVICE) * 0.1
+
+    def run(fused: bool):
+        embedding = torch.nn.Embedding(V, C).to(device=DEVICE, dtype=torch.float32 if fused else torch.float64)
+        with torch.no_grad():
+            embedding.weight.copy_(start)
+        hidden = torch.tanh(embedding(idx) @ mixer.to(embedding.weight.dtype))
+        if fused:
+            loss = linear_cross_entropy_triton(hidden, embedding.weight, targets, IGNORE, "mean", chunk_rows=4)
+        else:
+            loss = F.cross_entropy(hidden @ embedding.weight.t(), targets, ignore_index=IGNORE)
+        loss.backward()
+        return loss.detach(), embedding.weight.grad
+
+    loss, grad = run(fused=True)
+    ref_loss, ref_grad = run(fused=False)
+    assert_close_scaled(loss, ref_loss, TOL[torch.float32])
+    assert_close_scaled(grad, ref_grad, TOL[torch.float32])
+    # Rows never looked up carry only the head's gradient; looked-up rows the embedding's too.
+    w = start.clone().requires_grad_()
+    F.cross_entropy(torch.tanh(start[idx] @ mixer) @ w.t(), targets, ignore_index=IGNORE).backward()
+    looked_up = torch.zeros(V, dtype=torch.bool, device=DEVICE)
+    looked_up[idx] = True
+    assert_close_scaled(grad[~looked_up], w.grad[~looked_up], TOL[torch.float32])
+    assert (grad[looked_up].double() - w.grad[looked_up]).abs().max() > 1e-3
+
+
+def test_no_grad_gives_same_loss():
+    """Evaluation (no autograd): loss only, no gradient work."""
+    hidden, weight, targets = make_case(13, 16, 200, torch.float32)
+    with torch.no_grad():
+        loss = linear_cross_entropy_triton(hidden, weight, targets, IGNORE, "mean", chunk_rows=4)
+    ref = F.cross_entropy(hidden.double() @ weight.double().t(), targets, ignore_index=IGNORE)
+    assert_close_scaled(loss, ref, TOL[torch.float32])
+
+
+def test_all_rows_ignored():
+    hidden, weight, targets = make_case(6, 8, 50, torch.float32)
+    targets.fill_(IGNORE)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = linear_cross_entropy_triton(h, w, targets, IGNORE, "mean", chunk_rows=4)
+    assert torch.isnan(loss)  # as F.cross_entropy: a mean over zero rows
+    loss_sum = linear_cross_entropy_triton(h, w, targets, IGNORE, "sum", chunk_rows=4)
+    grad_h, grad_w = torch.autograd.grad(loss_sum, (h, w))
+    assert loss_sum.item() == 0.0 and not grad_h.any() and not grad_w.any()
+
+
+def test_only_weight_needs_grad():
+    hidden, weight, targets = make_case(9, 8, 64, torch.float32)
+    w = weight.clone().requires_grad_()
+    loss = linear_cross_entropy_triton(hidden, w, targets, IGNORE, "sum", chunk_rows=4)
+    (grad_w,) = torch.autograd.grad(loss, w)
+    _, _, ref_w = fp64_reference(hidden, weight, targets, "sum", torch.ones((), device=DEVICE))
+    assert_close_scaled(grad_w, ref_w, TOL[torch.float32])
+
+
+def test_default_chunk_bounds_memory():
+    for N, V in [(8192, 50257), (3, 50257), (100_000, 32), (1, 1)]:
+        rows = default_chunk_rows(N, V)
+        assert 1 <= rows <= N
+        assert rows == N or rows & (rows - 1) == 0
+        assert rows * V <= max(CHUNK_ELEMENTS, V)
+    assert default_chunk_rows(8192, 50257) == 512
+
+
+def test_compiles_without_graph_break():
+    hidden, weight, targets = make_case(10, 8, 40, torch.float32)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    compiled = torch.compile(lambda a, b, t: linear_cross_entropy_triton(a, b, t), backend="aot_eager",
+                             fullgraph=True)
+    loss = compiled(h, w, targets)
+    loss.backward()
+    ref_loss, ref_h, ref_w = fp64_reference(hidden, weight, targets, "mean", torch.ones((), device=DEVICE))
+    assert_close_scaled(loss, ref_loss, TOL[torch.float32])
+    assert_close_scaled(h.grad, ref_h, TOL[torch.float32])
+    assert_close_scaled(w.grad, ref_w, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("bad", ["target", "shape", "dtype", "chunk"])
+def test_bad_input_raises_one_line_error(bad):
+    hidden, weight, targets = make_case(5, 8, 10, torch.float32)
+    kwargs = {}
+    if bad == "target":
+        targets[0] = -1
+    elif bad == "shape":
+        weight = weight[:, :4]
+    elif bad == "dtype":
+        weight = weight.double()
+    else:
+        kwargs["chunk_rows"] = 0
+    with pytest.raises(FastGPTError) as info:
+        linear_cross_entropy_triton(hidden, weight, targets, IGNORE, "mean", **kwargs)
+    assert "\n" not in str(info.value)
