@@ -174,3 +174,15 @@ class GPT(nn.Module):
         """Continue token-id prompts; see `fastgpt.generate.generate` for the options."""
         from .generate import generate
         return generate(self, prompt_ids, max_new_tokens, **kwargs)
+
+    # ------------------------------------------------------------------ weights
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None) -> "GPT":
+        """A model in eval mode from a Hugging Face, OpenAI TensorFlow or fastgpt directory (see fastgpt.weights)."""
+        from .weights import load_pretrained
+        return load_pretrained(path, device=device, dtype=dtype)
+
+    def save_pretrained(self, directory) -> None:
+        """Write a Hugging Face GPT-2 directory that `transformers.GPT2LMHeadModel.from_pretrained` loads."""
+        from .weights import save_pretrained
+        save_pretrained(self, directory)
