@@ -269,15 +269,16 @@ def compile_specs():
     block, num_warps = launch_config(50257)
     specs = []
     for dtype in ("fp32", "bf16"):
-        specs.append(KernelSpec(
-            name=f"cross_entropy_fwd[{dtype}]", fn=_cross_entropy_fwd_kernel,
-            signature={"logits_ptr": f"*{dtype}", "logits_row_stride": "i64", "targets_ptr": "*i64",
-                       "loss_ptr": "*fp32", "lse_ptr": "*fp32", "grad_scale_ptr": "*fp32",
-                       "V": "i32", "ignore_index": "i32"},
-            constexprs={"BLOCK_V": block, "WRITE_GRAD": True}, num_warps=num_warps))
+        for write_grad in (False, True):  # standalone forward / fused (gradient in place)
+            specs.append(KernelSpec(
+                name=f"cross_entropy_fwd[{dtype}{',grad' if write_grad else ''}]", fn=_cross_entropy_fwd_kernel,
+                signature={"logits_ptr": f"*{dtype}", "logits_row_stride": "i32", "targets_ptr": "*i64",
+                           "loss_ptr": "*fp32", "lse_ptr": "*fp32", "grad_scale_ptr": "*fp32",
+                           "V": "i32", "ignore_index": "i32"},
+                constexprs={"BLOCK_V": block, "WRITE_GRAD": write_grad}, num_warps=num_warps))
         specs.append(KernelSpec(
             name=f"cross_entropy_bwd[{dtype}]", fn=_cross_entropy_bwd_kernel,
-            signature={"logits_ptr": f"*{dtype}", "logits_row_stride": "i64", "targets_ptr": "*i64",
+            signature={"logits_ptr": f"*{dtype}", "logits_row_stride": "i32", "targets_ptr": "*i64",
                        "lse_ptr": "*fp32", "grad_scale_ptr": "*fp32", "grad_scale_stride": "i32",
                        "grad_ptr": f"*{dtype}", "V": "i32", "ignore_index": "i32"},
             constexprs={"BLOCK_V": block}, num_warps=num_warps))
