@@ -1,0 +1,218 @@
+"""Everything that describes a training run, in one flat dataclass.
+
+A run is resolved in three layers, later ones winning: the dataclass defaults,
+an optional TOML/YAML file (`--config run.toml`), and command-line flags. The
+resolved config is printed at start and saved inside every checkpoint, so a
+checkpoint alone says how it was made and a resumed run continues identically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from ..config import PRESETS, GPTConfig, preset
+from ..errors import FastGPTError
+
+# Keys that define the network's shape: a checkpoint can only resume with the same values.
+ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "context_length", "vocab_size")
+
+
+@dataclass
+class TrainConfig:
+    # --- data: exactly one source
+    data: str | None = None          # directory of token shards from `fastgpt prepare`
+    text: str | None = None          # a plain-text file, tokenized on the fly and split train/val
+    corpus: str | None = None        # a built-in corpus: "shakespeare"
+    val_fraction: float = 0.1        # tail of --text/--corpus tokens held out for validation
+    sampling: str = "random"         # "random" windows anywhere, or "epoch": shuffled non-overlapping windows
+    # --- model: a preset with optional overrides, or a saved model to continue from
+    preset: str = "mini"
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    context_length: int | None = None
+    vocab_size: int | None = None
+    dropout: float = 0.0
+    init_from: str | None = None     # a fastgpt model directory (e.g. a checkpoint's model)
+    # --- optimisation
+    max_steps: int = 1000
+    epochs: float | None = None      # if set, max_steps = ceil(epochs * train tokens / tokens per step)
+    micro_batch: int = 8             # sequences per forward/backward on each process
+    tokens_per_step: int | None = None  # global batch in tokens; None = micro_batch * context * world
+    lr: float = 6e-4
+    min_lr: float = 6e-5             # cosine decays to this floor
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0           # max global gradient norm; 0 disables clipping
+    # --- execution
+    device: str = "auto"             # "auto", "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"              # "auto", "fp32", "bf16", "fp16" (autocast; fp16 adds a GradScaler)
+    backend: str = "auto"            # fastgpt.ops backend: "auto", "torch", "triton"
+    compile: bool = False            # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block in backward to save memory
+    distributed: str = "ddp"         # under torchrun: "ddp" or "fsdp"
+    threads: int | None = None       # CPU threads for torch (None = torch's default)
+    seed: int = 1337
+    # --- evaluation and sampling
+    eval_interval: int = 100         # evaluate every N steps (and at the end); 0 = only at the end
+    eval_batches: int = 20           # fixed, seeded batches per split
+    eval_batch_size: int | None = None  # None = micro_batch
+    sample_interval: int = 0         # print a text sample every M steps (0 = only at the end)
+    sample_prompt: str = "\n"
+    sample_tokens: int = 64
+    sample_top_k: int = 40
+    sample_temperature: float = 0.8
+    # --- outputs
+    out_dir: str = "runs/run"
+    ckpt_interval: int = 0           # checkpoint every K steps (0 = only at the end)
+    keep_last: int = 2               # how many periodic checkpoints to keep
+    keep_best: bool = True           # keep best/ by validation loss
+    overwrite: bool = False          # start fresh in an out_dir that already has checkpoints
+    log_interval: int = 1
+    progress: bool = True            # tqdm progress bar
+    loss_plot: bool = True           # loss curve PNG at the end
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> "TrainConfig":
+        sources = [name for name in ("data", "text", "corpus") if getattr(self, name)]
+        if len(sources) > 1:
+            raise FastGPTError(f"give one data source, got {' and '.join('--' + s for s in sources)}")
+        if self.corpus is not None and self.corpus != "shakespeare":
+            raise FastGPTError(f"--corpus: unknown corpus {self.corpus!r} (choose from: shakespeare)")
+        if self.sampling not in ("random", "epoch"):
+            raise FastGPTError(f"--sampling must be 'random' or 'epoch', got {self.sampling!r}")
+        if self.preset not in PRESETS:
+            raise FastGPTError(f"--preset: unknown preset {self.preset!r} (choose from: {', '.join(PRESETS)})")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise FastGPTError(f"--dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise FastGPTError(f"--backend must be auto, torch or triton, got {self.backend!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise FastGPTError(f"--distributed must be ddp or fsdp, got {self.distributed!r}")
+        positive = ["max_steps", "micro_batch", "eval_batches", "sample_tokens", "log_interval"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise FastGPTError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("tokens_per_step", "eval_batch_size", "threads", "epochs"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise FastGPTError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        for name in ("warmup_steps", "eval_interval", "sample_interval", "ckpt_interval", "keep_last",
+                     "weight_decay", "grad_clip", "min_lr"):
+            if getattr(self, name) < 0:
+                raise FastGPTError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr > self.lr:
+            raise FastGPTError(f"need 0 < min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise FastGPTError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FastGPTError(f"--dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+    def model_config(self) -> GPTConfig:
+        """The GPTConfig this run trains: the preset with any explicit dims/dropout replaced."""
+        overrides = {k: getattr(self, k) for k in ARCHITECTURE_KEYS if getattr(self, k) is not None}
+        return preset(self.preset, dropout=self.dropout, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        return "\n".join(f"  {k:<24} {json.dumps(v)}" for k, v in self.to_dict().items())
+
+
+def option_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def option_types() -> dict[str, Any]:
+    return get_type_hints(TrainConfig)
+
+
+def coerce(key: str, value: Any, source: str) -> Any:
+    """Check a file/override value against the field's type (ints accepted for floats)."""
+    hint = option_types()[key]
+    allowed = getattr(hint, "__args__", (hint,))
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+    names = "/".join(k.__name__ for k in allowed if k is not type(None))
+    raise FastGPTError(f"{source}: key {key!r} must be {names}, got {value!r}")
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a TOML or YAML run description into {option: value}; unknown keys are errors.
+
+    Sections are allowed for readability ([data], [model], [optim], ...): their keys
+    are flattened, so `[optim] lr = 3e-4` is the same as top-level `lr = 3e-4`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FastGPTError(f"--config: no such file {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            raw = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+            raw = yaml.safe_load(text) or {}
+        else:
+            raise FastGPTError(f"{path}: config files must end in .toml, .yaml or .yml")
+    except FastGPTError:
+        raise
+    except Exception as err:  # the parsers' own messages name the line
+        raise FastGPTError(f"{path}: cannot parse: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise FastGPTError(f"{path}: expected a table of options at the top level")
+    flat: dict[str, Any] = {}
+    known = set(option_names())
+    for key, value in raw.items():
+        items = value.items() if isinstance(value, dict) and key not in known else [(key, value)]
+        for sub_key, sub_value in items:
+            if sub_key not in known:
+                raise FastGPTError(f"{path}: unknown key {sub_key!r}")
+            flat[sub_key] = coerce(sub_key, sub_value, str(path))
+    return flat
+
+
+def resolve(file_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults <- config file <- explicit overrides, validated."""
+    values = {**(file_values or {}), **(overrides or {})}
+    unknown = sorted(set(values) - set(option_names()))
+    if unknown:
+        raise FastGPTError(f"unknown option {unknown[0]!r}")
+    return TrainConfig(**values).validate()
+
+
+# `fastgpt pretrain --demo`: a ~4-layer GPT on Shakespeare that trains in a few minutes on 2 CPU cores.
+DEMO: dict[str, Any] = dict(
+    corpus="shakespeare",
+    preset="mini",
+    n_layer=4, n_head=4, n_embd=192, context_length=128,
+    micro_batch=16,
+    max_steps=300,
+    lr=2e-3, min_lr=2e-4, warmup_steps=30,
+    weight_decay=0.1, grad_clip=1.0,
+    eval_interval=100, eval_batches=8,
+    sample_interval=0, sample_prompt="ROMEO:\n", sample_tokens=80,
+    ckpt_interval=100, keep_last=1,
+    out_dir="runs/demo", overwrite=True,
+)

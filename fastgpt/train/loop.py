@@ -1,0 +1,361 @@
+"""The training loop: `train(TrainConfig) -> TrainResult`.
+
+One optimizer step =
+    for each of `accum_steps` micro-batches:   loss = model(x, y) / accum_steps; backward
+    (DDP: gradients are all-reduced only on the last micro-batch)
+    clip the global gradient norm, AdamW step at the scheduled learning rate
+then, every so often: evaluate on fixed batches, print a text sample, and
+write an atomic checkpoint from which the run resumes bit-for-bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import ops
+from ..errors import FastGPTError
+from . import checkpoint as ckpt_io
+from .batches import BatchPlan, load_corpus, load_shards, load_text_file
+from .config import ARCHITECTURE_KEYS, TrainConfig
+from .distributed import DistInfo, any_rank, barrier, mean_across_ranks, setup, teardown, wrap_model
+from .evaluate import mean_loss, sample_text
+from .metrics import MetricsLog, eval_line, plot_losses, step_line
+from .mfu import mfu_text, model_flops_per_token
+from .optim import make_optimizer
+from .recompute import enable_activation_checkpointing
+from .schedule import learning_rate
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int                       # optimizer steps completed in total
+    losses: list[float]             # per-step train loss of this invocation
+    train_loss: float | None        # last evaluation
+    val_loss: float | None
+    best_val_loss: float | None
+    checkpoint: Path | None         # the last checkpoint written
+    tokens_seen: int
+    elapsed_s: float
+    interrupted: bool = False
+    sample: str | None = None
+    config: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------- setup helpers
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto': bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU (bf16 autocast measured slower there)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise FastGPTError(f"--dtype bf16: {torch.cuda.get_device_name(device)} does not support bfloat16")
+    return dtype
+
+
+def autocast_factory(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def load_data(cfg: TrainConfig):
+    if cfg.data:
+        return load_shards(cfg.data)
+    if cfg.text:
+        return load_text_file(cfg.text, cfg.val_fraction)
+    if cfg.corpus:
+        return load_corpus(cfg.corpus, cfg.val_fraction)
+    raise FastGPTError("no training data: give --data DIR, --text FILE or --corpus shakespeare")
+
+
+def explicit_fields(cfg: TrainConfig) -> set[str]:
+    """Fields that differ from the defaults (what a caller asked for)."""
+    default = TrainConfig()
+    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+
+
+def merge_for_resume(saved: dict, cfg: TrainConfig, explicit: set[str], ckpt: Path) -> TrainConfig:
+    """The checkpoint's config, with what this invocation explicitly asked for on top.
+
+    Anything that changes the network's shape is refused: the weights would not fit.
+    """
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    for key in explicit:
+        setattr(merged, key, getattr(cfg, key))
+    merged.validate()
+    old, new = TrainConfig(**{k: v for k, v in saved.items() if k in known}).model_config(), merged.model_config()
+    for key in ARCHITECTURE_KEYS:
+        if getattr(old, key) != getattr(new, key):
+            raise FastGPTError(f"--resume {ckpt}: the checkpoint has {key}={getattr(old, key)} but this run "
+                               f"asks for {key}={getattr(new, key)} (a different architecture)")
+    return merged
+
+
+def build_model(cfg: TrainConfig):
+    from ..model import GPT
+    if cfg.init_from:
+        path = Path(cfg.init_from)
+        if not path.is_dir():
+            raise FastGPTError(f"--init-from: no such model directory {path}")
+        config, weights, _ = ckpt_io.load_model_state(path)
+        asked = {k: getattr(cfg, k) for k in ARCHITECTURE_KEYS if getattr(cfg, k) is not None}
+        for key, value in asked.items():
+            if getattr(config, key) != value:
+                raise FastGPTError(f"--init-from {path}: the model has {key}={getattr(config, key)}, "
+                                   f"but --{key.replace('_', '-')} {value} was given")
+        model = GPT(config.replace(dropout=cfg.dropout))
+        model.load_state_dict(weights)
+        return model
+    return GPT(cfg.model_config())
+
+
+class _StopFlag:
+    """SIGINT -> finish the current step, checkpoint, exit (a second Ctrl-C interrupts at once)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _prepare_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
+    existing = ckpt_io.list_checkpoints(run_dir) + ([run_dir / "best"] if (run_dir / "best").exists() else [])
+    if existing and not overwrite:
+        raise FastGPTError(f"--out-dir {run_dir} already holds checkpoints ({existing[-1].name}); "
+                           f"continue it with --resume {run_dir} or start over with --overwrite")
+    for path in existing:
+        shutil.rmtree(path)
+    for name in ("metrics.jsonl", "loss.png", "config.json"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------- the loop
+def train(config: TrainConfig, resume: str | Path | None = None, explicit: set[str] | None = None,
+          log=None) -> TrainResult:
+    """Train per `config`; with `resume`, continue a run (dir or checkpoint) where it stopped.
+
+    `explicit`: the config keys the user set (for resume, these override the
+    checkpoint's config); defaults to the fields that differ from TrainConfig().
+    """
+    from tqdm import tqdm
+    cfg = dataclasses.replace(config).validate()
+    info, device = setup(cfg.device)
+    try:
+        return _train(cfg, resume, explicit, log, info, device, tqdm)
+    finally:
+        teardown()
+
+
+def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainResult:
+    started = time.perf_counter()
+    say = (log or tqdm.write) if info.is_main else (lambda *a, **k: None)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    # ---- resolve the run: fresh, or continuing a checkpoint (validated before anything is written)
+    resume_from, state = None, None
+    if resume is not None:
+        resume_from = ckpt_io.find_checkpoint(resume)
+        state = ckpt_io.read_state(resume_from)
+        cfg = merge_for_resume(state["config"], cfg, explicit if explicit is not None else explicit_fields(cfg),
+                               resume_from)
+        cfg.out_dir = str(resume_from.parent)
+    run_dir = Path(cfg.out_dir)
+    if cfg.distributed == "fsdp" and info.enabled:
+        raise FastGPTError("--distributed fsdp: checkpoints of sharded models are not implemented; use ddp")
+    ops.set_backend(cfg.backend)
+    dtype = resolve_dtype(cfg.dtype, device)
+    autocast = autocast_factory(device, dtype)
+
+    train_split, val_split = load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    T = model.config.context_length
+    train_split.check_context(T, "context length")
+    val_split.check_context(T, "context length")
+    per_micro_step = cfg.micro_batch * T * info.world_size
+    if cfg.tokens_per_step is None:
+        accum = 1
+    elif cfg.tokens_per_step % per_micro_step:
+        raise FastGPTError(
+            f"--tokens-per-step {cfg.tokens_per_step} is not a multiple of micro_batch x context x processes "
+            f"= {cfg.micro_batch} x {T} x {info.world_size} = {per_micro_step}")
+    else:
+        accum = cfg.tokens_per_step // per_micro_step
+    plan = BatchPlan(train_split, val_split, T, cfg.micro_batch, accum, info.world_size, info.rank,
+                     cfg.seed, cfg.sampling)
+    if cfg.epochs is not None:
+        cfg.max_steps = max(1, math.ceil(cfg.epochs * plan.steps_per_epoch()))
+    eval_bs = cfg.eval_batch_size or cfg.micro_batch
+
+    if info.is_main:
+        if resume_from is None:
+            _prepare_fresh_run_dir(run_dir, cfg.overwrite)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for partial in ckpt_io.clean_partial(run_dir):
+            say(f"removed a half-written checkpoint: {partial}")
+    barrier(info)
+
+    model.to(device)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    step, tokens_seen, best_val = 0, 0, None
+    metrics = MetricsLog(run_dir)
+    if resume_from is not None:
+        state = ckpt_io.load_checkpoint(resume_from, model, optimizer, scaler, device)
+        step, tokens_seen, best_val = state["step"], state["tokens_seen"], state.get("best_val_loss")
+        if info.is_main:
+            metrics.truncate_after(step)
+    if info.rank > 0 and resume_from is None:
+        torch.manual_seed(cfg.seed + info.rank)  # distinct dropout masks per rank
+    trained = wrap_model(model, cfg.distributed, info, device)
+    if cfg.compile:
+        trained = torch.compile(trained)
+    flops_token = model_flops_per_token(model, T)
+
+    if info.is_main:
+        say(f"resolved config{' (resumed from ' + str(resume_from) + ')' if resume_from else ''}:\n{cfg.summary()}")
+        say(f"model: {model.num_parameters() / 1e6:.2f}M parameters | {model.config} | device {device} | "
+            f"dtype {str(dtype).removeprefix('torch.')} | backend {cfg.backend} | processes {info.world_size}")
+        say(f"data: {len(train_split):,} train / {len(val_split):,} val tokens | global batch "
+            f"{plan.global_rows} x {T} = {plan.tokens_per_step:,} tokens ({cfg.micro_batch} per micro-step, "
+            f"{accum} accumulation steps) | {cfg.max_steps} steps = {cfg.max_steps / plan.steps_per_epoch():.2f} epochs")
+        _write_json_atomic(run_dir / "config.json", cfg.to_dict())
+
+    eval_cache: dict[str, list] = {}
+
+    def evaluate() -> tuple[float, float]:
+        results = []
+        for split in ("train", "val"):
+            if split not in eval_cache:
+                eval_cache[split] = plan.eval_batches(split, cfg.eval_batches, eval_bs)
+            results.append(mean_loss(model, eval_cache[split], device, autocast))
+        return results[0], results[1]
+
+    def save(directory: Path) -> Path:
+        payload = {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val,
+                   "config": cfg.to_dict(), "world_size": info.world_size}
+        return ckpt_io.save_checkpoint(directory, model, optimizer, scaler, payload)
+
+    losses: list[float] = []
+    last_ckpt, train_loss, val_loss, sample = None, None, None, None
+    interrupted = False
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (info.is_main and cfg.progress),
+               unit="step", dynamic_ncols=True, leave=False)
+    trained.train()
+    with _StopFlag() as stop:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = learning_rate(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            batches = plan.micro_batches(step)
+            for k, (x, y) in enumerate(batches):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                last = k == len(batches) - 1
+                sync = contextlib.nullcontext() if last or not info.enabled else trained.no_sync()
+                with sync:
+                    with autocast():
+                        loss = trained(x, y) / len(batches)
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach().float()
+            loss_value = mean_across_ranks(loss_sum, info).item()
+            if not math.isfinite(loss_value):
+                bar.close()
+                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+                raise FastGPTError(f"loss became {loss_value} at step {step + 1}: stopping without saving "
+                                   f"(try a lower --lr or --dtype fp32){where}")
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step += 1
+            tokens_seen += plan.tokens_per_step
+            dt = time.perf_counter() - t0
+            tok_s = plan.tokens_per_step / dt
+            losses.append(loss_value)
+            norm_value = float(norm)
+            if info.is_main:
+                metrics.write({"kind": "train", "step": step, "tokens": tokens_seen, "loss": loss_value,
+                               "lr": lr, "norm": norm_value, "ms": dt * 1e3, "tok_s": tok_s})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                    say(step_line(step, cfg.max_steps, loss_value, lr, norm_value, dt * 1e3, tok_s,
+                                  mfu_text(tok_s, flops_token, device, dtype, info.world_size)))
+            final = step == cfg.max_steps
+            if (cfg.eval_interval and step % cfg.eval_interval == 0) or final:
+                train_loss, val_loss = evaluate()
+                improved = best_val is None or val_loss < best_val
+                best_val = val_loss if improved else best_val
+                if info.is_main:
+                    metrics.write({"kind": "eval", "step": step, "tokens": tokens_seen,
+                                   "train_loss": train_loss, "val_loss": val_loss})
+                    say(eval_line(step, train_loss, val_loss))
+                    if improved and cfg.keep_best:
+                        save(run_dir / "best")
+            if info.is_main and ((cfg.sample_interval and step % cfg.sample_interval == 0) or final):
+                sample = sample_text(model, cfg.sample_prompt, cfg.sample_tokens, cfg.sample_temperature,
+                                     cfg.sample_top_k, seed=cfg.seed, autocast=autocast)
+                say(f"sample at step {step}:\n{sample}\n")
+            interrupted = any_rank(stop.requested, info, device)
+            if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or final or interrupted:
+                if info.is_main:
+                    last_ckpt = save(run_dir / f"ckpt_{step:06d}")
+                    ckpt_io.prune(run_dir, cfg.keep_last)
+                barrier(info)
+            if interrupted:
+                say(f"interrupted: saved {last_ckpt} at step {step}; continue with --resume {run_dir}")
+                break
+    bar.close()
+    if info.is_main and cfg.loss_plot and step > 0:
+        say(f"loss curve: {plot_losses(run_dir)}")
+    if last_ckpt is None and ckpt_io.list_checkpoints(run_dir):
+        last_ckpt = ckpt_io.list_checkpoints(run_dir)[-1]
+    return TrainResult(run_dir=run_dir, step=step, losses=losses, train_loss=train_loss, val_loss=val_loss,
+                       best_val_loss=best_val, checkpoint=last_ckpt, tokens_seen=tokens_seen,
+                       elapsed_s=time.perf_counter() - started, interrupted=interrupted, sample=sample,
+                       config=cfg.to_dict())
