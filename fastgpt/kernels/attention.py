@@ -93,8 +93,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      INPUT_PRECISION: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)  # int64: B*H*T*D may exceed 2^31
-    b, h = bh // H, bh % H
+    # Divide in int32 (a 64-bit division is a slow subroutine), then widen: B*H*T*D may exceed 2^31.
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    bh = bh.to(tl.int64)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -139,8 +141,9 @@ def _attn_bwd_delta_kernel(O, DO, DELTA,
                            H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta_i = sum_d dO_id * O_id, which equals sum_j P_ij * dP_ij (needed by dS)."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int32 division, int64 offsets
+    bh = bh.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
@@ -187,8 +190,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                           INPUT_PRECISION: tl.constexpr):
     """One program owns BLOCK_N keys/values and walks every query tile that can see them."""
     start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int32 division, int64 offsets
+    bh = bh.to(tl.int64)
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
     K += b * stride_kb + h * stride_kh
@@ -258,8 +262,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                         INPUT_PRECISION: tl.constexpr):
     """One program owns BLOCK_M queries and walks every key/value tile they can see."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int32 division, int64 offsets
+    bh = bh.to(tl.int64)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
 
@@ -295,33 +300,45 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# The interpreter runs one small fixed config (fast on CPU, still several tiles per sequence).
+# Tile configs. Each was compiled for sm_80 and sm_90 (see compile_specs) and chosen so that
+# no kernel spills registers; the interpreter runs one small fixed config (fast on CPU, and
+# still several tiles per sequence so that the tests cross every tile boundary).
 _INTERPRETER_FWD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
-_INTERPRETER_BWD = dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=1)
+_INTERPRETER_DKDV = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
+_INTERPRETER_DQ = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
 def _fwd_gpu_config(head_dim: int) -> dict:
-    """Forward tiles: 128 queries against 64-key tiles (the standard Hopper/Ampere choice);
-    d=128 doubles the accumulator, so it gets 8 warps to keep registers per thread in check."""
+    """128 queries against 64-key tiles; d=128 doubles the accumulator, so 8 warps share it."""
     if head_dim <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
-def _bwd_gpu_config(head_dim: int) -> dict:
-    """dK/dV: BLOCK_N1 keys per program over BLOCK_M1-query tiles; dQ: BLOCK_M2 queries over
-    BLOCK_N2-key tiles. The owned tile is the big one (its accumulators stay in registers)."""
+def _dkdv_gpu_config(head_dim: int) -> dict:
+    """BLOCK_N keys owned (dK, dV accumulate in registers), queries streamed BLOCK_M at a time."""
     if head_dim <= 64:
-        return dict(BLOCK_M1=32, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3)
+
+
+def _dq_gpu_config(head_dim: int) -> dict:
+    """BLOCK_M queries owned (dQ accumulates in registers), keys streamed BLOCK_N at a time."""
+    if head_dim <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
 def _fwd_config(head_dim: int) -> dict:
     return _INTERPRETER_FWD if _interpreted() else _fwd_gpu_config(head_dim)
 
 
-def _bwd_config(head_dim: int) -> dict:
-    return _INTERPRETER_BWD if _interpreted() else _bwd_gpu_config(head_dim)
+def _dkdv_config(head_dim: int) -> dict:
+    return _INTERPRETER_DKDV if _interpreted() else _dkdv_gpu_config(head_dim)
+
+
+def _dq_config(head_dim: int) -> dict:
+    return _INTERPRETER_DQ if _interpreted() else _dq_gpu_config(head_dim)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -366,22 +383,20 @@ def _(q, k, v, sm_scale):
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, T, D = q.shape
-    cfg = _bwd_config(D)
+    kv_cfg, q_cfg = _dkdv_config(D), _dq_config(D)
     precision = _input_precision(q.dtype)
     dq, dk, dv = _bhtd_like(q), _bhtd_like(k), _bhtd_like(v)
     delta = torch.empty_like(lse)
     _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](out, do, delta, *_strides(out), *_strides(do),
                                                          H, T, HEAD_DIM=D, BLOCK_M=64)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N1"]), B * H)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, kv_cfg["BLOCK_N"]), B * H)](
         q, k, v, do, dk, dv, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        H, T, sm_scale, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M1"], BLOCK_N=cfg["BLOCK_N1"],
-        INPUT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M2"]), B * H)](
+        H, T, sm_scale, HEAD_DIM=D, INPUT_PRECISION=precision, **kv_cfg)
+    _attn_bwd_dq_kernel[(triton.cdiv(T, q_cfg["BLOCK_M"]), B * H)](
         q, k, v, do, dq, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, T, sm_scale, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M2"], BLOCK_N=cfg["BLOCK_N2"],
-        INPUT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        H, T, sm_scale, HEAD_DIM=D, INPUT_PRECISION=precision, **q_cfg)
     return dq, dk, dv
 
 
@@ -429,38 +444,35 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 # ----------------------------------------------------------------------------- compile check
 def compile_specs():
-    """Every kernel of this module at GPT-2 shapes (D = 64 and 128, fp16/bf16) for the
-    compile-only check (registers, spills, mma/wgmma) of fastgpt.kernels.compile_check."""
+    """Every kernel of this module at GPT-2 shapes (D = 64 and 128, fp16/bf16) with its GPU
+    config, for the compile-only check (registers, spills, mma/wgmma) of fastgpt.kernels.compile_check."""
     from .compile_check import KernelSpec
 
+    def spec(name, fn, pointers, tensors, config, **constexprs):
+        config = dict(config)
+        warps, stages = config.pop("num_warps", 4), config.pop("num_stages", 3)
+        signature = {**pointers, **{f"stride_{t}{a}": "i32" for t in tensors for a in "bht"}, "H": "i32", "T": "i32"}
+        if "sm_scale" in fn.arg_names:
+            signature["sm_scale"] = "fp32"
+        # At run time Triton specialises the unit stride along D to the constant 1: so do we.
+        unit = {f"stride_{t}d": 1 for t in tensors}
+        return KernelSpec(name, fn, signature, {**unit, **constexprs, **config}, num_warps=warps, num_stages=stages)
+
     specs = []
-    strides16 = {f"stride_{n}{a}": "i32" for n in ("q", "k", "v", "o") for a in "bhtd"}
     for dtype, ty in (("fp16", "*fp16"), ("bf16", "*bf16")):
         for D in (64, 128):
-            f = _fwd_gpu_config(D)
-            sig = {"Q": ty, "K": ty, "V": ty, "O": ty, "LSE": "*fp32", **strides16,
-                   "H": "i32", "T": "i32", "sm_scale": "fp32"}
-            specs.append(KernelSpec(f"attention_fwd_{dtype}_d{D}", _attn_fwd_kernel, sig,
-                                    dict(HEAD_DIM=D, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"],
-                                         INPUT_PRECISION="ieee"),
-                                    num_warps=f["num_warps"], num_stages=f["num_stages"]))
-            b = _bwd_gpu_config(D)
-            grads = {f"stride_{n}{a}": "i32" for n in ("q", "k", "v", "do", "dk", "dv") for a in "bhtd"}
-            sig = {"Q": ty, "K": ty, "V": ty, "DO": ty, "DK": ty, "DV": ty, "LSE": "*fp32", "DELTA": "*fp32",
-                   **grads, "H": "i32", "T": "i32", "sm_scale": "fp32"}
-            specs.append(KernelSpec(f"attention_bwd_dkdv_{dtype}_d{D}", _attn_bwd_dkdv_kernel, sig,
-                                    dict(HEAD_DIM=D, BLOCK_M=b["BLOCK_M1"], BLOCK_N=b["BLOCK_N1"],
-                                         INPUT_PRECISION="ieee"),
-                                    num_warps=b["num_warps"], num_stages=b["num_stages"]))
-            grads = {f"stride_{n}{a}": "i32" for n in ("q", "k", "v", "do", "dq") for a in "bhtd"}
-            sig = {"Q": ty, "K": ty, "V": ty, "DO": ty, "DQ": ty, "LSE": "*fp32", "DELTA": "*fp32",
-                   **grads, "H": "i32", "T": "i32", "sm_scale": "fp32"}
-            specs.append(KernelSpec(f"attention_bwd_dq_{dtype}_d{D}", _attn_bwd_dq_kernel, sig,
-                                    dict(HEAD_DIM=D, BLOCK_M=b["BLOCK_M2"], BLOCK_N=b["BLOCK_N2"],
-                                         INPUT_PRECISION="ieee"),
-                                    num_warps=b["num_warps"], num_stages=b["num_stages"]))
-            strides = {f"stride_{n}{a}": "i32" for n in ("o", "do") for a in "bhtd"}
-            sig = {"O": ty, "DO": ty, "DELTA": "*fp32", **strides, "H": "i32", "T": "i32"}
-            specs.append(KernelSpec(f"attention_bwd_delta_{dtype}_d{D}", _attn_bwd_delta_kernel, sig,
-                                    dict(HEAD_DIM=D, BLOCK_M=64)))
+            tag = f"{dtype}_d{D}"
+            specs += [
+                spec(f"attention_fwd_{tag}", _attn_fwd_kernel,
+                     {"Q": ty, "K": ty, "V": ty, "O": ty, "LSE": "*fp32"}, "qkvo", _fwd_gpu_config(D),
+                     HEAD_DIM=D, INPUT_PRECISION="ieee"),
+                spec(f"attention_bwd_delta_{tag}", _attn_bwd_delta_kernel,
+                     {"O": ty, "DO": ty, "DELTA": "*fp32"}, ("o", "do"), {}, HEAD_DIM=D, BLOCK_M=64),
+                spec(f"attention_bwd_dkdv_{tag}", _attn_bwd_dkdv_kernel,
+                     {"Q": ty, "K": ty, "V": ty, "DO": ty, "DK": ty, "DV": ty, "LSE": "*fp32", "DELTA": "*fp32"},
+                     ("q", "k", "v", "do", "dk", "dv"), _dkdv_gpu_config(D), HEAD_DIM=D, INPUT_PRECISION="ieee"),
+                spec(f"attention_bwd_dq_{tag}", _attn_bwd_dq_kernel,
+                     {"Q": ty, "K": ty, "V": ty, "DO": ty, "DQ": ty, "LSE": "*fp32", "DELTA": "*fp32"},
+                     ("q", "k", "v", "do", "dq"), _dq_gpu_config(D), HEAD_DIM=D, INPUT_PRECISION="ieee"),
+            ]
     return specs

@@ -53,8 +53,9 @@ def _decode_partial_kernel(Q, K, V, LENGTHS, M_PART, L_PART, ACC_PART,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Softmax state (m, l, acc) of one query over cache entries [split*chunk, (split+1)*chunk)."""
     split = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int32 division, int64 offsets
+    bh = bh.to(tl.int64)
     length = tl.load(LENGTHS + b).to(tl.int32)
     start = split * chunk
     if start >= length:  # the sequence ends before this chunk: nothing to do
@@ -98,8 +99,9 @@ def _decode_merge_kernel(M_PART, L_PART, ACC_PART, LENGTHS, O,
                          H, chunk, num_splits,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Exact log-sum-exp merge of the chunks a sequence actually filled."""
-    bh = tl.program_id(0).to(tl.int64)
-    b, h = bh // H, bh % H
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int32 division, int64 offsets
+    bh = bh.to(tl.int64)
     length = tl.load(LENGTHS + b).to(tl.int32)
     used = tl.minimum((length + chunk - 1) // chunk, num_splits)
     offs_s = tl.arange(0, BLOCK_S)
@@ -181,16 +183,16 @@ def compile_specs():
     specs = []
     for dtype, ty in (("fp16", "*fp16"), ("bf16", "*bf16")):
         for D in (64, 128):
-            strides = {"stride_qb": "i32", "stride_qh": "i32", "stride_qd": "i32",
-                       **{f"stride_{n}{a}": "i32" for n in "kv" for a in "bhtd"}}
+            strides = {"stride_qb": "i32", "stride_qh": "i32",
+                       **{f"stride_{n}{a}": "i32" for n in "kv" for a in "bht"}}
+            unit = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1}  # specialised to 1 at run time
             sig = {"Q": ty, "K": ty, "V": ty, "LENGTHS": "*i64", "M_PART": "*fp32", "L_PART": "*fp32",
                    "ACC_PART": "*fp32", **strides, "H": "i32", "chunk": "i32", "num_splits": "i32",
                    "sm_scale": "fp32"}
             specs.append(KernelSpec(f"decode_attention_partial_{dtype}_d{D}", _decode_partial_kernel, sig,
-                                    dict(HEAD_DIM=D, BLOCK_D=D, BLOCK_N=64)))
+                                    dict(**unit, HEAD_DIM=D, BLOCK_D=D, BLOCK_N=64)))
             sig = {"M_PART": "*fp32", "L_PART": "*fp32", "ACC_PART": "*fp32", "LENGTHS": "*i64", "O": ty,
-                   "stride_ob": "i32", "stride_oh": "i32", "stride_od": "i32",
-                   "H": "i32", "chunk": "i32", "num_splits": "i32"}
+                   "stride_ob": "i32", "stride_oh": "i32", "H": "i32", "chunk": "i32", "num_splits": "i32"}
             specs.append(KernelSpec(f"decode_attention_merge_{dtype}_d{D}", _decode_merge_kernel, sig,
-                                    dict(HEAD_DIM=D, BLOCK_D=D, BLOCK_S=16)))
+                                    dict(stride_od=1, HEAD_DIM=D, BLOCK_D=D, BLOCK_S=16)))
     return specs
