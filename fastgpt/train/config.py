@@ -185,7 +185,7 @@ def load_config_file(path: str | Path) -> dict:
     flat: dict[str, Any] = {}
     known = set(option_names())
     for key, value in raw.items():
-        items = value.items() if isinstance(value, dict) and key not in known else [(key, value)]
+        items = value.items() if isinstance(value, dict) else [(key, value)]  # no option is a table
         for sub_key, sub_value in items:
             if sub_key not in known:
                 raise FastGPTError(f"{path}: unknown key {sub_key!r}")

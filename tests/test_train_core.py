@@ -1,0 +1,114 @@
+"""Trainer basics on tiny configs: schedule, init loss, learning, accumulation, config files, errors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastgpt.errors import FastGPTError
+from fastgpt.train import TrainConfig, train
+from fastgpt.train.config import load_config_file, resolve
+from fastgpt.train.optim import parameter_groups
+from fastgpt.train.schedule import learning_rate
+from fastgpt.train.mfu import flops_per_token, mfu_text
+from train_helpers import tiny_options, train_losses, word_text
+
+
+def test_schedule_exact_values():
+    lr = lambda s: learning_rate(s, lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr(0) == pytest.approx(1e-4, rel=1e-12)         # (0 + 1) / 10 of the peak
+    assert lr(4) == pytest.approx(5e-4, rel=1e-12)
+    assert lr(9) == pytest.approx(1e-3, rel=1e-12)         # warmup ends at the peak
+    assert lr(10) == pytest.approx(1e-3, rel=1e-12)        # cosine starts at the peak
+    assert lr(60) == pytest.approx(5.5e-4, rel=1e-12)      # halfway: (peak + floor) / 2
+    assert lr(35) == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi / 4)), rel=1e-12)
+    assert lr(110) == pytest.approx(1e-4, rel=1e-12)
+    assert lr(500) == pytest.approx(1e-4, rel=1e-12)       # stays at the floor
+
+
+def test_weight_decay_only_on_matrices():
+    from fastgpt.model import GPT
+    model = GPT("tiny")
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    # the tied embedding / LM head is one parameter, counted once
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_untrained_loss_is_log_vocab():
+    from fastgpt.model import GPT
+    model = GPT(TrainConfig(preset="tiny").model_config())
+    x = torch.randint(0, 50257, (4, 64))
+    with torch.no_grad():
+        loss = model(x, torch.randint(0, 50257, (4, 64))).item()
+    assert abs(loss - math.log(50257)) < 0.1, loss  # 10.82
+
+
+def test_flops_formula_and_cpu_mfu():
+    # GPT-2 124M at T=1024: 6N + 12*L*H*Q*T, N without position embeddings
+    n = 124_439_808 - 1024 * 768
+    assert flops_per_token(n, 12, 12, 64, 1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
+    assert mfu_text(1e4, 10**9, torch.device("cpu"), torch.float32) == "MFU n/a (CPU)"
+
+
+def test_loss_goes_down_and_run_dir(tmp_path):
+    text = word_text(tmp_path / "words.txt")
+    result = train(TrainConfig(**tiny_options(text, tmp_path / "run", max_steps=30, eval_interval=15,
+                                              warmup_steps=5, lr=1e-2, min_lr=1e-3)))
+    assert result.step == 30 and len(result.losses) == 30
+    assert result.losses[0] > 10.0
+    assert sum(result.losses[-5:]) / 5 < result.losses[0] - 3.0  # 25-word vocabulary: ~3.3 nats is reachable
+    assert result.val_loss < 7.0
+    run = tmp_path / "run"
+    assert (run / "ckpt_000030" / "model" / "model.safetensors").is_file()
+    assert (run / "best" / "state.json").is_file()
+    assert sorted(train_losses(run)) == list(range(1, 31))
+
+
+def test_accumulation_equals_larger_batch(tmp_path):
+    text = word_text(tmp_path / "words.txt")
+    big = train(TrainConfig(**tiny_options(text, tmp_path / "a", micro_batch=4, max_steps=3)))
+    accumulated = train(TrainConfig(**tiny_options(text, tmp_path / "b", micro_batch=2, tokens_per_step=2 * 2 * 16,
+                                                   max_steps=3)))
+    assert accumulated.losses == pytest.approx(big.losses, rel=1e-5, abs=1e-5)
+    assert big.losses[0] != big.losses[2]  # the steps did update the model
+
+
+def test_config_file_and_flag_override(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "tiny"\n[optim]\nlr = 0.002\nmax_steps = 50\n[data]\ncorpus = "shakespeare"\n')
+    values = load_config_file(toml)
+    assert values == {"preset": "tiny", "lr": 0.002, "max_steps": 50, "corpus": "shakespeare"}
+    cfg = resolve(values, {"max_steps": 7})
+    assert (cfg.lr, cfg.max_steps, cfg.preset, cfg.micro_batch) == (0.002, 7, "tiny", TrainConfig().micro_batch)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("lr: 1.0e-3\nwarmup_steps: 3\n")
+    assert load_config_file(yaml_file) == {"lr": 1e-3, "warmup_steps": 3}
+
+
+@pytest.mark.parametrize("content, message", [
+    ('lr = 1e-3\nlearning_rat = 3\n', "unknown key 'learning_rat'"),
+    ('[optim]\nwarmup = 3\n', "unknown key 'warmup'"),
+    ('max_steps = "ten"\n', "key 'max_steps' must be int"),
+])
+def test_config_file_errors_name_key_and_file(tmp_path, content, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    with pytest.raises(FastGPTError, match=message) as err:
+        load_config_file(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    text = word_text(tmp_path / "words.txt")
+    options = tiny_options(text, tmp_path / "run", lr=1e20, min_lr=1e20, warmup_steps=0, grad_clip=0.0,
+                           ckpt_interval=1, max_steps=6)
+    with pytest.raises(FastGPTError, match=r"loss became nan at step \d") as err:
+        train(TrainConfig(**options))
+    good = sorted((tmp_path / "run").glob("ckpt_*"))
+    assert good and str(good[-1]) in str(err.value)
+    from fastgpt.train.checkpoint import load_model_state
+    _, weights, _ = load_model_state(good[-1] / "model")
+    assert all(torch.isfinite(t).all() for t in weights.values())
