@@ -181,3 +181,16 @@ def test_bad_input_raises_one_line_error(bad):
     with pytest.raises(FastGPTError) as info:
         cross_entropy_triton(logits, targets, **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_benchmark_smoke(tmp_path):
+    """The benchmark's CPU size set runs end to end (timings are meaningless under the interpreter)."""
+    from fastgpt.bench import kernels_ce
+    rows = kernels_ce.run(DEVICE, "tiny", tmp_path, backends=("eager", "triton"))
+    names = {(r.name, r.backend) for r in rows}
+    for op in ("cross_entropy", "linear_cross_entropy"):
+        for mode in ("forward", "backward", "full"):
+            assert {(f"{op}.{mode}", "eager"), (f"{op}.{mode}", "triton")} <= names
+    assert all(r.median > 0 for r in rows)
+    assert (tmp_path / "kernels_ce.csv").read_text().count("\n") == len(rows) + 1
+    assert "| cross_entropy.full |" in (tmp_path / "kernels_ce.md").read_text()

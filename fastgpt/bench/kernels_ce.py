@@ -1,0 +1,176 @@
+"""Benchmark: cross-entropy and fused LM head + cross-entropy, Triton vs PyTorch.
+
+For each op and shape, three backends on the same inputs in the same run:
+  eager   - PyTorch as people write it: F.cross_entropy(logits) / F.cross_entropy(hidden @ W.T)
+  compile - torch.compile of that same function (CUDA only: inductor's C++ build is
+            minutes on a 2-core CPU)
+  triton  - fastgpt's kernels (cross_entropy_triton / linear_cross_entropy_triton)
+and three timings: forward (inputs require grad, so this is a training forward: the fused
+op already computes its gradients here), backward (autograd.grad on the retained graph),
+full (forward + backward), all median ms; plus cross-entropy GB/s and the full step's
+peak CUDA memory. The goal at B*T = 8192, V = 50257, C = 768, bf16: the fused op at
+least as fast as eager with at least 4x less peak memory.
+
+    python3 -m fastgpt.bench.kernels_ce --device cuda --sizes gpt2 --out benchmarks/results/x
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FastGPTError
+from .common import Row, markdown_table, measure_ms, peak_memory_mib, write_csv
+
+# (N, V) for cross-entropy; (N, C, V) for the fused op. dtype per size set.
+SIZES = {
+    "tiny": {"device": "any", "ce": [(16, 500)], "lce": [(16, 32, 500)], "dtypes": [torch.float32]},
+    "gpt2": {"device": "cuda", "ce": [(8192, 50257)], "lce": [(8192, 768, 50257)],
+             "dtypes": [torch.bfloat16, torch.float32]},
+}
+BACKENDS = ("eager", "compile", "triton")
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _eager_ce(logits, targets):
+    return F.cross_entropy(logits, targets)
+
+
+def _eager_lce(hidden, weight, targets):
+    return F.cross_entropy(hidden @ weight.t(), targets)
+
+
+def _functions(op: str, backend: str):
+    """The callable to time for (op, backend)."""
+    from ..kernels.cross_entropy import cross_entropy_triton
+    from ..kernels.linear_cross_entropy import linear_cross_entropy_triton
+    eager = _eager_ce if op == "cross_entropy" else _eager_lce
+    if backend == "eager":
+        return eager
+    if backend == "compile":
+        return torch.compile(eager)
+    return cross_entropy_triton if op == "cross_entropy" else linear_cross_entropy_triton
+
+
+def _inputs(op: str, shape: tuple, dtype: torch.dtype, device: str):
+    gen = torch.Generator(device=device).manual_seed(0)
+    if op == "cross_entropy":
+        N, V = shape
+        logits = torch.randn(N, V, generator=gen, device=device, dtype=torch.float32).mul_(2).to(dtype)
+        return [logits.requires_grad_()], torch.randint(0, V, (N,), generator=gen, device=device)
+    N, C, V = shape
+    hidden = torch.randn(N, C, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    weight = torch.randn(V, C, generator=gen, device=device, dtype=torch.float32).mul_(0.02).to(dtype)
+    return [hidden.requires_grad_(), weight.requires_grad_()], torch.randint(0, V, (N,), generator=gen, device=device)
+
+
+def _bench_one(op, backend, shape, dtype, device, warmup, repeats) -> list[Row]:
+    fn = _functions(op, backend)
+    tensors, targets = _inputs(op, shape, dtype, device)
+
+    def forward():
+        return fn(*tensors, targets)
+
+    def full():
+        torch.autograd.grad(fn(*tensors, targets), tensors)
+
+    loss = forward()  # also compiles, for the compile backend
+    torch.autograd.grad(loss, tensors, retain_graph=True)
+
+    def backward():
+        torch.autograd.grad(loss, tensors, retain_graph=True)
+
+    shape_text = "x".join(str(s) for s in shape)
+    dtype_name = DTYPE_NAMES[dtype]
+    rows = []
+    times = {}
+    for mode, call in (("forward", forward), ("backward", backward), ("full", full)):
+        med, p20, p80 = measure_ms(call, warmup=warmup, repeats=repeats, device=device)
+        times[mode] = med
+        rows.append(Row(f"{op}.{mode}", backend, shape_text, dtype_name, med, p20, p80, "ms"))
+    if op == "cross_entropy":
+        # Bytes the logits pass moves: forward reads the logits once; a full step reads them
+        # twice and writes their gradient once (eager also writes and reads a log-softmax).
+        N, V = shape
+        nbytes = N * V * tensors[0].element_size()
+        for mode, passes in (("forward", 1), ("full", 3)):
+            gbps = passes * nbytes / (times[mode] * 1e-3) / 1e9
+            rows.append(Row(f"{op}.{mode}.bandwidth", backend, shape_text, dtype_name, gbps, gbps, gbps, "GB/s",
+                            extra=f"bytes={passes * nbytes}"))
+    del loss
+    peak = peak_memory_mib(full, device)
+    if peak is not None:
+        rows.append(Row(f"{op}.full.peak_memory", backend, shape_text, dtype_name, peak, peak, peak, "MiB",
+                        extra="allocated during forward+backward, inputs excluded"))
+    return rows
+
+
+def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = None,
+        backends: tuple[str, ...] = BACKENDS) -> list[Row]:
+    """Benchmark both ops at the named size set; write kernels_ce.csv / kernels_ce.md into out_dir."""
+    if sizes not in SIZES:
+        raise FastGPTError(f"kernels_ce: unknown sizes {sizes!r} (choose from: {', '.join(SIZES)})")
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise FastGPTError(f"kernels_ce: unknown backend {sorted(unknown)[0]!r} (choose from: {', '.join(BACKENDS)})")
+    spec = SIZES[sizes]
+    on_cuda = str(device).startswith("cuda")
+    if spec["device"] == "cuda" and not on_cuda:
+        print(f"kernels_ce: sizes={sizes!r} needs a CUDA GPU; skipped on {device}")
+        return []
+    if on_cuda and not torch.cuda.is_available():
+        raise FastGPTError(f"kernels_ce: device {device!r} requested but no CUDA GPU is visible")
+    backends = list(backends)
+    if not on_cuda:
+        if "compile" in backends:
+            print("kernels_ce: compile backend skipped on CPU (inductor's C++ build is too slow for a smoke run)")
+            backends.remove("compile")
+        if "triton" in backends and os.environ.get("TRITON_INTERPRET") != "1":
+            print("kernels_ce: triton backend skipped on CPU (set TRITON_INTERPRET=1 before starting Python)")
+            backends.remove("triton")
+    warmup, repeats = (10, 50) if on_cuda else (0, 2)
+
+    rows: list[Row] = []
+    for dtype in spec["dtypes"]:
+        for op, shapes in (("cross_entropy", spec["ce"]), ("linear_cross_entropy", spec["lce"])):
+            for shape in shapes:
+                for backend in backends:
+                    rows.extend(_bench_one(op, backend, shape, dtype, device, warmup, repeats))
+                    if on_cuda:
+                        torch.cuda.empty_cache()
+    if out_dir is not None and rows:
+        _write(rows, Path(out_dir))
+    return rows
+
+
+def _write(rows: list[Row], out_dir: Path) -> None:
+    write_csv(rows, out_dir / "kernels_ce.csv")
+    text = "# Cross-entropy kernels\n\n" + markdown_table(rows, baseline="eager")
+    target = out_dir / "kernels_ce.md"
+    tmp = target.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m fastgpt.bench.kernels_ce", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", default="gpt2", choices=sorted(SIZES))
+    parser.add_argument("--out", default=None, help="folder for kernels_ce.csv and kernels_ce.md")
+    args = parser.parse_args(argv)
+    try:
+        rows = run(args.device, args.sizes, args.out)
+    except FastGPTError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if rows:
+        print(markdown_table(rows, baseline="eager"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
