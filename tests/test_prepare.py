@@ -122,3 +122,19 @@ def test_argument_errors(tmp_path, capsys):
     assert "--val-fraction must be in [0, 1), got 1.0" in capsys.readouterr().err
     assert cli_main(["prepare", "--out", str(tmp_path / "o")]) == 2
     assert "no INPUT given" in capsys.readouterr().err
+
+
+def test_prepare_with_a_trained_bpe(tmp_path):
+    from fastgpt.bpe import BPETokenizer
+    from fastgpt.data import TokenShards
+    texts = ["to be or not to be, that is the question\n" * 20, "whether 'tis nobler in the mind to suffer\n" * 20]
+    bpe = BPETokenizer.train("".join(texts), vocab_size=300)
+    bpe.save(tmp_path / "bpe")
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(text)
+    out = tmp_path / "out"
+    assert cli_main(["prepare", str(tmp_path / "0.txt"), str(tmp_path / "1.txt"), "--out", str(out),
+                     "--tokenizer", str(tmp_path / "bpe"), "--val-fraction", "0"]) == 0
+    train = TokenShards(out, "train")
+    assert (train.vocab_size, train.eot_id) == (bpe.vocab_size, bpe.eot_id)
+    assert train.tokens(0, len(train)).tolist() == bpe.encode("<|endoftext|>".join(texts))

@@ -9,6 +9,7 @@ correlated, examples).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -24,6 +25,8 @@ class NextTokenWindows(Dataset):
             raise FastGPTError(f"context_length must be at least 1, got {context_length}")
         if stride < 1:
             raise FastGPTError(f"stride must be at least 1, got {stride}")
+        if isinstance(ids, np.ndarray):  # e.g. a read-only memmap of uint16 shards: copy to int64
+            ids = torch.from_numpy(np.array(ids, dtype=np.int64))
         self.ids = torch.as_tensor(ids, dtype=torch.long).flatten()
         if len(self.ids) < context_length + 1:
             raise FastGPTError(f"{len(self.ids)} tokens are too few for one window: "
