@@ -1,0 +1,237 @@
+"""Triton LayerNorm and fused residual-add + LayerNorm against fp64 references.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest). Every kernel
+output starts as NaN (POISON_OUTPUTS), so an element a kernel fails to write fails
+the comparison instead of passing by luck.
+"""
+import pytest
+import torch
+
+from conftest import DEVICE, GPU, requires_gpu
+from fastgpt import ops
+from fastgpt.errors import FastGPTError
+from fastgpt.kernels import _custom_ops
+from fastgpt.kernels.layernorm import (add_layer_norm_reference, add_layer_norm_triton, layer_norm_reference,
+                                       layer_norm_triton)
+
+EPS = 1e-5
+# Max error relative to the reference tensor's largest magnitude. Observed on CPU: fp32 ~2e-7
+# (summation order), fp16 ~4e-4 (the output's own rounding, 2^-11); bf16 rounds at 2^-8.
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(_custom_ops, "POISON_OUTPUTS", True)
+
+
+def assert_close(actual, expected, dtype, what):
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an unwritten element?)"
+    expected = expected.double()
+    scale = expected.abs().max().clamp(min=1.0).item()
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype] * scale:.3g}"
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def fp64_leaf(t):
+    return t.detach().double().requires_grad_(True)
+
+
+def make(rows, width, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, width, generator=g) * 2 + 0.5).to(dtype)
+    w = (1 + 0.5 * torch.randn(width, generator=g)).to(dtype)
+    b = (0.5 * torch.randn(width, generator=g)).to(dtype)
+    dy = torch.randn(rows, width, generator=g).to(dtype)
+    return [t.to(DEVICE) for t in (x, w, b, dy)]
+
+
+SHAPES = [(1, 1), (1, 768), (7, 1), (7, 31), (7, 1000), (333, 31), (333, 768), (3, 1000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,width", SHAPES)
+def test_layer_norm_forward_backward(rows, width, dtype):
+    x, w, b, dy = make(rows, width, dtype)
+    xt, wt, bt = leaf(x), leaf(w), leaf(b)
+    y = layer_norm_triton(xt, wt, bt, EPS)
+    assert y.dtype == dtype
+    y.backward(dy)
+    xr, wr, br = fp64_leaf(x), fp64_leaf(w), fp64_leaf(b)
+    yr = layer_norm_reference(xr, wr, br, EPS)
+    yr.backward(dy.double())
+    assert_close(y, yr, dtype, "y")
+    assert_close(xt.grad, xr.grad, dtype, "dx")
+    assert_close(wt.grad, wr.grad, dtype, "dweight")
+    assert_close(bt.grad, br.grad, dtype, "dbias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,width", [(1, 1), (7, 31), (333, 768), (3, 1000)])
+def test_add_layer_norm_both_outputs_used(rows, width, dtype):
+    """The new residual feeds the next add *and* this LayerNorm: its gradient is the sum."""
+    x, w, b, dy = make(rows, width, dtype)
+    residual = make(rows, width, dtype, seed=1)[0]
+    dres = make(rows, width, dtype, seed=2)[3]
+    rt, xt, wt, bt = leaf(residual), leaf(x), leaf(w), leaf(b)
+    new_res, y = add_layer_norm_triton(rt, xt, wt, bt, EPS)
+    torch.autograd.backward([new_res, y], [dres, dy])
+    rr, xr, wr, br = fp64_leaf(residual), fp64_leaf(x), fp64_leaf(w), fp64_leaf(b)
+    new_res_ref, yr = add_layer_norm_reference(rr, xr, wr, br, EPS)
+    torch.autograd.backward([new_res_ref, yr], [dres.double(), dy.double()])
+    assert_close(new_res, new_res_ref, dtype, "new_residual")
+    assert_close(y, yr, dtype, "y")
+    assert_close(rt.grad, rr.grad, dtype, "dresidual")
+    assert_close(xt.grad, xr.grad, dtype, "dx")
+    assert_close(wt.grad, wr.grad, dtype, "dweight")
+    assert_close(bt.grad, br.grad, dtype, "dbias")
+
+
+@pytest.mark.parametrize("use", ["normed_only", "residual_only"])
+def test_add_layer_norm_one_output_used(use):
+    x, w, b, dy = make(7, 31, torch.float32)
+    residual = make(7, 31, torch.float32, seed=1)[0]
+    rt, xt, wt, bt = leaf(residual), leaf(x), leaf(w), leaf(b)
+    rr, xr, wr, br = fp64_leaf(residual), fp64_leaf(x), fp64_leaf(w), fp64_leaf(b)
+    pick = 1 if use == "normed_only" else 0
+    add_layer_norm_triton(rt, xt, wt, bt, EPS)[pick].backward(dy)
+    add_layer_norm_reference(rr, xr, wr, br, EPS)[pick].backward(dy.double())
+    assert_close(rt.grad, rr.grad, torch.float32, "dresidual")
+    assert_close(xt.grad, xr.grad, torch.float32, "dx")
+    if use == "normed_only":
+        assert_close(wt.grad, wr.grad, torch.float32, "dweight")
+    else:
+        assert wt.grad is None and bt.grad is None
+
+
+@pytest.mark.parametrize("layout", ["column_slice", "transposed", "strided_last_dim"])
+def test_non_contiguous_inputs_and_gradients(layout):
+    """A column slice keeps its row stride (no copy); other layouts are copied in the wrapper."""
+    g = torch.Generator().manual_seed(3)
+    C = 31
+    if layout == "column_slice":  # e.g. one of q/k/v in a fused (rows, 3C) tensor
+        base = torch.randn(5, 6, 3 * C, generator=g)[..., C:2 * C]
+    elif layout == "transposed":
+        base = torch.randn(6, 5, C, generator=g).transpose(0, 1)
+    else:
+        base = torch.randn(5, 6, 2 * C, generator=g)[..., ::2]
+    base = base.to(DEVICE)
+    assert not base.is_contiguous()
+    residual = torch.randn(5, 6, C, generator=g).to(DEVICE)
+    w, b = torch.randn(C, generator=g).to(DEVICE), torch.randn(C, generator=g).to(DEVICE)
+    dy = torch.randn(5, 6, 2 * C, generator=g)[..., :C].to(DEVICE)  # a non-contiguous incoming gradient
+    xt, rt, wt, bt = leaf(base), leaf(residual), leaf(w), leaf(b)
+    xr, rr, wr, br = fp64_leaf(base), fp64_leaf(residual), fp64_leaf(w), fp64_leaf(b)
+    # a strided view flows into the op itself
+    y = layer_norm_triton(xt[:, :], wt, bt, EPS) + add_layer_norm_triton(rt, xt.transpose(0, 1).transpose(0, 1),
+                                                                         wt, bt, EPS)[1]
+    yr = layer_norm_reference(xr, wr, br, EPS) + add_layer_norm_reference(rr, xr, wr, br, EPS)[1]
+    y.backward(dy)
+    yr.backward(dy.double())
+    for name, a, r in [("y", y, yr), ("dx", xt.grad, xr.grad), ("dresidual", rt.grad, rr.grad),
+                       ("dweight", wt.grad, wr.grad), ("dbias", bt.grad, br.grad)]:
+        assert_close(a, r, torch.float32, name)
+
+
+def test_mixed_dtypes_fp16_activations_fp32_parameters():
+    x, _, _, dy = make(7, 31, torch.float16)
+    _, w, b, _ = make(7, 31, torch.float32)
+    residual = make(7, 31, torch.float32, seed=1)[0]  # an fp32 residual stream, fp16 branch output
+    new_res, y = add_layer_norm_triton(residual, x, w, b, EPS)
+    assert new_res.dtype == y.dtype == torch.float32  # promoted, as residual + x would be
+    assert_close(y, layer_norm_reference(residual.double() + x.double(), w.double(), b.double(), EPS),
+                 torch.float32, "y")
+    xt, wt = leaf(x), leaf(w)
+    y16 = layer_norm_triton(xt, wt, b, EPS)
+    assert y16.dtype == torch.float16
+    y16.backward(dy)
+    assert xt.grad.dtype == torch.float16 and wt.grad.dtype == torch.float32
+
+
+def test_dispatch_through_ops_matches_reference():
+    x, w, b, _ = make(4, 16, torch.float32)
+    with ops.use_backend("triton"):
+        y = ops.layer_norm(x, w, b, EPS)
+        new_res, h = ops.add_layer_norm(x, x, w, b, EPS)
+    with ops.use_backend("torch"):
+        assert_close(y, ops.layer_norm(x, w, b, EPS), torch.float32, "y")
+        expected_res, expected_h = ops.add_layer_norm(x, x, w, b, EPS)
+    assert torch.equal(new_res, expected_res)
+    assert_close(h, expected_h, torch.float32, "h")
+
+
+def test_torch_compile_fullgraph_has_no_graph_break():
+    """The custom ops are opaque graph nodes: fullgraph=True would raise on a break.
+    aot_eager also traces the backward through the fake (meta) implementations."""
+    x, w, b, _ = make(6, 32, torch.float32)
+    residual = make(6, 32, torch.float32, seed=1)[0]
+
+    def block(residual, x, w, b):
+        new_res, h = add_layer_norm_triton(residual, x, w, b, EPS)
+        return (layer_norm_triton(h, w, b, EPS) * new_res).sum()
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    args = [leaf(t) for t in (residual, x, w, b)]
+    args_eager = [leaf(t) for t in (residual, x, w, b)]
+    out = compiled(*args)
+    out.backward()
+    expected = block(*args_eager)
+    expected.backward()
+    assert torch.allclose(out, expected, rtol=1e-6, atol=1e-5)
+    for a, e in zip(args, args_eager):
+        assert torch.allclose(a.grad, e.grad, rtol=1e-6, atol=1e-5)
+
+
+def test_custom_op_registrations_pass_opcheck():
+    x, w, b, dy = make(3, 16, torch.float32)
+    residual = make(3, 16, torch.float32, seed=1)[0]
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastgpt.layer_norm_fwd.default, (leaf(x), leaf(w), leaf(b), EPS),
+                          test_utils=checks)
+    torch.library.opcheck(torch.ops.fastgpt.add_layer_norm_fwd.default,
+                          (leaf(residual), leaf(x), leaf(w), leaf(b), EPS), test_utils=checks)
+    mean, rstd = torch.zeros(3), torch.ones(3)
+    torch.library.opcheck(torch.ops.fastgpt.layer_norm_bwd.default, (dy, x, w, mean, rstd, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_empty_rows():
+    x, w, b, _ = make(1, 8, torch.float32)
+    xt = leaf(x[:0])
+    y = layer_norm_triton(xt, w, b, EPS)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert xt.grad.shape == (0, 8)
+
+
+def test_bad_shapes_raise_one_clear_error():
+    x, w, b, _ = make(2, 8, torch.float32)
+    with pytest.raises(FastGPTError, match="weight"):
+        layer_norm_triton(x, w[:4], b, EPS)
+    with pytest.raises(FastGPTError, match="residual"):
+        add_layer_norm_triton(x[:1], x, w, b, EPS)
+
+
+def test_poisoned_outputs_start_as_nan():
+    out = _custom_ops.new_output((3, 4), torch.float16, DEVICE)
+    assert torch.isnan(out).all()
+
+
+@requires_gpu
+def test_gpt2_shape_bf16_on_gpu():
+    x, w, b, dy = make(8 * 1024, 768, torch.bfloat16)
+    residual = make(8 * 1024, 768, torch.bfloat16, seed=1)[0]
+    rt, xt, wt, bt = leaf(residual), leaf(x), leaf(w), leaf(b)
+    new_res, y = add_layer_norm_triton(rt, xt, wt, bt, EPS)
+    torch.autograd.backward([new_res, y], [dy, dy])
+    rr, xr, wr, br = fp64_leaf(residual), fp64_leaf(x), fp64_leaf(w), fp64_leaf(b)
+    new_res_ref, yr = add_layer_norm_reference(rr, xr, wr, br, EPS)
+    torch.autograd.backward([new_res_ref, yr], [dy.double(), dy.double()])
+    assert_close(y, yr, torch.bfloat16, "y")
+    assert_close(xt.grad, xr.grad, torch.bfloat16, "dx")
+    assert_close(wt.grad, wr.grad, torch.bfloat16, "dweight")
