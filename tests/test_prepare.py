@@ -46,6 +46,14 @@ def test_doc_separator_splits_files(tmp_path):
     assert docs == ["one\n", "two\nlines\n", "three"]
 
 
+def test_byte_order_mark_is_not_text(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfHello\nworld")
+    source = Source(name="bom", size=0, path=path)
+    assert [text for text, _ in document_blocks([source])] == ["Hello\nworld"]
+    assert source.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "fastgpt", "prepare", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)

@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -48,10 +48,12 @@ class Source:
     path: Path | None = None
     text: str | None = None
     sha256: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def lines(self) -> Iterator[tuple[str, int]]:
-        """(line with its newline, its size in bytes); a file's sha256 is computed on the way."""
+        """(line with its newline, its size in bytes); a file's sha256 is computed on the way.
+
+        A file is read a line at a time (a file without newlines is one line, read whole).
+        """
         if self.text is not None:
             start = 0
             while start < len(self.text):
@@ -70,12 +72,14 @@ class Source:
                 except UnicodeDecodeError as err:
                     raise FastGPTError(f"{self.path}: not UTF-8 at byte offset {offset + err.start} "
                                        f"(line {_line_number(self.path, offset)}: {err.reason})") from None
+                if offset == 0 and line.startswith("\ufeff"):
+                    line = line[1:]  # a byte-order mark is an encoding marker, not text
                 offset += len(raw)
                 yield line, len(raw)
         self.sha256 = digest.hexdigest()
 
     def describe(self) -> dict:
-        return {"name": self.name, "bytes": self.size, "sha256": self.sha256, **self.extra}
+        return {"name": self.name, "bytes": self.size, "sha256": self.sha256}
 
 
 def _line_number(path: Path, offset: int) -> int:
