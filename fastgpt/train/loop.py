@@ -177,9 +177,12 @@ def train(config: TrainConfig, resume: str | Path | None = None, explicit: set[s
     from tqdm import tqdm
     cfg = dataclasses.replace(config).validate()
     info, device = setup(cfg.device)
+    threads, backend = torch.get_num_threads(), ops.get_backend()
     try:
         return _train(cfg, resume, explicit, log, info, device, tqdm)
     finally:
+        torch.set_num_threads(threads)
+        ops.set_backend(backend)
         teardown()
 
 
