@@ -1,0 +1,196 @@
+"""`fastgpt generate` (continue one prompt) and `fastgpt chat` (an interactive loop).
+
+Text is printed while it is generated; speed (prefill and decode tokens/s, time to
+first token) goes to stderr, so stdout holds only the text.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+GENERATE_DESCRIPTION = """\
+Continue a prompt with a GPT-2-family model and stream the text to stdout.
+Speed (prefill tokens/s, time to first token, decode tokens/s) is printed to
+stderr. --model takes a fastgpt checkpoint directory, a Hugging Face GPT-2
+directory, an OpenAI GPT-2 TensorFlow directory, or the name of a model fetched
+with `fastgpt download`; with --random-init it is a preset name (gpt2, mini,
+tiny, ...) built with RANDOM weights, which only makes sense for speed tests."""
+
+CHAT_DESCRIPTION = """\
+Chat with a model: every line read from stdin is a user turn, the response is
+streamed to stdout. If the model's metadata names a prompt template
+(metadata["template"], written by `fastgpt finetune instruct`), each turn is
+wrapped in it; otherwise the conversation is plain text the model continues.
+Commands: /reset forgets the conversation, /exit (or end of input) quits."""
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="model directory (fastgpt, Hugging Face or OpenAI TF layout) or downloaded model name")
+    p.add_argument("--random-init", action="store_true",
+                   help="treat --model as a preset name and use RANDOM weights (benchmarks only)")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                   help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, metavar="K",
+                   help="sample among the K most likely tokens (default 50; 0 = no limit)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="sample from the nucleus holding probability P, in (0, 1] (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop when the text contains STR (not printed); repeatable")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "triton"],
+                   help="kernel backend (default: $FASTGPT_BACKEND or auto = Triton on CUDA)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole window for every token instead of using the KV cache (slow; for checks)")
+
+
+def register(subparsers) -> None:
+    g = subparsers.add_parser("generate", help="continue a prompt, streaming the text",
+                              description=GENERATE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_arguments(g)
+    g.add_argument("--prompt", default="", help="the text to continue (default: start from <|endoftext|>)")
+    g.set_defaults(func=run_generate)
+
+    c = subparsers.add_parser("chat", help="interactive chat: stdin lines in, streamed responses out",
+                              description=CHAT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_arguments(c)
+    c.add_argument("--template", default=None, metavar="NAME",
+                   help="prompt template (alpaca, phi3, none); default: the model's metadata, else none")
+    c.set_defaults(func=run_chat)
+
+
+# ---------------------------------------------------------------------- shared setup
+def _setup(args):
+    """(model, metadata, tokenizer, sampling kwargs) from the parsed arguments."""
+    import torch
+
+    from .. import ops
+    from ..errors import FastGPTError
+    from ..sampling import validate
+    from ..tokenizer import Tokenizer
+
+    top_k = args.top_k or None  # 0 means no limit
+    if args.top_k is not None and args.top_k < 0:
+        raise FastGPTError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
+    try:
+        validate(args.temperature, top_k, args.top_p)
+    except FastGPTError as err:
+        raise FastGPTError("--" + str(err).replace("_", "-", 1)) from None
+    if args.max_new_tokens < 0:
+        raise FastGPTError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise FastGPTError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.backend:
+        ops.set_backend(args.backend)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FastGPTError(f"--device {device}: CUDA is not available on this machine")
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = getattr(torch, dtype_name)
+
+    if args.random_init:
+        from ..config import preset
+        from ..model import GPT
+        cfg = preset(args.model)
+        print(f"fastgpt: --random-init: {args.model} with RANDOM weights (the text will be gibberish)",
+              file=sys.stderr)
+        model, metadata = GPT(cfg).to(device=device, dtype=dtype).eval(), {}
+    else:
+        from ..weights import load_fastgpt
+        model, metadata = load_fastgpt(args.model, device=device, dtype=dtype)
+    sampling = dict(temperature=args.temperature, top_k=top_k, top_p=args.top_p, seed=args.seed)
+    return model, metadata, Tokenizer(), sampling
+
+
+def _generate_streaming(model, tokenizer, prompt_ids, args, sampling, stop_strings):
+    """Generate for one prompt, printing text to stdout as it comes; returns (Generation, text)."""
+    from ..generate import TextStream, generate
+
+    stream = TextStream(tokenizer, stop_strings)
+    pieces = []
+
+    def show(_b, token):
+        text = stream.push(token)
+        if text:
+            pieces.append(text)
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    result = generate(model, [prompt_ids], args.max_new_tokens, eos_id=tokenizer.eot_id,
+                      stop_strings=stop_strings or None, tokenizer=tokenizer, use_cache=not args.no_cache,
+                      on_token=show, **sampling)
+    tail = stream.finish()
+    pieces.append(tail)
+    sys.stdout.write(tail)
+    sys.stdout.flush()
+    return result, "".join(pieces)
+
+
+def _print_stats(result) -> None:
+    reason = {"eos": "end of text", "stop": "stop string", "length": "max tokens"}[result.finish_reasons[0]]
+    print(f"[{result.stats.summary()} | stopped at {reason}]", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------- generate
+def run_generate(args) -> int:
+    model, _, tokenizer, sampling = _setup(args)
+    prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eot_id]
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    result, _ = _generate_streaming(model, tokenizer, prompt_ids, args, sampling, args.stop)
+    sys.stdout.write("\n")
+    _print_stats(result)
+    return 0
+
+
+# ---------------------------------------------------------------------- chat
+def run_chat(args) -> int:
+    from ..errors import FastGPTError
+
+    model, metadata, tokenizer, sampling = _setup(args)
+    template_name = args.template if args.template is not None else metadata.get("template")
+    if template_name == "none":
+        template_name = None
+    template, stops = None, list(args.stop)
+    if template_name is not None:
+        from ..finetune.templates import get_template
+        if not isinstance(template_name, str):
+            raise FastGPTError(f"{args.model}: metadata 'template' must be a string, got {template_name!r}")
+        template = get_template(template_name)
+        # A model that starts a new turn on its own has finished its answer.
+        stops += [h.strip() for h in (template.instruction, template.response) if h.strip()]
+        print(f"fastgpt chat: prompt template {template_name!r}", file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    history = ""  # the conversation so far, as the model sees it
+    while True:
+        if interactive:
+            print("> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line:
+            break  # end of input
+        line = line.rstrip("\n")
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history = ""
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        turn = template.prompt(line) if template else line + "\n"
+        prompt = history + turn
+        result, reply = _generate_streaming(model, tokenizer, tokenizer.encode(prompt), args, sampling, stops)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history = prompt + reply + ("<|endoftext|>" if template else "\n")
+        _print_stats(result)
+    return 0
