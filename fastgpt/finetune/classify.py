@@ -252,8 +252,7 @@ def predict(clf: GPTClassifier, split_: EncodedSplit, batch_size: int = 32) -> t
 def accuracy(clf: GPTClassifier, split_: EncodedSplit, batch_size: int = 32) -> float:
     if len(split_) == 0:
         return float("nan")
-    probs, _ = predict(clf, split_, batch_size)
-    return (probs.argmax(-1) == torch.tensor(split_.targets)).float().mean().item()
+    return _accuracy(predict(clf, split_, batch_size)[0], split_.targets)
 
 
 def confusion_matrix(predicted: list[int], actual: list[int], num_classes: int) -> list[list[int]]:
@@ -294,16 +293,19 @@ def format_report(metrics: dict[str, dict[str, float]], matrix: list[list[int]],
 def train_classifier(clf: GPTClassifier, train: EncodedSplit, val: EncodedSplit, *, epochs: int = 3,
                      lr: float = 5e-5, weight_decay: float = 0.1, batch_size: int = 8, seed: int = 123,
                      grad_clip: float = 1.0, log=print) -> tuple[dict, list[dict]]:
-    """Train the trainable parameters; returns (best state by validation accuracy, history rows).
+    """Train the trainable parameters; returns (best state by validation accuracy, history).
 
-    History rows are {"step", "epoch", "train_loss"} per step and, after every epoch,
-    {"step", "epoch", "val_loss", "val_accuracy", "train_accuracy"}.
+    History rows use the pretraining metrics format (so `fastgpt.train.metrics.plot_losses`
+    draws them): {"kind": "train", "step", "tokens", "loss"} per step and, after each epoch,
+    {"kind": "eval", "step", "tokens", "train_loss", "val_loss", "train_accuracy", "val_accuracy"}.
     """
+    from ..train.optim import make_optimizer
+
     device = next(clf.parameters()).device
-    params = [p for p in clf.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = make_optimizer(clf, lr, weight_decay, (0.9, 0.999), 1e-8, device)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     generator = torch.Generator().manual_seed(seed)
-    history, step = [], 0
+    history, step, tokens = [], 0, 0
     best_acc, best_state = -1.0, None
     clf.train()
     for epoch in range(1, epochs + 1):
@@ -316,18 +318,26 @@ def train_classifier(clf: GPTClassifier, train: EncodedSplit, val: EncodedSplit,
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
             step += 1
-            history.append({"step": step, "epoch": epoch, "train_loss": loss.item()})
-        probs, val_loss = predict(clf, val, batch_size)
-        val_acc = (probs.argmax(-1) == torch.tensor(val.targets)).float().mean().item() if len(val) else float("nan")
-        train_acc = accuracy(clf, train, batch_size)
-        history.append({"step": step, "epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc,
-                        "train_accuracy": train_acc})
-        log(f"epoch {epoch}/{epochs}  step {step}  train loss {history[-2]['train_loss']:.4f}  "
-            f"train acc {train_acc:.2%}  val loss {val_loss:.4f}  val acc {val_acc:.2%}")
+            tokens += int(mask.sum())
+            history.append({"kind": "train", "step": step, "tokens": tokens, "epoch": epoch, "loss": loss.item()})
+        train_probs, train_loss = predict(clf, train, batch_size)
+        val_probs, val_loss = predict(clf, val, batch_size)
+        train_acc = _accuracy(train_probs, train.targets)
+        val_acc = _accuracy(val_probs, val.targets)
+        history.append({"kind": "eval", "step": step, "tokens": tokens, "epoch": epoch, "train_loss": train_loss,
+                        "val_loss": val_loss, "train_accuracy": train_acc, "val_accuracy": val_acc})
+        log(f"epoch {epoch}/{epochs}  step {step}  train loss {train_loss:.4f}  train acc {train_acc:.2%}  "
+            f"val loss {val_loss:.4f}  val acc {val_acc:.2%}")
         if best_state is None or val_acc > best_acc:  # NaN (no validation split): keep the first
             best_acc = val_acc
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in clf.state_dict().items()}
     return best_state, history
+
+
+def _accuracy(probs: torch.Tensor, targets: list[int]) -> float:
+    if not targets:
+        return float("nan")
+    return (probs.argmax(-1) == torch.tensor(targets)).float().mean().item()
 
 
 # ---------------------------------------------------------------------- the whole run
@@ -342,7 +352,8 @@ def finetune_classifier(model: str, data: str, out: str, *, text_column: str = "
     from .checkpoint import load_model, save_classifier
     from .files import write_json
     from .lora import merge_lora, trainable_summary
-    from .plots import plot_curves, write_jsonl
+    from ..train.metrics import plot_losses
+    from .files import write_jsonl
 
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
@@ -393,7 +404,7 @@ def finetune_classifier(model: str, data: str, out: str, *, text_column: str = "
     save_classifier(clf, out, names, {"max_length": max_length, "base_model": str(model),
                                       **({"base": base_meta} if base_meta else {})})
     write_jsonl(out / "metrics.jsonl", history)
-    plot_curves(history, out / "loss.png", title=f"fine-tuning {Path(data).name}")
+    plot_losses(out)
     report = {"data": str(data), "model": str(model), "labels": names, "max_length": max_length,
               "split_sizes": {k: len(v) for k, v in splits.items()}, "trainable": trainable,
               "accuracy_before": before, "accuracy_after": after, "report_split": report_split,

@@ -57,3 +57,11 @@ def write_json(path: str | os.PathLike, value) -> None:
             json.dump(value, f, indent=2, ensure_ascii=False)
             f.write("\n")
     write_atomic(path, write)
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    write_atomic(path, write)

@@ -1,0 +1,136 @@
+"""`fastgpt finetune classify|instruct`: turn a pretrained GPT into a classifier or an assistant."""
+from __future__ import annotations
+
+import argparse
+
+LORA_TARGETS = "qkv,proj,fc"
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "finetune", help="fine-tune a model: text classifier or instruction follower",
+        description="Fine-tune a pretrained GPT: `classify` trains a text classifier (e.g. spam), "
+                    "`instruct` trains it to follow Alpaca-style instructions.")
+    sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+
+    cls = sub.add_parser(
+        "classify", help="train a text classifier",
+        description="Replace the LM head with an n-class head read from the last real token, train, "
+                    "report accuracy / precision / recall / F1 and save the best model by validation accuracy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cls.add_argument("--model", required=True,
+                     help="fastgpt model directory to start from, or a preset name (tiny, mini, gpt2, ...) "
+                          "for a random initialisation")
+    cls.add_argument("--data", required=True,
+                     help="labelled texts: .tsv 'label<TAB>text' without header (SMS Spam Collection), "
+                          ".csv with a header, or .jsonl objects")
+    cls.add_argument("--text-column", default="text", help="text column/field of a .csv/.jsonl file")
+    cls.add_argument("--label-column", default="label", help="label column/field of a .csv/.jsonl file")
+    cls.add_argument("--labels", type=_comma_list, default=None,
+                     help="comma-separated allowed labels; any other label in the data is an error")
+    cls.add_argument("--balance", action="store_true",
+                     help="downsample every class to the smallest class's count (seeded)")
+    cls.add_argument("--split", type=float, nargs=3, default=[0.7, 0.1, 0.2], metavar=("TRAIN", "VAL", "TEST"),
+                     help="train/validation/test fractions after a seeded shuffle")
+    cls.add_argument("--seed", type=int, default=123, help="seed for balancing, splitting, shuffling and init")
+    cls.add_argument("--max-length", type=int, default=None,
+                     help="truncate texts to this many tokens (default: the longest training text)")
+    cls.add_argument("--trainable", choices=["last-n", "all", "lora"], default="last-n",
+                     help="what trains: the last N blocks + final LayerNorm + head, all weights, or LoRA + head")
+    cls.add_argument("--last-n", type=int, default=1, help="blocks trained with --trainable last-n")
+    _add_lora_args(cls)
+    cls.add_argument("--epochs", type=int, default=5)
+    cls.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
+    cls.add_argument("--weight-decay", type=float, default=0.1)
+    cls.add_argument("--batch-size", type=int, default=8)
+    cls.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    cls.add_argument("--out", required=True, help="directory for the model, metrics.jsonl, loss.png, report.json")
+    cls.set_defaults(func=_classify)
+
+    ins = sub.add_parser(
+        "instruct", help="train an instruction-following model (Alpaca-style data)",
+        description="Fine-tune on {instruction, input, output} records written in a prompt template, with "
+                    "the pretraining loop's pieces (AdamW, warmup + cosine, AMP, checkpoints, metrics); then "
+                    "answer the test split (test_responses.json), score it (ROUGE-L F1, exact match, optional "
+                    "judge) and save the model with metadata['template'] for `fastgpt chat`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ins.add_argument("--model", required=True,
+                     help="fastgpt model directory to start from, or a preset name for a random initialisation")
+    ins.add_argument("--data", required=True,
+                     help="a JSON list (or .jsonl) of records with 'instruction', 'output' and optional 'input'")
+    ins.add_argument("--template", default="alpaca", help="prompt template: alpaca or phi3")
+    ins.add_argument("--mask-prompt", action="store_true", help="no loss on the prompt tokens, only on the response")
+    ins.add_argument("--max-length", type=int, default=None,
+                     help="truncate examples to this many tokens (default: the model's context length)")
+    ins.add_argument("--split", type=float, nargs=3, default=[0.85, 0.10, 0.05], metavar=("TRAIN", "VAL", "TEST"),
+                     help="train/validation/test fractions, in file order")
+    ins.add_argument("--epochs", type=float, default=2.0)
+    ins.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
+    ins.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
+    ins.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr / 10)")
+    ins.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default 5%% of the steps)")
+    ins.add_argument("--weight-decay", type=float, default=0.1)
+    ins.add_argument("--batch-size", type=int, default=8)
+    ins.add_argument("--eval-interval", type=int, default=None,
+                     help="validation loss every N steps (default: twice per epoch)")
+    ins.add_argument("--ckpt-interval", type=int, default=0, help="checkpoint every K steps (0: at the end only)")
+    ins.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                     help="autocast dtype (auto: bf16/fp16 on GPUs, fp32 on CPU)")
+    ins.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    ins.add_argument("--seed", type=int, default=123)
+    ins.add_argument("--max-new-tokens", type=int, default=256, help="length limit of each test response")
+    ins.add_argument("--no-responses", action="store_true", help="skip generating and scoring test responses")
+    ins.add_argument("--judge", default=None, metavar="CMD",
+                     help="a command that reads one record (with 'model_response') as JSON on stdin and prints a "
+                          "score; its mean is reported beside ROUGE-L")
+    ins.add_argument("--out", required=True,
+                     help="directory for the model, checkpoints, metrics.jsonl, loss.png, test_responses.json, "
+                          "report.json")
+    ins.set_defaults(func=_instruct)
+
+
+def _add_lora_args(parser) -> None:
+    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r")
+    parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha/r)")
+    parser.add_argument("--lora-targets", type=_comma_list, default=_comma_list(LORA_TARGETS),
+                        help="comma-separated names of the linear layers that get adapters")
+
+
+def _check_positive(**values) -> None:
+    from ..errors import FastGPTError
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise FastGPTError(f"--{name.replace('_', '-')}: must be positive, got {value}")
+
+
+def _classify(args) -> int:
+    from ..finetune.classify import finetune_classifier
+
+    _check_positive(epochs=args.epochs, batch_size=args.batch_size, lora_rank=args.lora_rank,
+                    max_length=args.max_length)
+    finetune_classifier(
+        args.model, args.data, args.out, text_column=args.text_column, label_column=args.label_column,
+        labels=args.labels, balance_classes=args.balance, split_fractions=tuple(args.split), seed=args.seed,
+        max_length=args.max_length, trainable=args.trainable, last_n=args.last_n, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets), epochs=args.epochs, lr=args.lr,
+        weight_decay=args.weight_decay, batch_size=args.batch_size, device=args.device)
+    return 0
+
+
+def _instruct(args) -> int:
+    from ..finetune.instruct import command_judge, finetune_instruct
+
+    _check_positive(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                    max_length=args.max_length, max_new_tokens=args.max_new_tokens)
+    finetune_instruct(
+        args.model, args.data, args.out, template=args.template, mask_prompt=args.mask_prompt,
+        max_length=args.max_length, split_fractions=tuple(args.split), epochs=args.epochs, max_steps=args.max_steps,
+        lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval,
+        dtype=args.dtype, device=args.device, seed=args.seed, max_new_tokens=args.max_new_tokens,
+        generate_responses=not args.no_responses, judge=command_judge(args.judge) if args.judge else None)
+    return 0

@@ -1,0 +1,76 @@
+"""Loading the model to fine-tune, and saving what fine-tuning made.
+
+A fine-tuned model is an ordinary fastgpt model directory (`fastgpt.weights`)
+whose metadata says what it became: an instruction model records its prompt
+template (`metadata["template"]`), a classifier its task, label names and the
+file holding its head (`classifier.safetensors`, written beside the body).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import PRESETS
+from ..errors import FastGPTError
+from .files import write_atomic
+
+HEAD_FILE = "classifier.safetensors"
+
+
+def load_model(spec: str, device: torch.device | str = "cpu"):
+    """(GPT, metadata) from a fastgpt model directory, or a preset name for a random start."""
+    from ..model import GPT
+    from ..train.checkpoint import load_model_state
+
+    if spec in PRESETS and not Path(spec).exists():
+        return GPT(spec).to(device), {}
+    if not Path(spec).is_dir():
+        raise FastGPTError(f"--model {spec}: no such model directory (or preset: {', '.join(PRESETS)})")
+    config, state, metadata = load_model_state(Path(spec))
+    model = GPT(config)
+    model.load_state_dict(state)
+    return model.to(device), dict(metadata or {})
+
+
+def save_model(model, out_dir, metadata: dict) -> None:
+    from ..train.checkpoint import save_model as save_fastgpt_model
+    save_fastgpt_model(model, Path(out_dir), metadata)
+
+
+def save_classifier(clf, out_dir, labels: list[str], metadata: dict) -> None:
+    """The body as a fastgpt model, its head in classifier.safetensors, labels in the metadata."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    head = {"classifier.weight": clf.head.weight.detach().cpu().contiguous(),
+            "classifier.bias": clf.head.bias.detach().cpu().contiguous()}
+    write_atomic(out_dir / HEAD_FILE, lambda tmp: save_file(head, tmp))
+    save_model(clf.gpt, out_dir, {**metadata, "task": "classification", "labels": list(labels),
+                                  "classifier_head": HEAD_FILE})
+
+
+def load_classifier(path, device: torch.device | str = "cpu"):
+    """(GPTClassifier, metadata) saved by `save_classifier`."""
+    from safetensors.torch import load_file
+
+    from .classify import GPTClassifier
+
+    gpt, metadata = load_model(str(path), device)
+    labels = metadata.get("labels")
+    if metadata.get("task") != "classification" or not labels:
+        raise FastGPTError(f"{path}: not a classifier (no task 'classification' with labels in its metadata; "
+                           "make one with `fastgpt finetune classify`)")
+    head_path = Path(path) / metadata.get("classifier_head", HEAD_FILE)
+    if not head_path.is_file():
+        raise FastGPTError(f"{head_path}: classifier head missing")
+    head = load_file(str(head_path))
+    clf = GPTClassifier(gpt, len(labels))
+    for name in ("weight", "bias"):
+        tensor = head.get(f"classifier.{name}")
+        target = getattr(clf.head, name)
+        if tensor is None or tensor.shape != target.shape:
+            raise FastGPTError(f"{head_path}: classifier.{name} missing or not of shape {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(tensor)
+    return clf.to(device).eval(), metadata

@@ -1,0 +1,354 @@
+"""Instruction fine-tuning: teach a GPT to answer requests written in a prompt template.
+
+Each record {instruction, input, output} becomes  prompt + output + <|endoftext|>,
+and the model is trained on next-token prediction over it, like pretraining,
+with two twists in the targets: padding is ignored (-100) except for the first
+<|endoftext|>, which the model must learn to produce in order to stop; and,
+optionally, the prompt itself is ignored so the loss is only on the answer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import FastGPTError
+from ..tokenizer import EOT_ID
+from .files import read_jsonl, read_text
+from .templates import extract_response, format_prompt, get_template
+
+IGNORE_INDEX = -100
+FIELDS = ("instruction", "input", "output")
+
+
+# ---------------------------------------------------------------------- data
+def load_records(path) -> list[dict]:
+    """Alpaca-style records from a JSON list or JSON lines; `input` may be absent (= empty)."""
+    path = Path(path)
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        located = [(f"{path}:{lineno}", value) for lineno, value in read_jsonl(path)]
+    else:
+        try:
+            data = json.loads(read_text(path))
+        except json.JSONDecodeError as err:
+            raise FastGPTError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(data, list):
+            raise FastGPTError(f"{path}: expected a JSON list of records (or use a .jsonl file)")
+        located = [(f"{path}: record {i}", value) for i, value in enumerate(data)]
+    if not located:
+        raise FastGPTError(f"{path}: no records")
+    records = []
+    for where, record in located:
+        if not isinstance(record, dict):
+            raise FastGPTError(f"{where}: expected a JSON object with {', '.join(FIELDS)}")
+        for name in ("instruction", "output"):
+            if name not in record:
+                raise FastGPTError(f"{where}: missing field {name!r}")
+        for name in FIELDS:
+            if not isinstance(record.get(name, ""), str):
+                raise FastGPTError(f"{where}: field {name!r} must be a string")
+        records.append({**record, "input": record.get("input", "")})
+    return records
+
+
+def split_in_order(records: list, fractions=(0.85, 0.10, 0.05)) -> tuple[list, list, list]:
+    """Train / validation / test in file order (test takes the rest)."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise FastGPTError(f"--split: expected three non-negative fractions summing to 1, got {list(fractions)}")
+    n_train, n_val = int(len(records) * fractions[0]), int(len(records) * fractions[1])
+    return records[:n_train], records[n_train:n_train + n_val], records[n_train + n_val:]
+
+
+@dataclass
+class EncodedExample:
+    tokens: list[int]       # prompt + response (no <|endoftext|> yet: collate appends it)
+    prompt_length: int      # how many of `tokens` belong to the prompt
+
+
+def encode_records(records: list[dict], tokenizer, template: str) -> list[EncodedExample]:
+    get_template(template)
+    encoded = []
+    for record in records:
+        prompt = tokenizer.encode(format_prompt(template, record["instruction"], record["input"]))
+        response = tokenizer.encode(record["output"])
+        encoded.append(EncodedExample(prompt + response, len(prompt)))
+    return encoded
+
+
+def collate(batch: list[EncodedExample], pad_id: int = EOT_ID, ignore_index: int = IGNORE_INDEX,
+            max_length: int | None = None, mask_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs (B, T), targets (B, T)) for a batch of examples.
+
+    Every example gets <|endoftext|> appended and is padded with `pad_id` to the
+    batch's longest (+1, so that inputs and targets, shifted by one, both have T).
+    In the targets, the first <|endoftext|> stays (the model learns to stop), every
+    later pad becomes `ignore_index`, and so do the prompt tokens with `mask_prompt`.
+    Sequences are cut to `max_length` tokens at the end.
+    """
+    longest = max(len(ex.tokens) + 1 for ex in batch)
+    inputs, targets = [], []
+    for ex in batch:
+        padded = ex.tokens + [EOT_ID] + [pad_id] * (longest - len(ex.tokens))
+        x = torch.tensor(padded[:-1])
+        y = torch.tensor(padded[1:])
+        y[len(ex.tokens):] = ignore_index  # padding after the first end-of-text
+        if mask_prompt:
+            y[:ex.prompt_length - 1] = ignore_index  # targets that are still prompt tokens
+        if max_length is not None:
+            x, y = x[:max_length], y[:max_length]
+        inputs.append(x)
+        targets.append(y)
+    return torch.stack(inputs), torch.stack(targets)
+
+
+# ---------------------------------------------------------------------- scoring
+def lcs_length(a: list, b: list) -> int:
+    """Length of the longest common subsequence (dynamic programming, one row kept)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b, 1):
+            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1]
+
+
+def _words(text: str) -> list[str]:
+    return text.lower().split()
+
+
+def rouge_l_f1(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased whitespace words: LCS-based precision and recall."""
+    c, r = _words(candidate), _words(reference)
+    if not c or not r:
+        return float(c == r)
+    lcs = lcs_length(c, r)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(c), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(candidate: str, reference: str) -> bool:
+    """Equal up to case and whitespace."""
+    return _words(candidate) == _words(reference)
+
+
+def command_judge(command: str):
+    """A judge that runs `command` once per record: the record (with `model_response`)
+    as JSON on stdin, a number on the first line of stdout."""
+    argv = shlex.split(command)
+    if not argv:
+        raise FastGPTError("--judge: empty command")
+
+    def judge(record: dict) -> float:
+        try:
+            done = subprocess.run(argv, input=json.dumps(record), capture_output=True, text=True, timeout=600)
+        except FileNotFoundError:
+            raise FastGPTError(f"--judge: command not found: {argv[0]}") from None
+        if done.returncode != 0:
+            raise FastGPTError(f"--judge: {argv[0]} exited with {done.returncode}: "
+                               f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
+        first = done.stdout.strip().splitlines()[0] if done.stdout.strip() else ""
+        try:
+            return float(first)
+        except ValueError:
+            raise FastGPTError(f"--judge: {argv[0]} printed {first!r}, expected a number") from None
+    return judge
+
+
+def score_responses(records: list[dict], judge=None) -> dict:
+    """Mean ROUGE-L F1 and exact match of `model_response` against `output`, and the
+    judge's mean score if a judge (record -> float) is given. Adds per-record scores."""
+    for record in records:
+        if "model_response" not in record:
+            raise FastGPTError("score_responses: a record has no 'model_response'")
+        record["rouge_l_f1"] = rouge_l_f1(record["model_response"], record["output"])
+        record["exact_match"] = exact_match(record["model_response"], record["output"])
+        if judge is not None:
+            record["judge_score"] = float(judge({k: record[k] for k in ("instruction", "input", "output",
+                                                                         "model_response")}))
+    n = max(len(records), 1)
+    scores = {"count": len(records),
+              "rouge_l_f1": sum(r["rouge_l_f1"] for r in records) / n,
+              "exact_match": sum(r["exact_match"] for r in records) / n}
+    if judge is not None:
+        scores["judge_score"] = sum(r["judge_score"] for r in records) / n
+    return scores
+
+
+def response_text(template: str, generated: str) -> str:
+    """The model's answer from the text generated after the prompt."""
+    return extract_response(template, generated, prompt="")
+
+
+# ---------------------------------------------------------------------- training
+def _batches(examples: list[EncodedExample], batch_size: int, generator=None, **collate_args):
+    order = torch.randperm(len(examples), generator=generator).tolist() if generator else range(len(examples))
+    order = list(order)
+    return [collate([examples[i] for i in order[s:s + batch_size]], **collate_args)
+            for s in range(0, len(order), batch_size)]
+
+
+def _has_targets(y: torch.Tensor) -> bool:
+    return bool((y != IGNORE_INDEX).any())
+
+
+def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpaca", mask_prompt: bool = False,
+                      max_length: int | None = None, split_fractions=(0.85, 0.10, 0.05), epochs: float = 2,
+                      max_steps: int | None = None, lr: float = 5e-5, min_lr: float | None = None,
+                      warmup_steps: int | None = None, weight_decay: float = 0.1, batch_size: int = 8,
+                      grad_clip: float = 1.0, eval_interval: int | None = None, ckpt_interval: int = 0,
+                      dtype: str = "auto", device: str = "auto", seed: int = 123, max_new_tokens: int = 256,
+                      generate_responses: bool = True, judge=None, log=print) -> dict:
+    """Fine-tune on instruction records with the trainer's pieces (AdamW groups, warmup +
+    cosine, autocast + GradScaler, metrics.jsonl, atomic checkpoints, loss plot); answer the
+    test split; score; save the model with its template. Returns the report (report.json)."""
+    from ..tokenizer import Tokenizer
+    from ..train import checkpoint as ckpt_io
+    from ..train.evaluate import mean_loss
+    from ..train.loop import autocast_factory, resolve_dtype
+    from ..train.metrics import MetricsLog, eval_line, perplexity, plot_losses, step_line
+    from ..train.optim import make_optimizer
+    from ..train.schedule import learning_rate
+    from .checkpoint import load_model, save_model
+    from .files import write_json
+
+    get_template(template)
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          "cpu" if device == "auto" else device)
+    dtype = resolve_dtype(dtype, device)
+    autocast = autocast_factory(device, dtype)
+    torch.manual_seed(seed)
+
+    records = load_records(data)
+    train_records, val_records, test_records = split_in_order(records, split_fractions)
+    if not train_records:
+        raise FastGPTError(f"{data}: {len(records)} records leave no training examples with --split {list(split_fractions)}")
+    log(f"{len(records)} records: {len(train_records)} train / {len(val_records)} val / {len(test_records)} test")
+
+    gpt, base_meta = load_model(model, device)
+    context = gpt.config.context_length
+    if max_length is None:
+        max_length = context
+    elif not 2 <= max_length <= context:
+        raise FastGPTError(f"--max-length: must be between 2 and the model's context length {context}, got {max_length}")
+    tokenizer = Tokenizer()
+    collate_args = {"max_length": max_length, "mask_prompt": mask_prompt}
+    train_set = encode_records(train_records, tokenizer, template)
+    val_batches = [b for b in _batches(encode_records(val_records, tokenizer, template), batch_size, **collate_args)
+                   if _has_targets(b[1])]
+    train_eval = [b for b in _batches(train_set[:len(val_records) or batch_size * 4], batch_size, **collate_args)
+                  if _has_targets(b[1])]  # a fixed slice of the training data, to compare with validation
+
+    steps_per_epoch = math.ceil(len(train_set) / batch_size)
+    max_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
+    warmup_steps = max(1, max_steps // 20) if warmup_steps is None else warmup_steps
+    min_lr = lr / 10 if min_lr is None else min_lr
+    eval_interval = eval_interval or max(1, steps_per_epoch // 2)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    metrics = MetricsLog(out)
+    gpt.train()
+    optimizer = make_optimizer(gpt, lr, weight_decay, (0.9, 0.999), 1e-8, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    log(f"model {gpt.config} | {gpt.num_parameters() / 1e6:.2f}M parameters | device {device} | "
+        f"dtype {str(dtype).removeprefix('torch.')} | template {template} | max length {max_length} | "
+        f"{max_steps} steps ({max_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch})")
+
+    def evaluate(step: int, tokens: int) -> dict:
+        train_loss = mean_loss(gpt, train_eval, device, autocast) if train_eval else float("nan")
+        val_loss = mean_loss(gpt, val_batches, device, autocast) if val_batches else float("nan")
+        row = {"kind": "eval", "step": step, "tokens": tokens, "train_loss": train_loss, "val_loss": val_loss,
+               "val_perplexity": perplexity(val_loss) if val_batches else float("nan")}
+        metrics.write(row)
+        log(eval_line(step, train_loss, val_loss))
+        return row
+
+    generator = torch.Generator().manual_seed(seed)
+    step, tokens_seen, epoch_batches = 0, 0, []
+    evals = [evaluate(0, 0)]
+    while step < max_steps:
+        if not epoch_batches:
+            epoch_batches = _batches(train_set, batch_size, generator, **collate_args)
+        x, y = epoch_batches.pop(0)
+        if not _has_targets(y):  # a fully masked batch (prompt longer than max_length) teaches nothing
+            continue
+        t0 = time.perf_counter()
+        current_lr = learning_rate(step, lr, min_lr, warmup_steps, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = current_lr
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            loss = gpt(x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(gpt.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FastGPTError(f"loss became {loss_value} at step {step + 1}: stopping without saving "
+                               "(try a lower --lr or --dtype fp32)")
+        step += 1
+        tokens_seen += x.numel()
+        dt = time.perf_counter() - t0
+        metrics.write({"kind": "train", "step": step, "tokens": tokens_seen, "loss": loss_value, "lr": current_lr,
+                       "norm": float(norm), "ms": dt * 1e3, "tok_s": x.numel() / dt})
+        if step % 10 == 0 or step == max_steps:
+            log(step_line(step, max_steps, loss_value, current_lr, float(norm), dt * 1e3, x.numel() / dt, ""))
+        if step % eval_interval == 0 or step == max_steps:
+            evals.append(evaluate(step, tokens_seen))
+        if (ckpt_interval and step % ckpt_interval == 0) or step == max_steps:
+            ckpt_io.save_checkpoint(out / f"ckpt_{step:06d}", gpt, optimizer, scaler,
+                                    {"step": step, "tokens_seen": tokens_seen,
+                                     "finetune": {"data": str(data), "template": template}})
+            ckpt_io.prune(out, 1)
+    plot_losses(out)
+
+    save_model(gpt, out, {"template": template, "base_model": str(model), "finetune": "instruct",
+                          **({"base": base_meta} if base_meta else {})})
+    log(f"saved the fine-tuned model to {out} (metadata template={template!r})")
+
+    report = {"data": str(data), "model": str(model), "template": template, "mask_prompt": mask_prompt,
+              "max_length": max_length, "steps": step,
+              "split_sizes": {"train": len(train_records), "val": len(val_records), "test": len(test_records)},
+              "val_loss_before": evals[0]["val_loss"], "val_loss_after": evals[-1]["val_loss"],
+              "val_perplexity_after": evals[-1]["val_perplexity"]}
+    if generate_responses and test_records:
+        responses = answer(gpt, tokenizer, test_records, template, max_new_tokens)
+        scored = [dict(r, model_response=resp) for r, resp in zip(test_records, responses)]
+        report["test_scores"] = score_responses(scored, judge)
+        write_json(out / "test_responses.json", scored)
+        log(f"test responses: {out / 'test_responses.json'} | ROUGE-L F1 {report['test_scores']['rouge_l_f1']:.3f} "
+            f"| exact match {report['test_scores']['exact_match']:.1%}"
+            + (f" | judge {report['test_scores']['judge_score']:.3f}" if judge else ""))
+    write_json(out / "report.json", report)
+    return report
+
+
+def answer(model, tokenizer, records: list[dict], template: str, max_new_tokens: int = 256,
+           batch_size: int = 16) -> list[str]:
+    """Greedy responses of `model` to each record's instruction and input."""
+    from ..generate import generate
+
+    headers = get_template(template)
+    stops = [h.strip() for h in (headers.instruction, headers.response) if h.strip()]
+    responses = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        prompts = [tokenizer.encode(format_prompt(template, r["instruction"], r["input"])) for r in chunk]
+        result = generate(model, prompts, max_new_tokens, temperature=0.0, stop_strings=stops, tokenizer=tokenizer)
+        responses += [response_text(template, tokenizer.decode(tokens)) for tokens in result.tokens]
+    return responses
