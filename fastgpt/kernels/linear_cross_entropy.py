@@ -28,10 +28,13 @@ from ..errors import FastGPTError
 from .cross_entropy import (check_inputs, check_targets, count_valid, cross_entropy_reference, launch_backward,
                             launch_forward, reduce_rows)
 
-# A logits chunk holds at most this many elements (64 MiB in bf16): at V = 50257 that is
-# 512 rows, a GEMM tall enough to run cuBLAS near peak while staying a small fraction of
-# the (N, V) logits it replaces.
-CHUNK_ELEMENTS = 2**25
+# Cost model of one chunk of `rows` rows (bytes moved, bf16 logits):
+#   logits pass (GEMM out, kernel read x2 + write, two GEMMs in): ~6 * rows * V * 2
+#   grad_weight accumulator read + write in fp32:                    2 * V * C * 4
+# The second term is paid once per chunk whatever its height, so chunks of rows >= C
+# keep it below the first; at rows = 2C the logits chunk holds as many bytes as the
+# fp32 grad_weight itself (154 MB for GPT-2 at C = 768: 1536 rows of 50257).
+CHUNK_ROWS_PER_CHANNEL = 2
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -40,19 +43,29 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
     return cross_entropy_reference(hidden @ weight.t(), targets, ignore_index, reduction)
 
 
-def default_chunk_rows(N: int, V: int) -> int:
-    """Rows per chunk: a power of two (tidy GEMM tiles) with rows * V <= CHUNK_ELEMENTS."""
-    rows = max(1, CHUNK_ELEMENTS // max(V, 1))
-    rows = 1 << (rows.bit_length() - 1)
-    return max(1, min(N, rows))
+def default_chunk_rows(N: int, C: int) -> int:
+    """Rows per chunk: 2 * C (see the cost model above), at most N, at least 1."""
+    return max(1, min(N, CHUNK_ROWS_PER_CHANNEL * C))
+
+
+# Whether torch.addmm(..., out_dtype=float32) works here (CUDA builds of recent PyTorch):
+# it lets cuBLAS add a bf16/fp16 product straight into the fp32 accumulator.
+_mixed_precision_addmm = True
 
 
 def _accumulate_grad_weight(grad_weight: torch.Tensor, dlogits: torch.Tensor, hidden: torch.Tensor) -> None:
-    """grad_weight (fp32) += dlogits.T @ hidden."""
+    """grad_weight (fp32) += dlogits.T @ hidden, the product accumulated in fp32."""
+    global _mixed_precision_addmm
     if dlogits.dtype == torch.float32:
         grad_weight.addmm_(dlogits.t(), hidden)
-    else:  # the GEMM accumulates in fp32 internally; the chunk sum is rounded once, then summed in fp32
-        grad_weight += torch.mm(dlogits.t(), hidden)
+        return
+    if dlogits.is_cuda and _mixed_precision_addmm:
+        try:
+            torch.addmm(grad_weight, dlogits.t(), hidden, out_dtype=torch.float32, out=grad_weight)
+            return
+        except (RuntimeError, TypeError):  # no mixed-dtype addmm in this PyTorch: use a temporary
+            _mixed_precision_addmm = False
+    grad_weight += torch.mm(dlogits.t(), hidden)  # product rounded once per chunk, summed in fp32
 
 
 def _logits_buffer(hidden: torch.Tensor, weight: torch.Tensor, chunk_rows: int) -> torch.Tensor:
@@ -149,12 +162,18 @@ def _backward(ctx, grad_loss, _grad_hidden, _grad_weight):
         hidden, weight, targets = ctx.saved_tensors
         grad_hidden, grad_weight = _linear_cross_entropy_bwd_recompute(
             grad_loss, hidden, weight, targets, ctx.ignore_index, ctx.chunk_rows)
-    else:  # finished in forward for grad_output = 1: scale by the real grad_output
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden = grad_hidden * grad_loss if need_hidden else None
-        grad_weight = grad_weight * grad_loss if need_weight else None
-    return (grad_hidden.to(ctx.hidden_dtype) if need_hidden else None,
-            grad_weight.to(ctx.weight_dtype) if need_weight else None,
+        return (grad_hidden.to(ctx.hidden_dtype) if need_hidden else None,
+                grad_weight.to(ctx.weight_dtype) if need_weight else None,
+                None, None, None, None, None, None)
+    # Finished in forward for grad_output = 1: scale by the real grad_output, casting the fp32
+    # weight gradient to the weight's dtype in the same pass.
+    grad_hidden, grad_weight = ctx.saved_tensors
+    if need_hidden:
+        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+    if need_weight:
+        grad_weight = torch.mul(grad_weight, grad_loss, out=torch.empty(
+            grad_weight.shape, dtype=ctx.weight_dtype, device=grad_weight.device))
+    return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
             None, None, None, None, None, None)
 
 
@@ -178,7 +197,7 @@ def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targ
     N, V = hidden.shape[0], weight.shape[0]
     check_inputs(torch.empty((N, V), dtype=hidden.dtype, device="meta"), targets, ignore_index, reduction, name="hidden @ weight.T")
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(N, V)
+        chunk_rows = default_chunk_rows(N, hidden.shape[1])
     if chunk_rows < 1:
         raise FastGPTError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
     grad_on = torch.is_grad_enabled()
