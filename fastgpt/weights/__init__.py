@@ -16,10 +16,8 @@ import json
 from pathlib import Path
 
 from ..errors import FastGPTError
-from .hf import load_hf, save_hf
-from .native import load_fastgpt_dir, save_fastgpt
-from .openai_tf import load_openai_tf
 
+# The readers import torch; they are imported on first use so that `fastgpt --help` stays fast.
 __all__ = ["load_pretrained", "load_fastgpt", "save_fastgpt", "save_pretrained", "resolve"]
 
 
@@ -52,6 +50,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _load(path, device, dtype):
+    from .hf import load_hf
+    from .native import load_fastgpt_dir
+    from .openai_tf import load_openai_tf
     directory = resolve(path)
     config, hparams = directory / "config.json", directory / "hparams.json"
     if config.is_file():
@@ -80,4 +81,11 @@ def load_fastgpt(path: str | Path, device="cpu", dtype=None):
 
 def save_pretrained(model, directory: str | Path) -> None:
     """Write a Hugging Face GPT-2 directory that `transformers.GPT2LMHeadModel.from_pretrained` loads."""
+    from .hf import save_hf
     save_hf(model, directory)
+
+
+def save_fastgpt(model, directory: str | Path, metadata: dict | None = None) -> Path:
+    """Write fastgpt's own checkpoint directory (config, weights, JSON metadata); see `native`."""
+    from .native import save_fastgpt as save
+    return save(model, directory, metadata)
