@@ -168,6 +168,15 @@ def test_compiles_without_graph_break():
     torch.testing.assert_close(x.grad, ref.grad)
 
 
+def test_kernel_never_reads_an_out_of_range_target():
+    """Past the wrapper's check (e.g. inside a captured CUDA graph) a bad target gives nan, not
+    a read outside the row."""
+    logits, targets = make_case(4, 10, torch.float32)
+    targets[:] = torch.tensor([3, 10, -5, IGNORE])
+    loss, _ = launch_forward(logits, targets, IGNORE)
+    assert loss[0] > 0 and torch.isnan(loss[1]) and torch.isnan(loss[2]) and loss[3] == 0
+
+
 @pytest.mark.parametrize("bad", ["target", "reduction", "shape"])
 def test_bad_input_raises_one_line_error(bad):
     logits, targets = make_case(5, 10, torch.float32)

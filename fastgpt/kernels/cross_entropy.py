@@ -95,7 +95,10 @@ def _cross_entropy_fwd_kernel(logits_ptr, logits_row_stride, targets_ptr, loss_p
             _write_row_zeros(row_ptr, V, BLOCK_V)
     else:
         lse = _row_logsumexp(row_ptr, V, BLOCK_V)
-        target_logit = tl.load(row_ptr + target).to(tl.float32)
+        # A target outside [0, V) is never read: its row's loss becomes nan (the wrappers
+        # reject such targets before launching; this guards graph-captured launches).
+        in_vocab = (target >= 0) & (target < V)
+        target_logit = tl.load(row_ptr + target, mask=in_vocab, other=float("nan")).to(tl.float32)
         tl.store(loss_ptr + row, lse - target_logit)
         tl.store(lse_ptr + row, lse)
         if WRITE_GRAD:
@@ -147,9 +150,12 @@ def check_inputs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
 
 
 def check_targets(targets: torch.Tensor, V: int, ignore_index: int) -> None:
-    """Every target is in [0, V) or ignore_index: an out-of-range one would read outside its
-    row and give a garbage loss. One host sync; runs inside the custom ops, so torch.compile
-    does not see a data-dependent branch."""
+    """Every target is in [0, V) or ignore_index, else a one-line error (the kernel alone
+    would only turn that row's loss into nan). One host sync; it runs inside the custom ops,
+    so torch.compile sees no data-dependent branch, and is skipped while a CUDA graph is
+    being captured (no sync is allowed there)."""
+    if targets.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
     if targets.numel() and bool(bad.any()):
         value = int(targets[bad][0])
