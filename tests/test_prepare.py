@@ -145,4 +145,5 @@ def test_prepare_with_a_trained_bpe(tmp_path):
                      "--tokenizer", str(tmp_path / "bpe"), "--val-fraction", "0"]) == 0
     train = TokenShards(out, "train")
     assert (train.vocab_size, train.eot_id) == (bpe.vocab_size, bpe.eot_id)
+    assert train.meta["tokenizer"] == str((tmp_path / "bpe").resolve())
     assert train.tokens(0, len(train)).tolist() == bpe.encode("<|endoftext|>".join(texts))

@@ -53,11 +53,14 @@ def run(args) -> int:
 
     if args.tokenizer == "gpt2":
         from ..tokenizer import Tokenizer
-        tokenizer = Tokenizer()
+        tokenizer, tokenizer_name = Tokenizer(), "gpt2"
     else:
+        from pathlib import Path
+
         from ..bpe import BPETokenizer
         tokenizer = BPETokenizer.load(args.tokenizer)
-    meta = prepare(sources, args.out, tokenizer=tokenizer, tokenizer_name=args.tokenizer,
+        tokenizer_name = str(Path(args.tokenizer).resolve())  # meta.json names the folder to load it from
+    meta = prepare(sources, args.out, tokenizer=tokenizer, tokenizer_name=tokenizer_name,
                    val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, workers=args.workers,
                    separator=args.doc_separator, show_progress=args.progress)
     splits = meta["splits"]

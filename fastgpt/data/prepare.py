@@ -133,10 +133,12 @@ def document_blocks(sources: list[Source], separator: str | None = None, block_c
     inside a file (the line itself is dropped).
     """
     for source in sources:
-        block, size, previous = [], 0, ""
+        block, size, previous, read = [], 0, "", 0
         for line, nbytes in source.lines():
-            if progress is not None:
-                progress.update(nbytes)
+            read += nbytes
+            if progress is not None and read >= block_chars:
+                progress.update(read)
+                read = 0
             if separator is not None and line.rstrip("\r\n") == separator:
                 if block:
                     yield "".join(block), True
@@ -148,6 +150,8 @@ def document_blocks(sources: list[Source], separator: str | None = None, block_c
             block.append(line)
             size += len(line)
             previous = line
+        if progress is not None:
+            progress.update(read)
         if block:
             yield "".join(block), True
 
