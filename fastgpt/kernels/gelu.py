@@ -50,10 +50,15 @@ if triton is not None:
 
     @triton.jit
     def _sigmoid_2z(u):
-        """sigmoid(2 sqrt(2/pi) (u + 0.044715 u^3)), i.e. (1 + tanh(z)) / 2."""
+        """(s, 1 - s) for s = sigmoid(2z) = (1 + tanh(z)) / 2, z = sqrt(2/pi) (u + 0.044715 u^3).
+
+        1 - s is computed as e * s (e = exp(-2z)), not by subtraction, which would lose
+        all its digits where s is close to 1."""
         z2 = 2.0 * _K * (u + _A * u * u * u)
         z2 = tl.maximum(z2, -80.0)  # exp(80) still fits fp32; sigmoid(-80) ~ 1e-35 is 0 to any caller
-        return 1.0 / (1.0 + tl.exp(-z2))
+        e = tl.exp(-z2)
+        s = 1.0 / (1.0 + e)
+        return s, e * s
 
     @triton.jit
     def _bias_gelu_fwd_kernel(X, BIAS, Y, N, C, stride_x, stride_y,
@@ -65,7 +70,8 @@ if triton is not None:
         x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         bias = tl.load(BIAS + cols, mask=cols < C, other=0.0).to(tl.float32)
         u = x + bias[None, :]
-        y = u * _sigmoid_2z(u)
+        s, _ = _sigmoid_2z(u)
+        y = u * s
         tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -86,9 +92,9 @@ if triton is not None:
             x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             u = x + bias[None, :]
-            s = _sigmoid_2z(u)
-            dz_du = 2.0 * _K * (1.0 + 3.0 * _A * u * u)
-            dx = dy * (s + u * s * (1.0 - s) * dz_du)
+            s, one_minus_s = _sigmoid_2z(u)
+            dz2_du = 2.0 * _K * (1.0 + 3.0 * _A * u * u)
+            dx = dy * (s + u * s * one_minus_s * dz2_du)
             tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
             dbias += tl.sum(tl.where(mask, dx, 0.0), axis=0)
         tl.store(DBIAS_PARTIAL + group * C + cols, dbias, mask=col_mask)

@@ -1,0 +1,129 @@
+"""Triton bias + GELU (tanh) against an fp64 reference; outputs poisoned with NaN."""
+import pytest
+import torch
+
+from conftest import DEVICE, GPU, requires_gpu
+from fastgpt import ops
+from fastgpt.errors import FastGPTError
+from fastgpt.kernels import _custom_ops
+from fastgpt.kernels.gelu import bias_gelu_reference, bias_gelu_triton
+
+# Max error relative to the reference tensor's largest magnitude. Observed on CPU: fp32 ~1e-7,
+# fp16 ~3e-4 (output rounding 2^-11); dbias sums rows of dx, so its fp16 error is of dx's order.
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(_custom_ops, "POISON_OUTPUTS", True)
+
+
+def assert_close(actual, expected, dtype, what):
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an unwritten element?)"
+    expected = expected.double()
+    scale = expected.abs().max().clamp(min=1.0).item()
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype] * scale:.3g}"
+
+
+def make(rows, width, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, width, generator=g) * 3).to(dtype)  # reaches both GELU tails
+    bias = torch.randn(width, generator=g).to(dtype)
+    dy = torch.randn(rows, width, generator=g).to(dtype)
+    return [t.to(DEVICE) for t in (x, bias, dy)]
+
+
+def run_both(x, bias, dy):
+    xt, bt = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    y = bias_gelu_triton(xt, bt)
+    y.backward(dy)
+    xr, br = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    yr = bias_gelu_reference(xr, br)
+    yr.backward(dy.double())
+    return (y, xt.grad, bt.grad), (yr, xr.grad, br.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,width", [(1, 1), (1, 1000), (7, 1), (7, 31), (7, 768), (333, 31),
+                                        (333, 768), (5, 1000)])
+def test_bias_gelu_forward_backward(rows, width, dtype):
+    x, bias, dy = make(rows, width, dtype)
+    (y, dx, dbias), (yr, dxr, dbr) = run_both(x, bias, dy)
+    assert y.dtype == dtype and dx.dtype == dtype and dbias.dtype == dtype
+    assert_close(y, yr, dtype, "y")
+    assert_close(dx, dxr, dtype, "dx")
+    assert_close(dbias, dbr, dtype, "dbias")
+
+
+def test_extreme_inputs_stay_finite_and_exact():
+    """Far tails: gelu(u) -> u for large u, -> 0 (and its slope -> 0) for very negative u."""
+    x = torch.tensor([[-1e4, -100.0, -10.0, -3.0, 0.0, 3.0, 10.0, 100.0, 1e4]], device=DEVICE)
+    bias = torch.zeros(9, device=DEVICE)
+    (y, dx, dbias), (yr, dxr, dbr) = run_both(x, bias, torch.ones_like(x))
+    assert torch.allclose(y.double(), yr, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(dx.double(), dxr, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["column_slice", "transposed"])
+def test_non_contiguous_input(layout):
+    g = torch.Generator().manual_seed(5)
+    C = 40
+    if layout == "column_slice":
+        x = torch.randn(6, 3 * C, generator=g)[:, C:2 * C]
+    else:
+        x = torch.randn(C, 6, generator=g).t()
+    x, bias = x.to(DEVICE), torch.randn(C, generator=g).to(DEVICE)
+    dy = torch.randn(6, 2 * C, generator=g)[:, ::2].to(DEVICE)
+    assert not x.is_contiguous() and not dy.is_contiguous()
+    outs, refs = run_both(x, bias, dy)
+    for name, a, r in zip(("y", "dx", "dbias"), outs, refs):
+        assert_close(a, r, torch.float32, name)
+
+
+def test_three_dim_input_and_dispatch():
+    x, bias, _ = make(2 * 5, 24, torch.float32)
+    x = x.view(2, 5, 24)
+    with ops.use_backend("triton"):
+        y = ops.bias_gelu(x, bias)
+    assert y.shape == (2, 5, 24)
+    assert_close(y, bias_gelu_reference(x.double(), bias.double()), torch.float32, "y")
+
+
+def test_torch_compile_fullgraph_has_no_graph_break():
+    x, bias, _ = make(4, 48, torch.float32)
+
+    def mlp_activation(x, bias):
+        return (bias_gelu_triton(x, bias) ** 2).sum()
+
+    compiled = torch.compile(mlp_activation, backend="aot_eager", fullgraph=True)
+    xc, bc = x.clone().requires_grad_(), bias.clone().requires_grad_()
+    xe, be = x.clone().requires_grad_(), bias.clone().requires_grad_()
+    compiled(xc, bc).backward()
+    mlp_activation(xe, be).backward()
+    assert torch.allclose(xc.grad, xe.grad) and torch.allclose(bc.grad, be.grad)
+
+
+def test_custom_op_registrations_pass_opcheck():
+    x, bias, dy = make(3, 16, torch.float32)
+    torch.library.opcheck(torch.ops.fastgpt.bias_gelu_fwd.default,
+                          (x.clone().requires_grad_(), bias.clone().requires_grad_()),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fastgpt.bias_gelu_bwd.default, (dy, x, bias),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_bias_shape_raises_one_clear_error():
+    x, bias, _ = make(2, 8, torch.float32)
+    with pytest.raises(FastGPTError, match="bias"):
+        bias_gelu_triton(x, bias[:3])
+
+
+@requires_gpu
+def test_gpt2_mlp_shape_bf16_on_gpu():
+    x, bias, dy = make(8 * 1024, 3072, torch.bfloat16)
+    (y, dx, dbias), (yr, dxr, dbr) = run_both(x, bias, dy)
+    assert_close(y, yr, torch.bfloat16, "y")
+    assert_close(dx, dxr, torch.bfloat16, "dx")
+    assert_close(dbias, dbr, torch.bfloat16, "dbias")
