@@ -1,0 +1,126 @@
+"""`fastgpt generate` and `fastgpt chat` end to end."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastgpt.cli import main
+from fastgpt.model import GPT
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def varied_tiny_model():
+    """Random tiny GPT with large weights (std 0.2), so it does not just repeat one token."""
+    torch.manual_seed(0)
+    model = GPT("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from fastgpt.weights import save_fastgpt
+    return save_fastgpt(varied_tiny_model(), tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def alpaca_dir(tmp_path_factory):
+    from fastgpt.weights import save_fastgpt
+    return save_fastgpt(varied_tiny_model(), tmp_path_factory.mktemp("tiny_alpaca"), metadata={"template": "alpaca"})
+
+
+def run_cli(*args, stdin=""):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "fastgpt", *args], input=stdin, capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+
+
+def test_generate_streams_text_and_reports_speed(model_dir):
+    result = run_cli("generate", "--model", str(model_dir), "--prompt", "Once upon a time",
+                     "--max-new-tokens", "5", "--seed", "0", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Once upon a time")
+    assert len(result.stdout) > len("Once upon a time\n")
+    assert "tokens/s" in result.stderr and "time to first token" in result.stderr
+
+
+def test_generate_writes_each_piece_as_it_comes(model_dir, monkeypatch, capsys):
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    code = main(["generate", "--model", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "12",
+                 "--temperature", "0", "--threads", "1"])
+    assert code == 0
+    pieces = [w for w in writes[1:] if w and w != "\n"]
+    assert len(pieces) >= 6  # streamed token by token, not printed once at the end
+    assert "tokens/s" in capsys.readouterr().err
+
+
+def test_greedy_cli_is_deterministic_and_cache_agnostic(model_dir, capsys):
+    args = ["generate", "--model", str(model_dir), "--prompt", "The", "--max-new-tokens", "10",
+            "--temperature", "0", "--threads", "1"]
+    assert main(args) == 0
+    cached = capsys.readouterr().out
+    assert main(args + ["--no-cache"]) == 0
+    assert capsys.readouterr().out == cached
+
+
+@pytest.mark.parametrize("flags, word", [
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-k", "-3"], "--top-k"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--max-new-tokens", "-2"], "--max-new-tokens"),
+])
+def test_bad_sampling_arguments_exit_2_with_one_line(model_dir, capsys, flags, word):
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and word in err
+
+
+def test_bad_argument_in_a_subprocess(model_dir):
+    result = run_cli("generate", "--model", str(model_dir), "--prompt", "x", "--top-p", "2")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["fastgpt generate: error: --top-p must be in (0, 1], got 2.0"]
+
+
+def test_missing_model_directory_is_one_line(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_chat_answers_each_piped_line(model_dir):
+    result = run_cli("chat", "--model", str(model_dir), "--max-new-tokens", "4", "--temperature", "0",
+                     "--threads", "1", stdin="Hello there\n/reset\nHow are you?\n/exit\nnever read\n")
+    assert result.returncode == 0, result.stderr
+    answers = [line for line in result.stdout.split("\n") if line.strip()]
+    assert len(answers) >= 2  # one streamed answer per user line
+    assert result.stderr.count("stopped at") == 2  # one speed line per answer
+    assert "conversation reset" in result.stderr
+
+
+def test_chat_uses_the_template_from_metadata(alpaca_dir, capsys, monkeypatch):
+    import io
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Name a colour.\n"))
+    assert main(["chat", "--model", str(alpaca_dir), "--max-new-tokens", "3", "--temperature", "0",
+                 "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "prompt template 'alpaca'" in captured.err
+    from fastgpt.finetune.templates import format_prompt
+    from fastgpt.tokenizer import Tokenizer
+    n_prompt = len(Tokenizer().encode(format_prompt("alpaca", "Name a colour.")))
+    assert f"prompt {n_prompt} tokens" in captured.err  # the user's line went in wrapped in the template
