@@ -140,7 +140,9 @@ class TokenShards:
             parts.append(self.arrays[shard][begin:end])
             start += end - begin
             shard += 1
-        return np.concatenate(parts) if len(parts) != 1 else np.array(parts[0])
+        if not parts:
+            return np.zeros(0, dtype=TOKEN_DTYPE)
+        return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
 
     def _need(self, n: int, what: str) -> None:
         if len(self) < n:
@@ -160,12 +162,14 @@ class TokenShards:
         return SequentialBatches(self, batch_size, context_length, position, loop, device)
 
     def position_of(self, index: int) -> ShardPosition:
-        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
-        shard = min(shard, len(self.arrays) - 1) if self.arrays else 0
-        return ShardPosition(shard, index - int(self.starts[shard]) if self.arrays else 0)
+        """(shard, offset) of global token `index`; the end of the split is the end of the last shard."""
+        shard = min(int(np.searchsorted(self.starts, index, side="right")) - 1, max(len(self.arrays) - 1, 0))
+        return ShardPosition(shard, index - int(self.starts[shard]))
 
     def index_of(self, position: ShardPosition) -> int:
-        if not 0 <= position.shard < max(len(self.arrays), 1) or not 0 <= position.offset <= len(self.arrays[position.shard]):
+        n_shards = len(self.arrays)
+        size = int(self.starts[position.shard + 1] - self.starts[position.shard]) if 0 <= position.shard < n_shards else -1
+        if not 0 <= position.offset <= size:
             raise FastGPTError(f"{self.directory}: position {position.to_dict()} is outside the {self.split} shards")
         return int(self.starts[position.shard]) + position.offset
 
