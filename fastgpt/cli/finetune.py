@@ -77,12 +77,15 @@ def register(subparsers) -> None:
     ins.add_argument("--batch-size", type=int, default=8)
     ins.add_argument("--eval-interval", type=int, default=None,
                      help="validation loss every N steps (default: twice per epoch)")
+    ins.add_argument("--eval-batches", type=int, default=None,
+                     help="validation batches per evaluation (default: the whole validation split)")
     ins.add_argument("--ckpt-interval", type=int, default=0, help="checkpoint every K steps (0: at the end only)")
     ins.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                      help="autocast dtype (auto: bf16/fp16 on GPUs, fp32 on CPU)")
     ins.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     ins.add_argument("--seed", type=int, default=123)
     ins.add_argument("--max-new-tokens", type=int, default=256, help="length limit of each test response")
+    ins.add_argument("--test-limit", type=int, default=None, help="answer only the first N test records")
     ins.add_argument("--no-responses", action="store_true", help="skip generating and scoring test responses")
     ins.add_argument("--judge", default=None, metavar="CMD",
                      help="a command that reads one record (with 'model_response') as JSON on stdin and prints a "
@@ -125,12 +128,13 @@ def _instruct(args) -> int:
     from ..finetune.instruct import command_judge, finetune_instruct
 
     _check_positive(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                    max_length=args.max_length, max_new_tokens=args.max_new_tokens)
+                    max_length=args.max_length, max_new_tokens=args.max_new_tokens, eval_batches=args.eval_batches,
+                    test_limit=args.test_limit)
     finetune_instruct(
         args.model, args.data, args.out, template=args.template, mask_prompt=args.mask_prompt,
         max_length=args.max_length, split_fractions=tuple(args.split), epochs=args.epochs, max_steps=args.max_steps,
         lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         batch_size=args.batch_size, eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval,
-        dtype=args.dtype, device=args.device, seed=args.seed, max_new_tokens=args.max_new_tokens,
-        generate_responses=not args.no_responses, judge=command_judge(args.judge) if args.judge else None)
+        eval_batches=args.eval_batches, dtype=args.dtype, device=args.device, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, generate_responses=not args.no_responses, test_limit=args.test_limit, judge=command_judge(args.judge) if args.judge else None)
     return 0

@@ -207,11 +207,15 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
                       max_steps: int | None = None, lr: float = 5e-5, min_lr: float | None = None,
                       warmup_steps: int | None = None, weight_decay: float = 0.1, batch_size: int = 8,
                       grad_clip: float = 1.0, eval_interval: int | None = None, ckpt_interval: int = 0,
-                      dtype: str = "auto", device: str = "auto", seed: int = 123, max_new_tokens: int = 256,
-                      generate_responses: bool = True, judge=None, log=print) -> dict:
+                      eval_batches: int | None = None, dtype: str = "auto", device: str = "auto", seed: int = 123,
+                      max_new_tokens: int = 256, generate_responses: bool = True, test_limit: int | None = None,
+                      judge=None, log=print) -> dict:
     """Fine-tune on instruction records with the trainer's pieces (AdamW groups, warmup +
     cosine, autocast + GradScaler, metrics.jsonl, atomic checkpoints, loss plot); answer the
-    test split; score; save the model with its template. Returns the report (report.json)."""
+    test split; score; save the model with its template. Returns the report (report.json).
+
+    `eval_batches` caps the validation batches per evaluation (the first ones: always the
+    same records); `test_limit` answers only the first records of the test split."""
     from ..tokenizer import Tokenizer
     from ..train import checkpoint as ckpt_io
     from ..train.evaluate import mean_loss
@@ -245,9 +249,9 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
     collate_args = {"max_length": max_length, "mask_prompt": mask_prompt}
     train_set = encode_records(train_records, tokenizer, template)
     val_batches = [b for b in _batches(encode_records(val_records, tokenizer, template), batch_size, **collate_args)
-                   if _has_targets(b[1])]
+                   if _has_targets(b[1])][:eval_batches]
     train_eval = [b for b in _batches(train_set[:len(val_records) or batch_size * 4], batch_size, **collate_args)
-                  if _has_targets(b[1])]  # a fixed slice of the training data, to compare with validation
+                  if _has_targets(b[1])][:eval_batches]  # a fixed slice of the training data, beside validation
 
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
     max_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
@@ -326,6 +330,7 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
               "split_sizes": {"train": len(train_records), "val": len(val_records), "test": len(test_records)},
               "val_loss_before": evals[0]["val_loss"], "val_loss_after": evals[-1]["val_loss"],
               "val_perplexity_after": evals[-1]["val_perplexity"]}
+    test_records = test_records[:test_limit]
     if generate_responses and test_records:
         responses = answer(gpt, tokenizer, test_records, template, max_new_tokens)
         scored = [dict(r, model_response=resp) for r, resp in zip(test_records, responses)]

@@ -1,0 +1,145 @@
+"""Instruction fine-tuning: templates, records and their errors, collate targets, scoring, a short training run."""
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import shared_file
+from fastgpt.errors import FastGPTError
+from fastgpt.finetune.instruct import (EncodedExample, collate, command_judge, exact_match, finetune_instruct,
+                                       lcs_length, load_records, rouge_l_f1, score_responses, split_in_order)
+from fastgpt.finetune.templates import extract_response, format_prompt
+
+EOT, IGN = 50256, -100
+
+
+# ---------------------------------------------------------------------- templates
+def test_alpaca_template_with_and_without_input():
+    preamble = ("Below is an instruction that describes a task. "
+                "Write a response that appropriately completes the request.")
+    assert format_prompt("alpaca", "Add 2 and 3.", "") == (
+        f"{preamble}\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:\n")
+    assert format_prompt("alpaca", "Translate.", "Bonjour") == (
+        f"{preamble}\n\n### Instruction:\nTranslate.\n\n### Input:\nBonjour\n\n### Response:\n")
+    assert format_prompt("phi3", "Translate.", "Bonjour") == "<|user|>\nTranslate.\nBonjour\n<|assistant|>\n"
+    with pytest.raises(FastGPTError, match="unknown template 'nope'"):
+        format_prompt("nope", "x")
+
+
+def test_extract_response():
+    prompt = format_prompt("alpaca", "Say hi.")
+    assert extract_response("alpaca", prompt + " Hi there! \n\n### Instruction:\nmore") == "Hi there!"
+    assert extract_response("alpaca", "Hello.<|endoftext|>junk", prompt="") == "Hello."
+    assert extract_response("phi3", "<|user|>\nq\n<|assistant|>\nAnswer\n<|user|>\nnext") == "Answer"
+
+
+# ---------------------------------------------------------------------- records
+def test_records_json_and_jsonl_and_split(tmp_path):
+    records = [{"instruction": f"i{k}", "input": "", "output": f"o{k}"} for k in range(20)]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"instruction": r["instruction"], "output": r["output"]})
+                                                for r in records))
+    assert load_records(tmp_path / "d.json") == records
+    assert load_records(tmp_path / "d.jsonl") == records  # a missing input means empty
+    train, val, test = split_in_order(records)
+    assert (len(train), len(val), len(test)) == (17, 2, 1) and train[0]["instruction"] == "i0"
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("missing.json", '[{"instruction": "a", "output": "b"}, {"instruction": "a", "input": ""}]',
+     r"missing.json: record 1: missing field 'output'"),
+    ("type.json", '[{"instruction": "a", "output": 3}]', r"type.json: record 0: field 'output' must be a string"),
+    ("obj.json", '{"instruction": "a"}', r"obj.json: expected a JSON list"),
+    ("syntax.json", '[{"instruction": "a",\n "output": }]', r"syntax.json:2: invalid JSON"),
+    ("empty.json", "", r"empty.json: file is empty"),
+    ("none.json", "[]", r"none.json: no records"),
+    ("lines.jsonl", '{"instruction": "a", "output": "b"}\n{"output": "b"}\n', r"lines.jsonl:2: missing field 'instruction'"),
+    ("bytes.json", b'[{"instruction": "\xe9", "output": "b"}]', r"bytes.json:1: not valid UTF-8"),
+])
+def test_bad_records_name_file_record_and_field(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(FastGPTError, match=message):
+        load_records(path)
+
+
+# ---------------------------------------------------------------------- collate
+def test_collate_ragged_batch_exact_rows():
+    batch = [EncodedExample([1, 2, 3, 4, 5], prompt_length=3), EncodedExample([6, 7], prompt_length=1),
+             EncodedExample([8, 9, 10], prompt_length=2)]
+    x, y = collate(batch)
+    assert x.tolist() == [[1, 2, 3, 4, 5, EOT],
+                          [6, 7, EOT, EOT, EOT, EOT],
+                          [8, 9, 10, EOT, EOT, EOT]]
+    # targets: shifted by one; the first end-of-text kept, every later pad ignored
+    assert y.tolist() == [[2, 3, 4, 5, EOT, IGN],
+                          [7, EOT, IGN, IGN, IGN, IGN],
+                          [9, 10, EOT, IGN, IGN, IGN]]
+
+
+def test_collate_prompt_masking_and_truncation():
+    batch = [EncodedExample([1, 2, 3, 4, 5], prompt_length=3), EncodedExample([6, 7], prompt_length=1)]
+    _, y = collate(batch, mask_prompt=True)
+    assert y.tolist() == [[IGN, IGN, 4, 5, EOT, IGN],    # targets 2 and 3 are prompt tokens
+                          [7, EOT, IGN, IGN, IGN, IGN]]  # a one-token prompt masks no target
+    x, y = collate(batch, max_length=4)
+    assert x.tolist() == [[1, 2, 3, 4], [6, 7, EOT, EOT]]
+    assert y.tolist() == [[2, 3, 4, 5], [7, EOT, IGN, IGN]]
+
+
+# ---------------------------------------------------------------------- scoring
+def test_rouge_l_and_exact_match():
+    assert lcs_length("a b c d e".split(), "a c e f".split()) == 3
+    assert rouge_l_f1("The cat sat", "the cat sat") == 1.0
+    p, r = 4 / 6, 4 / 5  # LCS "the cat on mat" of 6 candidate and 5 reference words
+    assert rouge_l_f1("the cat sat on the mat", "the cat lay on mat") == pytest.approx(2 * p * r / (p + r))
+    assert rouge_l_f1("", "x") == 0.0 and rouge_l_f1("x", "y") == 0.0
+    assert exact_match(" Paris ", "paris") and not exact_match("Paris.", "Paris")
+
+
+def test_score_responses_with_callable_and_command_judge():
+    records = [{"instruction": "i", "input": "", "output": "yes it is", "model_response": "yes it is"},
+               {"instruction": "i", "input": "", "output": "no", "model_response": "maybe"}]
+    scores = score_responses(records, judge=lambda r: len(r["model_response"]))
+    assert scores == {"count": 2, "rouge_l_f1": 0.5, "exact_match": 0.5, "judge_score": 7.0}
+    assert records[0]["exact_match"] and records[1]["rouge_l_f1"] == 0.0
+    judge = command_judge(f'{sys.executable} -c "import json,sys; print(len(json.load(sys.stdin)[\'output\']))"')
+    assert score_responses(records, judge)["judge_score"] == 5.5
+    with pytest.raises(FastGPTError, match="expected a number"):
+        command_judge(f'{sys.executable} -c "print(\'great\')"')(records[0])
+
+
+# ---------------------------------------------------------------------- training
+def _toy_records(n=24):
+    colors = ["red", "blue", "green", "black"]
+    return [{"instruction": "Name the color.", "input": f"item {k}", "output": f"It is {colors[k % 4]}."}
+            for k in range(n)]
+
+
+def test_instruction_training_lowers_validation_loss(tmp_path):
+    data = tmp_path / "toy.json"
+    data.write_text(json.dumps(_toy_records()))
+    report = finetune_instruct("tiny", str(data), str(tmp_path / "out"), template="phi3", split_fractions=(0.75, 0.125, 0.125),
+                               max_steps=12, batch_size=6, lr=3e-3, warmup_steps=1, eval_interval=12,
+                               max_new_tokens=4, log=lambda *_: None)
+    assert report["val_loss_after"] < report["val_loss_before"] - 0.5
+    out = tmp_path / "out"
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["metadata"]["template"] == "phi3"
+    responses = json.loads((out / "test_responses.json").read_text())
+    assert len(responses) == 3 and all("model_response" in r for r in responses)
+    kinds = [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("train") == 12 and kinds.count("eval") == 2
+    assert (out / "loss.png").is_file() and (out / "report.json").is_file()
+
+
+def test_real_instruction_data_smoke(tmp_path):
+    data = shared_file("instruction-data.json")
+    report = finetune_instruct("tiny", str(data), str(tmp_path / "out"), max_steps=3, batch_size=4, lr=2e-3,
+                               warmup_steps=1, eval_interval=3, eval_batches=3, max_length=48, max_new_tokens=2,
+                               test_limit=4, log=lambda *_: None)
+    assert report["split_sizes"] == {"train": 935, "val": 110, "test": 55}
+    assert report["val_loss_after"] < report["val_loss_before"]
+    responses = json.loads((tmp_path / "out" / "test_responses.json").read_text())
+    assert [r["instruction"] for r in responses] == [r["instruction"] for r in load_records(data)[1045:1049]]
