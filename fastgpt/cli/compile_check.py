@@ -11,7 +11,8 @@ def register(subparsers) -> None:
                     "or spills registers.")
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], metavar="CC",
                         help="compute capabilities to target, e.g. 80 (A100) 90 (H100); default: 80 90")
-    parser.add_argument("--only", default=None, metavar="TEXT", help="only kernels whose name contains TEXT")
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="only kernels whose name contains one of these strings")
     parser.add_argument("--out", default=None, metavar="FILE", help="also write the Markdown report to FILE")
     parser.set_defaults(func=_run)
 
@@ -25,7 +26,7 @@ def _run(args) -> int:
     bad = [cc for cc in args.arch if not 75 <= cc <= 120]
     if bad:
         raise FastGPTError(f"--arch {bad[0]}: expected a CUDA compute capability such as 80 or 90")
-    options = ["--arch", *map(str, args.arch)] + (["--only", args.only] if args.only else []) + \
+    options = ["--arch", *map(str, args.arch)] + (["--only", *args.only] if args.only else []) + \
               (["--out", args.out] if args.out else [])
     if os.environ.get("TRITON_INTERPRET") == "1":
         # The interpreter swaps @triton.jit kernels for Python; compile in a clean process.

@@ -174,13 +174,14 @@ def _ptxas_log_printed():
             setattr(group, name, value)
 
 
-def check(arches=ARCHES, only: str | None = None) -> list[CompileResult]:
-    """Compile every discovered spec (optionally only names containing `only`) for each arch."""
+def check(arches=ARCHES, only: list[str] | None = None) -> list[CompileResult]:
+    """Compile every discovered spec for each arch; with `only`, just the specs whose name
+    contains one of those strings."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (use run_in_subprocess)")
     results: list[CompileResult] = []
     for module, spec in discover_specs(broken=results):
-        if only and only not in spec.name:
+        if only and not any(text in spec.name for text in only):
             continue
         for arch in arches:
             results.append(compile_one(module, spec, arch))
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHES))
-    parser.add_argument("--only", default=None, help="only kernels whose name contains this")
+    parser.add_argument("--only", nargs="+", default=None, help="only kernels whose name contains one of these")
     parser.add_argument("--out", default=None, help="also write the Markdown report to this file")
     args = parser.parse_args(argv)
     from ..errors import FastGPTError
@@ -245,6 +246,9 @@ def report(arches, only, out, command) -> int:
     """Compile, print the Markdown table, write it to `out` (atomically) if given; the exit code."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the historical default; silences 3.9's warning
     results = check(arches, only)
+    if only and not results:
+        from ..errors import FastGPTError
+        raise FastGPTError(f"--only {' '.join(only)}: no kernel name contains any of these")
     text = markdown_report(results, command)
     print(text, end="")
     if out:
