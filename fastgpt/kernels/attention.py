@@ -301,7 +301,7 @@ def _interpreted() -> bool:
 
 
 # Tile configs. Each was compiled for sm_80 and sm_90 (see compile_specs) and chosen so that
-# no kernel spills registers; the interpreter runs one small fixed config (fast on CPU, and
+# no kernel spills registers, with or without Triton's 16-byte alignment specialisation; the interpreter runs one small fixed config (fast on CPU, and
 # still several tiles per sequence so that the tests cross every tile boundary).
 _INTERPRETER_FWD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
 _INTERPRETER_DKDV = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
@@ -309,10 +309,10 @@ _INTERPRETER_DQ = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
 def _fwd_gpu_config(head_dim: int) -> dict:
-    """128 queries against 64-key tiles; d=128 doubles the accumulator, so 8 warps share it."""
+    """128 queries against 64-key tiles at d=64; at d=128 the accumulator doubles, so 64 queries."""
     if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
 def _dkdv_gpu_config(head_dim: int) -> dict:
@@ -325,8 +325,11 @@ def _dkdv_gpu_config(head_dim: int) -> dict:
 def _dq_gpu_config(head_dim: int) -> dict:
     """BLOCK_M queries owned (dQ accumulates in registers), keys streamed BLOCK_N at a time."""
     if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+_DELTA_BLOCK_M = 32
 
 
 def _fwd_config(head_dim: int) -> dict:
@@ -387,8 +390,8 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     precision = _input_precision(q.dtype)
     dq, dk, dv = _bhtd_like(q), _bhtd_like(k), _bhtd_like(v)
     delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](out, do, delta, *_strides(out), *_strides(do),
-                                                         H, T, HEAD_DIM=D, BLOCK_M=64)
+    _attn_bwd_delta_kernel[(triton.cdiv(T, _DELTA_BLOCK_M), B * H)](out, do, delta, *_strides(out), *_strides(do),
+                                                                     H, T, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M)
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, kv_cfg["BLOCK_N"]), B * H)](
         q, k, v, do, dk, dv, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
@@ -467,7 +470,7 @@ def compile_specs():
                      {"Q": ty, "K": ty, "V": ty, "O": ty, "LSE": "*fp32"}, "qkvo", _fwd_gpu_config(D),
                      HEAD_DIM=D, INPUT_PRECISION="ieee"),
                 spec(f"attention_bwd_delta_{tag}", _attn_bwd_delta_kernel,
-                     {"O": ty, "DO": ty, "DELTA": "*fp32"}, ("o", "do"), {}, HEAD_DIM=D, BLOCK_M=64),
+                     {"O": ty, "DO": ty, "DELTA": "*fp32"}, ("o", "do"), {}, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M),
                 spec(f"attention_bwd_dkdv_{tag}", _attn_bwd_dkdv_kernel,
                      {"Q": ty, "K": ty, "V": ty, "DO": ty, "DK": ty, "DV": ty, "LSE": "*fp32", "DELTA": "*fp32"},
                      ("q", "k", "v", "do", "dk", "dv"), _dkdv_gpu_config(D), HEAD_DIM=D, INPUT_PRECISION="ieee"),
