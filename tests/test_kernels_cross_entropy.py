@@ -198,7 +198,7 @@ def test_benchmark_smoke(tmp_path):
     rows = kernels_ce.run(DEVICE, "tiny", tmp_path, backends=("eager", "triton"))
     names = {(r.name, r.backend) for r in rows}
     for op in ("cross_entropy", "linear_cross_entropy"):
-        for mode in ("forward", "backward", "full"):
+        for mode in ("eval", "forward", "backward", "full"):
             assert {(f"{op}.{mode}", "eager"), (f"{op}.{mode}", "triton")} <= names
     assert all(r.median > 0 for r in rows)
     assert (tmp_path / "kernels_ce.csv").read_text().count("\n") == len(rows) + 1
