@@ -1,0 +1,210 @@
+"""Benchmark: greedy generation at batch 1, fastgpt vs Hugging Face `transformers`.
+
+Both run the same random GPT-2 weights (a `GPT2LMHeadModel` is built, saved with
+`save_pretrained`, and loaded into fastgpt with `GPT.from_pretrained`), greedy, with
+their KV caches, `new_tokens` tokens after a short random prompt, in the same run.
+Tokens/s = new tokens / wall time of the whole generate call (prefill included);
+median, p20, p80 over `repeats` calls after a warm-up call.
+
+Decoding one sequence is memory-bound: every new token reads every weight once.
+The "bound" rows give that limit: memory bandwidth (measured here, in this run, by
+summing a tensor far larger than the caches) / bytes of weights read per token.
+
+    python3 benchmarks/bench_generate.py --sizes gpt2 --new-tokens 256
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import preset
+from ..errors import FastGPTError
+from .common import Row, device_name, quantiles, write_csv
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path = "benchmarks/results", new_tokens: int = 256,
+        prompt_tokens: int = 8, repeats: int = 3, dtypes=("float32", "bfloat16"), hf_dtypes=("float32",),
+        threads: int | None = None) -> list[Row]:
+    """Measure, write `generate.csv` and `generate.md` into `out_dir`, return the rows.
+
+    `dtypes`: fastgpt weight dtypes to measure; `hf_dtypes`: transformers' (its default
+    is float32). `threads`: torch CPU threads for every measurement (default: as set).
+    """
+    for name in (*dtypes, *hf_dtypes):
+        if name not in DTYPES:
+            raise FastGPTError(f"unknown dtype {name!r} (choose from: {', '.join(DTYPES)})")
+    if repeats < 1 or new_tokens < 2:
+        raise FastGPTError("repeats must be >= 1 and new_tokens >= 2")
+    rows: list[Row] = []
+    with _threads(threads):
+        bandwidth = memory_bandwidth_gbs(device)
+        for size in sizes:
+            rows += _run_size(device, size, new_tokens, prompt_tokens, repeats, dtypes, hf_dtypes, bandwidth)
+    out_dir = Path(out_dir)
+    write_csv(rows, out_dir / "generate.csv")
+    markdown = markdown_report(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "generate.md.tmp"
+    tmp.write_text(markdown)
+    tmp.replace(out_dir / "generate.md")
+    return rows
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def memory_bandwidth_gbs(device: str, mib: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: the best of a few sums over a tensor far larger than any cache."""
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        x.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _hf_model(size: str):
+    """A randomly initialised transformers GPT2LMHeadModel with the preset's shape (eval mode)."""
+    import transformers
+    cfg = preset(size)
+    hf_cfg = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.n_embd,
+                                     n_layer=cfg.n_layer, n_head=cfg.n_head, layer_norm_epsilon=cfg.layer_norm_eps)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(hf_cfg).eval()
+
+
+def _time_calls(fn, repeats: int, device: str) -> list[float]:
+    fn()  # warm-up: first-call allocations, lazy imports, kernel compilation
+    seconds = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _run_size(device, size, new_tokens, prompt_tokens, repeats, dtypes, hf_dtypes, bandwidth) -> list[Row]:
+    from ..generate import generate
+    from ..model import GPT
+
+    hf = _hf_model(size)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, hf.config.vocab_size, (1, prompt_tokens), generator=g)
+    shape = f"B=1 prompt={prompt_tokens} new={new_tokens} threads={torch.get_num_threads()}"
+    name = f"generate {size}"
+    rows, reference = [], None
+
+    for dtype_name in hf_dtypes:
+        model = copy.deepcopy(hf).to(device=device, dtype=DTYPES[dtype_name])
+        ids = prompt.to(device)
+        outputs = {}
+
+        def hf_generate():
+            with torch.inference_mode():
+                outputs["ids"] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                                min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                                                pad_token_id=0, eos_token_id=None)
+        rows.append(_row(name, "transformers", shape, dtype_name, new_tokens,
+                         _time_calls(hf_generate, repeats, device), device))
+        if dtype_name == "float32":
+            reference = outputs["ids"][0, prompt_tokens:].tolist()
+        del model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        del hf
+        for dtype_name in dtypes:
+            model = GPT.from_pretrained(tmp, device=device, dtype=DTYPES[dtype_name])
+            results = {}
+
+            def our_generate():
+                results["out"] = generate(model, prompt.tolist(), new_tokens, temperature=0, eos_id=None)
+            seconds = _time_calls(our_generate, repeats, device)
+            stats, tokens = results["out"].stats, results["out"].tokens[0]
+            extra = f"decode_tokens_per_s={stats.decode_tokens_per_s:.1f};ttft_ms={stats.first_token_s * 1e3:.1f}"
+            if reference is not None:  # greedy tokens equal to transformers' float32 ones
+                same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(reference))
+                extra += f";first_{same}_of_{new_tokens}_tokens_equal_transformers_fp32"
+            rows.append(_row(name, "fastgpt", shape, dtype_name, new_tokens, seconds, device, extra))
+
+            # The limit: every weight read once per token (of the position embedding, one row).
+            weight_bytes = (model.num_parameters() - model.pos_emb.weight.numel()) * DTYPES[dtype_name].itemsize
+            bound = bandwidth * 1e9 / weight_bytes
+            rows.append(Row(name, "bound (bandwidth)", shape, dtype_name, bound, bound, bound, "tokens/s",
+                            device=device_name(device),
+                            extra=f"bandwidth_GBps={bandwidth:.1f};weight_MB={weight_bytes / 1e6:.0f}"))
+            del model
+    return rows
+
+
+def _row(name, backend, shape, dtype_name, new_tokens, seconds, device, extra="") -> Row:
+    rates = [new_tokens / s for s in seconds]
+    median, p20, p80 = quantiles(rates)
+    return Row(name, backend, shape, dtype_name, median, p20, p80, "tokens/s", device=device_name(device),
+               extra=extra)
+
+
+def markdown_report(rows: list[Row]) -> str:
+    """One table per model size, every row's ratio against transformers at float32."""
+    lines = []
+    for name in dict.fromkeys(r.name for r in rows):
+        group = [r for r in rows if r.name == name]
+        base = next((r for r in group if r.backend == "transformers" and r.dtype == "float32"), None)
+        lines += [f"### {name} ({group[0].shape}, {group[0].device}, {group[0].date}, commit {group[0].commit})", "",
+                  "| backend | dtype | tokens/s median | p20 | p80 | vs transformers float32 | notes |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+        for r in group:
+            ratio = f"{r.median / base.median:.2f}x" if base and base.median else ""
+            lines.append(f"| {r.backend} | {r.dtype} | {r.median:.1f} | {r.p20:.1f} | {r.p80:.1f} | {ratio} "
+                         f"| {r.extra.replace(';', ', ')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Greedy generation at batch 1: fastgpt vs transformers, "
+                                                 "plus the memory-bandwidth bound.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", nargs="+", default=["gpt2"], choices=["gpt2", "tiny", "mini"])
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    parser.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    rows = run(args.device, args.sizes, args.out_dir, args.new_tokens, args.prompt_tokens, args.repeats,
+               args.dtypes, args.hf_dtypes, args.threads)
+    print(markdown_report(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
