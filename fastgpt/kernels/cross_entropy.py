@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..errors import FastGPTError
+from ._custom_ops import new_output
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -171,8 +172,8 @@ def launch_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     `logits` in place. Logits need unit column stride."""
     N, V = logits.shape
     if loss is None:
-        loss = torch.empty(N, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+        loss = new_output(N, torch.float32, logits.device)
+    lse = new_output(N, torch.float32, logits.device)
     if N == 0:
         return loss, lse
     block, num_warps = launch_config(V)
@@ -230,7 +231,7 @@ def _(logits, targets, ignore_index, reduction):
 @torch.library.custom_op("fastgpt::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                        lse: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = new_output(logits.shape, logits.dtype, logits.device)
     grad_loss = grad_loss.to(torch.float32)
     if reduction == "mean":
         grad_loss = grad_loss / count_valid(targets, ignore_index)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import FastGPTError
+from ._custom_ops import new_output
 from .cross_entropy import (check_inputs, check_targets, count_valid, cross_entropy_reference, launch_backward,
                             launch_forward, reduce_rows)
 
@@ -86,8 +87,8 @@ def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, target
     check_targets(targets, V, ignore_index)
     write_grad = reduction != "none" and (need_grad_hidden or need_grad_weight)
     n_valid = count_valid(targets, ignore_index)
-    row_loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
-    grad_hidden = (torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    row_loss = new_output(N, torch.float32, hidden.device)
+    grad_hidden = (new_output(hidden.shape, hidden.dtype, hidden.device)
                    if write_grad and need_grad_hidden else hidden.new_empty(0))
     grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
                    if write_grad and need_grad_weight else weight.new_empty(0, dtype=torch.float32))
@@ -123,7 +124,7 @@ def _linear_cross_entropy_bwd_recompute(grad_loss: torch.Tensor, hidden: torch.T
                                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients for reduction="none": per-row grad_loss, logits recomputed chunk by chunk."""
     N, V = hidden.shape[0], weight.shape[0]
-    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    grad_hidden = new_output(hidden.shape, hidden.dtype, hidden.device)
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     grad_loss = grad_loss.to(torch.float32)
     buffer = _logits_buffer(hidden, weight, chunk_rows)
