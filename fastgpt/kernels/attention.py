@@ -37,7 +37,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # log2(e)
+from ._custom_ops import new_output
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
+LN2 = tl.constexpr(0.6931471805599453)  # ln(x) = log2(x) * ln(2)
+
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -107,7 +111,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
     row_ok = offs_m < T
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
 
-    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
+    qk_scale = sm_scale * LOG2E  # softmax in base 2
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -127,7 +131,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
 
     acc = acc / l_i[:, None]
     # Natural-log LSE of the scaled scores: m and log2(l) are in base 2.
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    lse = (m_i + tl.log2(l_i)) * LN2
     tl.store(LSE + bh * T + offs_m, lse, mask=row_ok)
     tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
              acc.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -165,7 +169,7 @@ def _attn_bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, s
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
     # Rows past T: lse = +inf makes their probabilities exactly 0.
-    lse2 = tl.load(LSE + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + offs_m, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
     pT = tl.exp2(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale - lse2[None, :])
     if DIAGONAL:
@@ -207,7 +211,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=key_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     # Queries in the diagonal block see only some of these keys: causal mask.
     for start_m in range(start_n, tl.minimum(start_n + BLOCK_N, T), BLOCK_M):
@@ -275,10 +279,10 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                 mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
                  mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     for start_n in range(0, start_m, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -352,10 +356,10 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def _bhtd_like(x: torch.Tensor) -> torch.Tensor:
-    """An uninitialised (B, H, T, D) tensor laid out as (B, T, H, D) in memory, so that the
-    model's `y.transpose(1, 2).reshape(B, T, C)` afterwards is free (no copy)."""
+    """An uninitialised (NaN when poisoning) (B, H, T, D) tensor laid out as (B, T, H, D) in
+    memory, so that the model's `y.transpose(1, 2).reshape(B, T, C)` afterwards is free."""
     B, H, T, D = x.shape
-    return x.new_empty(B, T, H, D).transpose(1, 2)
+    return new_output((B, T, H, D), x.dtype, x.device).transpose(1, 2)
 
 
 def _strides(x: torch.Tensor):
@@ -366,7 +370,7 @@ def _strides(x: torch.Tensor):
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, D = q.shape
     out = _bhtd_like(q)
-    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    lse = new_output((B, H, T), torch.float32, q.device)
     cfg = _fwd_config(D)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -389,7 +393,7 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     kv_cfg, q_cfg = _dkdv_config(D), _dq_config(D)
     precision = _input_precision(q.dtype)
     dq, dk, dv = _bhtd_like(q), _bhtd_like(k), _bhtd_like(v)
-    delta = torch.empty_like(lse)
+    delta = new_output(lse.shape, torch.float32, lse.device)
     _attn_bwd_delta_kernel[(triton.cdiv(T, _DELTA_BLOCK_M), B * H)](out, do, delta, *_strides(out), *_strides(do),
                                                                      H, T, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M)
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, kv_cfg["BLOCK_N"]), B * H)](

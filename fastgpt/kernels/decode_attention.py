@@ -28,6 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._custom_ops import new_output
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
+
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                lengths: torch.Tensor) -> torch.Tensor:
@@ -65,7 +69,7 @@ def _decode_partial_kernel(Q, K, V, LENGTHS, M_PART, L_PART, ACC_PART,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=d_ok, other=0.0).to(tl.float32)
-    q = q * (sm_scale * 1.4426950408889634)  # scores in base 2
+    q = q * (sm_scale * LOG2E)  # scores in base 2
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
 
@@ -149,10 +153,11 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     max_length = k_cache.shape[2]
     block_d = triton.next_power_of_2(D)
     block_n, chunk, num_splits = _split_plan(B * H, max_length, q.device)
-    m_part = torch.empty(B * H * num_splits, dtype=torch.float32, device=q.device)
-    l_part = torch.empty_like(m_part)
-    acc_part = torch.empty(B * H * num_splits, block_d, dtype=torch.float32, device=q.device)
-    out = q.new_empty(B, H, D)
+    # Partials of chunks past a sequence's end stay unwritten (NaN when poisoning): never read.
+    m_part = new_output(B * H * num_splits, torch.float32, q.device)
+    l_part = new_output(B * H * num_splits, torch.float32, q.device)
+    acc_part = new_output((B * H * num_splits, block_d), torch.float32, q.device)
+    out = new_output((B, H, D), q.dtype, q.device)
     _decode_partial_kernel[(num_splits, B * H)](
         q, k_cache, v_cache, lengths, m_part, l_part, acc_part,
         q.stride(0), q.stride(1), q.stride(2), *k_cache.stride(), *v_cache.stride(),
