@@ -1,0 +1,98 @@
+"""`fastgpt finetune classify|instruct` and `fastgpt classify` end to end: outputs, round trip, one-line errors."""
+import json
+
+import pytest
+import torch
+
+from conftest import shared_file
+from fastgpt.cli import main
+from fastgpt.finetune.checkpoint import load_classifier
+from fastgpt.finetune.classify import balance, class_names, read_labeled_texts, split
+
+
+def _toy_tsv(path, n=48):
+    spam = ["WIN a FREE prize now", "Claim your cash prize", "FREE entry, txt WIN now", "Urgent! You won cash"]
+    ham = ["see you at lunch", "ok, call me later", "are you home yet?", "thanks for dinner"]
+    path.write_text("".join(f"spam\t{spam[i % 4]}\n" if i % 2 else f"ham\t{ham[i % 4]}\n" for i in range(n)))
+    return path
+
+
+def test_classify_with_lora_then_classify_command(tmp_path, capsys):
+    data, out = _toy_tsv(tmp_path / "toy.tsv"), tmp_path / "clf"
+    rc = main(["finetune", "classify", "--model", "tiny", "--data", str(data), "--trainable", "lora",
+               "--lora-rank", "4", "--epochs", "2", "--lr", "3e-3", "--batch-size", "8", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "trainable: " in printed and "confusion matrix" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["labels"] == ["ham", "spam"] and report["split_sizes"] == {"train": 33, "val": 4, "test": 11}
+    assert sum(map(sum, report["confusion_matrix"])) == 11
+    assert set(report["per_class"]["spam"]) == {"precision", "recall", "f1", "support"}
+    assert {"train", "eval"} == {json.loads(l)["kind"] for l in (out / "metrics.jsonl").read_text().splitlines()}
+    assert (out / "loss.png").is_file()
+
+    clf, meta = load_classifier(out)  # a plain model (LoRA merged) + head + labels
+    assert meta["labels"] == ["ham", "spam"] and not any("lora" in n for n in clf.state_dict())
+    assert main(["classify", "--model", str(out), "WIN a FREE prize now", "see you at lunch"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    label, prob, text = lines[0].split("\t")
+    assert label in ("ham", "spam") and 0.5 <= float(prob) <= 1.0 and text == "WIN a FREE prize now"
+    texts = tmp_path / "texts.txt"
+    texts.write_text("are you home yet?\n\nClaim your cash prize\n")
+    assert main(["classify", "--model", str(out), "--file", str(texts)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+@pytest.mark.parametrize("content,message", [
+    ("ham\thi\nspam no tab\n", "bad.tsv:2: expected 'label<TAB>text'"),
+    ("a\tx\nb\ty\nc\tz\n", "2 training examples for 3 classes"),
+    (b"ham\thi\nspam\t\xff\n", "bad.tsv:2: not valid UTF-8"),
+    ("", "bad.tsv: file is empty"),
+])
+def test_classify_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, message):
+    data, out = tmp_path / "bad.tsv", tmp_path / "out"
+    data.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["finetune", "classify", "--model", "tiny", "--data", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_unknown_label_and_bad_arguments(tmp_path, capsys):
+    data = _toy_tsv(tmp_path / "toy.tsv")
+    assert main(["finetune", "classify", "--model", "tiny", "--data", str(data), "--labels", "ham,eggs",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "toy.tsv:2: unknown label 'spam'" in capsys.readouterr().err
+    assert main(["finetune", "classify", "--model", "tiny", "--data", str(data), "--split", "0.5", "0.5", "0.5",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--split" in capsys.readouterr().err
+    assert main(["finetune", "classify", "--model", str(tmp_path / "nope"), "--data", str(data),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "no such model directory" in capsys.readouterr().err
+    assert main(["classify", "--model", str(tmp_path), "hello"]) == 2
+
+
+def test_instruct_missing_field_names_record(tmp_path, capsys):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c", "inptu": "d"}]))
+    assert main(["finetune", "instruct", "--model", "tiny", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "d.json: record 1: missing field 'output'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_sms_spam_balanced_split_and_short_run(tmp_path):
+    data = shared_file("SMSSpamCollection.tsv")
+    examples = read_labeled_texts(data)
+    assert class_names(examples) == ["ham", "spam"]
+    balanced = balance(examples)
+    assert len(balanced) == 1494 and sum(e.label == "spam" for e in balanced) == 747
+    assert [len(part) for part in split(balanced, (0.7, 0.1, 0.2))] == [1045, 149, 300]
+    out = tmp_path / "spam"
+    torch.manual_seed(0)
+    assert main(["finetune", "classify", "--model", "tiny", "--data", str(data), "--balance", "--split", "0.3", "0.05",
+                 "0.65", "--max-length", "16", "--trainable", "all", "--epochs", "1", "--lr", "1e-3",
+                 "--batch-size", "16", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy_after"]["test"] > 0.75  # ~50% before training
