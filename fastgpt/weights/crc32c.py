@@ -1,10 +1,15 @@
 """CRC-32C (Castagnoli), the checksum of TensorFlow checkpoints and of LevelDB tables.
 
-No C extension is needed: a CRC is a linear map over GF(2), so a long buffer is cut
-into K equal chunks whose CRC registers numpy advances side by side, one byte
-column at a time, and the K partial registers are then folded together in order.
-Folding needs "the register after L more zero bytes", which is itself linear in
-the register, so it is tabulated once per chunk length from 32 basis states.
+No C extension is needed, because a CRC is linear over GF(2):
+
+- the register after a 4-byte word depends only on (register XOR word), linearly, so
+  one step is two lookups in 65536-entry tables (low and high 16 bits), not four
+  byte-steps;
+- a long buffer is cut into K equal chunks, and numpy advances all K registers side
+  by side, one word column at a time, each chunk starting from register 0;
+- the chunk results are folded in order: register(A + B) = shift(register(A)) XOR
+  register_from_0(B), where `shift` (feeding |B| zero bytes) is again linear,
+  tabulated once per chunk length from the images of the 32 basis registers.
 """
 from __future__ import annotations
 
@@ -21,50 +26,63 @@ def _byte_table() -> np.ndarray:
     return table
 
 
-_TABLE = _byte_table()
-_TABLE_LIST = _TABLE.tolist()
-_MAX_LANES = 1 << 16
-_MIN_LANE_BYTES = 64
+_BYTE = _byte_table()
+_BYTE_LIST = _BYTE.tolist()
+
+
+def _feed_zero_bytes(registers: np.ndarray, count: int) -> np.ndarray:
+    for _ in range(count):
+        registers = _BYTE[registers & 0xFF] ^ (registers >> 8)
+    return registers
+
+
+# Register after one 4-byte word, as a function of x = register ^ word: LOW[x & 0xFFFF] ^ HIGH[x >> 16].
+_HALVES = np.arange(65536, dtype=np.uint32)
+_WORD_LOW = _feed_zero_bytes(_HALVES, 4)
+_WORD_HIGH = _feed_zero_bytes(_HALVES << np.uint32(16), 4)
+_LANES = 16384
+_MIN_PARALLEL_BYTES = 4096
 
 
 def _advance_serial(register: int, data: bytes) -> int:
-    """The raw CRC register after `data`, one byte at a time (for short inputs)."""
-    table = _TABLE_LIST
+    """The raw CRC register after `data`, one byte at a time (for short inputs and tails)."""
+    table = _BYTE_LIST
     for byte in data:
         register = table[(register ^ byte) & 0xFF] ^ (register >> 8)
     return register
 
 
-def _advance_lanes(registers: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """Advance K registers in parallel; row j of `columns` (L, K) holds byte j of every chunk."""
+def _advance_words(registers: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Advance K registers in parallel; row j of `columns` (L, K) holds word j of every chunk."""
+    x = np.empty_like(registers)
     for row in columns:
-        registers = _TABLE[(registers ^ row) & 0xFF] ^ (registers >> 8)
+        np.bitwise_xor(registers, row, out=x)
+        registers = _WORD_LOW[x & 0xFFFF] ^ _WORD_HIGH[x >> 16]
     return registers
 
 
-def _zero_shift_tables(length: int) -> list[list[int]]:
-    """Four byte tables for the linear map 'register after `length` zero bytes'."""
-    basis = _advance_lanes(np.uint32(1) << np.arange(32, dtype=np.uint32), np.zeros((length, 32), np.uint8))
+def _shift_tables(words: int) -> list[list[int]]:
+    """Four byte-indexed tables of the linear map 'register after `words` zero words'."""
+    basis = _advance_words(np.uint32(1) << np.arange(32, dtype=np.uint32), np.zeros((words, 32), np.uint32))
     bits = (np.arange(256)[:, None] >> np.arange(8)) & 1  # (256, 8): the bits of each byte value
     return [np.bitwise_xor.reduce(np.where(bits, basis[8 * p:8 * p + 8], 0).astype(np.uint32), axis=1).tolist()
             for p in range(4)]
 
 
 def crc32c(data, crc: int = 0) -> int:
-    """CRC-32C of `data` (bytes-like), continuing from an earlier result `crc` (0 to start)."""
-    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+    """CRC-32C of `data` (bytes-like or numpy array), continuing from an earlier result `crc` (0 to start)."""
+    buf = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
     register = crc ^ 0xFFFFFFFF
-    lanes = min(_MAX_LANES, buf.size // _MIN_LANE_BYTES)
-    if lanes >= 64:
-        length = buf.size // lanes
-        columns = np.ascontiguousarray(buf[:lanes * length].reshape(lanes, length).T)
-        partial = _advance_lanes(np.zeros(lanes, np.uint32), columns).tolist()  # each chunk from register 0
-        t0, t1, t2, t3 = _zero_shift_tables(length)
+    if buf.size >= _MIN_PARALLEL_BYTES:
+        lanes = min(_LANES, buf.size // 256)
+        words = buf.size // (4 * lanes)  # per chunk
+        body = buf[:lanes * words * 4].view("<u4").reshape(lanes, words)
+        partial = _advance_words(np.zeros(lanes, np.uint32), body.T).tolist()  # each chunk from register 0
+        t0, t1, t2, t3 = _shift_tables(words)
         for chunk_register in partial:
-            # register(A + B) = shift_by_len(B)(register(A)) ^ register_from_zero(B)
             register = (t0[register & 0xFF] ^ t1[(register >> 8) & 0xFF] ^ t2[(register >> 16) & 0xFF]
                         ^ t3[register >> 24] ^ chunk_register)
-        buf = buf[lanes * length:]
+        buf = buf[lanes * words * 4:]
     return _advance_serial(register, buf.tobytes()) ^ 0xFFFFFFFF
 
 

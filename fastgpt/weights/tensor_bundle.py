@@ -142,7 +142,7 @@ def read_bundle(prefix: str | Path) -> dict[str, torch.Tensor]:
     if min_consumer > BUNDLE_VERSION or BUNDLE_VERSION in bad_consumers:
         raise FastGPTError(f"{index}: checkpoint format version needs a reader >= {min_consumer}; "
                            f"this reader implements version {BUNDLE_VERSION}")
-    byte_order = "<" if endianness == LITTLE else ">"
+    byte_order = "<" if endianness == LITTLE else ">"  # of the data file
     tensors, shards = {}, {}
     try:
         for name, entry in entries.items():
@@ -175,18 +175,17 @@ def _read_tensor(prefix: Path, num_shards: int, name: str, entry: BundleEntry, b
             raise FastGPTError(f"{path}: cannot open checkpoint data ({err.strerror or err})") from None
     handle = shards[entry.shard_id]
     handle.seek(entry.offset)
-    raw = handle.read(entry.size)
-    if len(raw) != entry.size:
+    raw = bytearray(entry.size)
+    if handle.readinto(raw) != entry.size:
         raise FastGPTError(f"{path}: truncated: variable {name!r} needs bytes {entry.offset}.."
                            f"{entry.offset + entry.size} but the file ends earlier")
     if crc32c(raw) != unmask(entry.crc32c):
         raise FastGPTError(f"{path}: checksum mismatch in variable {name!r} (corrupt data file)")
-    if dtype == torch.bfloat16:
-        array = np.frombuffer(raw, dtype=byte_order + "u2").astype("<u2")
-        return torch.from_numpy(array.copy()).view(torch.bfloat16).reshape(entry.shape)
-    numpy_dtype = np.dtype(str(dtype).removeprefix("torch.")).newbyteorder(byte_order)
-    return torch.from_numpy(np.frombuffer(raw, dtype=numpy_dtype).astype(numpy_dtype.newbyteorder("="))
-                            ).reshape(entry.shape)
+    if not raw:
+        return torch.empty(entry.shape, dtype=dtype)
+    if byte_order == ">" and dtype.itemsize > 1:
+        np.frombuffer(raw, dtype=f"u{dtype.itemsize}").byteswap(inplace=True)
+    return torch.frombuffer(raw, dtype=dtype).reshape(entry.shape)  # shares `raw`: no copy
 
 
 def write_bundle(prefix: str | Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -195,18 +194,22 @@ def write_bundle(prefix: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     data_path = data_filename(prefix, 0, 1)
     tmp = data_path.with_name(data_path.name + ".tmp")
     entries, offset = [], 0
-    with open(tmp, "wb") as out:
-        for name in sorted(tensors, key=lambda n: n.encode("utf-8")):
-            tensor = tensors[name].detach().cpu().contiguous()
-            if tensor.dtype not in TORCH_TO_TF:
-                raise FastGPTError(f"variable {name!r}: dtype {tensor.dtype} cannot be written to a checkpoint")
-            raw = (tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor).numpy().tobytes()
-            out.write(raw)
-            entry = BundleEntry(TORCH_TO_TF[tensor.dtype], tuple(tensor.shape), 0, offset, len(raw),
-                                mask(crc32c(raw)))
-            entries.append((name.encode("utf-8"), encode_entry(entry)))
-            offset += len(raw)
-    os.replace(tmp, data_path)
+    try:
+        with open(tmp, "wb") as out:
+            for name in sorted(tensors, key=lambda n: n.encode("utf-8")):
+                tensor = tensors[name].detach().cpu().contiguous()
+                if tensor.dtype not in TORCH_TO_TF:
+                    raise FastGPTError(f"variable {name!r}: dtype {tensor.dtype} cannot be written to a checkpoint")
+                raw = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
+                raw = raw.reshape(-1).view(np.uint8)
+                out.write(raw.data)
+                entry = BundleEntry(TORCH_TO_TF[tensor.dtype], tuple(tensor.shape), 0, offset, raw.size,
+                                    mask(crc32c(raw)))
+                entries.append((name.encode("utf-8"), encode_entry(entry)))
+                offset += raw.size
+        os.replace(tmp, data_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     version = _field(1, BUNDLE_VERSION)  # producer = 1, min_consumer = 0
     header = _field(1, 1) + _field(2, LITTLE) + _field(3, version)
     write_table(prefix.with_name(prefix.name + ".index"), [(HEADER_KEY, header)] + entries)
