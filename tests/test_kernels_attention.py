@@ -1,0 +1,171 @@
+"""Fused causal attention (Triton) against the textbook reference in float64.
+
+q, k, v are built the way the model builds them: strided (B, H, T, D) views of one
+fused (B, T, 3*H*D) projection, so the kernels must honour strides. Every output
+buffer starts as NaN (POISON_OUTPUTS), so an element a kernel never writes fails.
+Under the CPU interpreter bf16 dots are wrong: bf16 runs on a GPU only.
+"""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, GPU, requires_gpu
+from fastgpt import ops
+from fastgpt.kernels import _custom_ops
+from fastgpt.kernels.attention import attention_reference, attention_triton
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
+# (output, gradient) absolute tolerances against float64; values and grads are O(1).
+# fp32 dots are exact in the interpreter and IEEE on GPU unless TF32 is switched on.
+TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 1.5e-2), torch.bfloat16: (3e-2, 8e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(_custom_ops, "POISON_OUTPUTS", True)
+
+
+def fused_qkv(B, H, T, D, dtype, requires_grad=True):
+    """A (B, T, 3*H*D) projection output and its q, k, v as the model views them."""
+    qkv = torch.randn(B, T, 3 * H * D, device=DEVICE, dtype=dtype, requires_grad=requires_grad)
+    return qkv, split_heads(qkv, H)
+
+
+def split_heads(qkv, H):
+    B, T, C3 = qkv.shape
+    D = C3 // (3 * H)
+    return [t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2)]
+
+
+def reference_fp64(qkv, H, grad_out):
+    x = qkv.detach().double().requires_grad_(True)
+    out = attention_reference(*split_heads(x, H))
+    out.backward(grad_out.double())
+    return out, x.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,T,D", [
+    (2, 3, 1, 64), (1, 2, 17, 64), (2, 1, 64, 64), (1, 3, 100, 64), (1, 2, 257, 64),
+    (2, 1, 17, 128), (1, 1, 100, 128), (1, 1, 257, 128), (1, 1, 257, 32),
+])
+def test_forward_and_backward_match_float64_reference(B, H, T, D, dtype):
+    qkv, (q, k, v) = fused_qkv(B, H, T, D, dtype)
+    assert not q.is_contiguous() and q.stride(-1) == 1  # a strided view, as in the model
+    with ops.use_backend("triton"):
+        out = ops.attention(q, k, v, dropout_p=0.0)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    expected, expected_grad = reference_fp64(qkv, H, grad_out)
+    atol_out, atol_grad = TOLERANCE[dtype]
+    assert out.shape == (B, H, T, D) and out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, atol=atol_out, rtol=0)
+    torch.testing.assert_close(qkv.grad.double(), expected_grad, atol=atol_grad, rtol=0)
+
+
+@pytest.mark.parametrize("D", [8, 48])
+def test_head_dim_that_is_not_a_power_of_two_is_padded(D):
+    qkv, (q, k, v) = fused_qkv(2, 2, 33, D, torch.float32)
+    out = attention_triton(q, k, v)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    expected, expected_grad = reference_fp64(qkv, 2, grad_out)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(qkv.grad.double(), expected_grad, atol=1e-4, rtol=0)
+
+
+def test_saved_log_sum_exp_is_that_of_the_scaled_causal_scores():
+    B, H, T, D = 1, 2, 70, 64
+    _, (q, k, v) = fused_qkv(B, H, T, D, torch.float32, requires_grad=False)
+    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, 1.0 / math.sqrt(D))
+    scores = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(D)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=DEVICE).triu(1), float("-inf"))
+    assert lse.shape == (B, H, T) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, dim=-1), atol=1e-5, rtol=0)
+    # The output is laid out (B, T, H, D) in memory: merging the heads afterwards is free.
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_future_keys_do_not_change_earlier_outputs():
+    """Causality, independently of the reference: editing token t's k/v leaves outputs < t alone."""
+    qkv, (q, k, v) = fused_qkv(1, 2, 100, 64, torch.float32, requires_grad=False)
+    before = attention_triton(q, k, v)
+    edited = qkv.clone()
+    edited[:, 80:] = 100.0
+    after = attention_triton(*split_heads(edited, 2))
+    assert torch.equal(before[:, :, :80], after[:, :, :80])
+    assert not torch.allclose(before[:, :, 80:], after[:, :, 80:])
+
+
+def test_backward_saves_nothing_of_size_t_by_t():
+    """No T x T buffer: every tensor autograd keeps for the fused backward is O(T * D),
+    while the reference keeps (T, T) probabilities (the hook's positive control)."""
+    B, H, T, D = 1, 2, 257, 64
+
+    def saved_sizes(attention):
+        _, (q, k, v) = fused_qkv(B, H, T, D, torch.float32)
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            attention(q, k, v).sum().backward()
+        return sizes
+
+    fused = saved_sizes(attention_triton)
+    assert fused and max(fused) <= B * T * 3 * H * D  # at most the fused qkv itself
+    assert max(saved_sizes(attention_reference)) >= B * H * T * T
+
+
+def test_fp32_dots_follow_torch_tf32_setting(monkeypatch):
+    from fastgpt.kernels.attention import _input_precision
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert _input_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert _input_precision(torch.float32) == "tf32"
+    assert _input_precision(torch.float16) == "ieee"
+
+
+def test_torch_compile_keeps_the_kernels_in_one_graph():
+    """Custom ops with fake implementations: fullgraph compilation must not break."""
+    qkv, (q, k, v) = fused_qkv(1, 2, 40, 32, torch.float32)
+
+    def step(qkv):
+        q, k, v = split_heads(qkv, 2)
+        return attention_triton(q, k, v).square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    loss = compiled(qkv)
+    loss.backward()
+    x = qkv.detach().double().requires_grad_(True)
+    ref = attention_reference(*split_heads(x, 2)).square().sum()
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qkv.grad.double(), x.grad, atol=1e-4, rtol=0)
+
+
+@requires_gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_bf16_at_gpt2_length_on_gpu(D):
+    qkv, (q, k, v) = fused_qkv(2, 12, 1024, D, torch.bfloat16)
+    out = attention_triton(q, k, v)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    expected, expected_grad = reference_fp64(qkv, 12, grad_out)
+    torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=0)
+    torch.testing.assert_close(qkv.grad.double(), expected_grad, atol=1e-1, rtol=0)
+
+
+@requires_gpu
+def test_peak_memory_at_t4096_is_far_below_a_t_by_t_buffer():
+    B, H, T, D = 1, 12, 4096, 64
+    qkv, (q, k, v) = fused_qkv(B, H, T, D, torch.bfloat16)
+    grad_out = torch.randn(B, H, T, D, device=DEVICE, dtype=torch.bfloat16)
+    attention_triton(q, k, v).backward(grad_out)  # compile first
+    qkv.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    attention_triton(q, k, v).backward(grad_out)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    t_by_t = B * H * T * T * 2  # one bf16 score matrix: 384 MiB
+    assert peak < t_by_t / 16, f"peak {peak / 2**20:.1f} MiB"
