@@ -130,6 +130,22 @@ def test_only_weight_needs_grad():
     assert_close_scaled(grad_w, ref_w, TOL[torch.float32])
 
 
+def test_autocast_matches_reference_under_autocast():
+    """fp32 parameters under bf16 autocast: both operands run in bf16, gradients return in fp32."""
+    from fastgpt.kernels.linear_cross_entropy import linear_cross_entropy_reference
+    hidden, weight, targets = make_case(10, 16, 50, torch.float32)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = linear_cross_entropy_triton(h, w, targets, IGNORE, "mean", chunk_rows=4)
+        ref = linear_cross_entropy_reference(h, w, targets, IGNORE, "mean")
+    grads = torch.autograd.grad(loss, (h, w))
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    assert all(g.dtype == torch.float32 for g in grads)
+    assert_close_scaled(loss, ref.double(), TOL[torch.bfloat16])
+    for got, expected in zip(grads, ref_grads):
+        assert_close_scaled(got, expected.double(), TOL[torch.bfloat16])
+
+
 def test_default_chunk_size():
     """Chunks of 2C rows: GPT-2's logits chunk is as large as its fp32 weight gradient."""
     assert default_chunk_rows(8192, 768) == 1536
