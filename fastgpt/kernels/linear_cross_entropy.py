@@ -1,9 +1,9 @@
 """The LM head projection and cross-entropy as one op.
 
 The logits tensor (rows x vocab) is the largest activation of GPT-2: 8192 tokens x
-50257 words is 823 MB in bf16, and eager autograd keeps it, its log-softmax and its
-gradient alive at once. The fused version never builds it. It walks the rows in
-chunks; for each chunk:
+50257 words is 823 MB in bf16, and eager autograd holds several tensors of that size
+(the log-softmax it saves, then the gradients flowing back through it). The fused
+version never builds it: it walks the rows in chunks, and for each chunk
 
     logits = hidden_chunk @ weight.T              (cuBLAS: the GEMM is not the problem)
     cross-entropy kernel -> per-row loss, and the gradient d loss / d logits written
@@ -11,8 +11,9 @@ chunks; for each chunk:
     grad_hidden_chunk  = dlogits @ weight
     grad_weight       += dlogits.T @ hidden_chunk  (accumulated in fp32)
 
-so the gradients are finished inside the forward pass (Liger-Kernel's approach) and
-backward only scales them by the incoming grad_output. Peak extra memory is one
+(the cross-entropy kernel of `cross_entropy.py` is its only Triton kernel). The
+gradients are finished inside the forward pass (Liger-Kernel's approach) and backward
+only scales them by the incoming grad_output. Peak extra memory is one
 logits chunk plus the fp32 grad_weight accumulator, instead of several (N, V) tensors.
 The weight may be tied to the token embedding: its gradient returns through the
 weight argument and autograd adds it to the embedding's.
