@@ -29,6 +29,7 @@ class Server(http.server.ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), Handler)
         self.files, self.redirects, self.log = {}, {}, []
+        self.bytes_sent = 0
         self.cut_after = None  # send only this many body bytes, then drop the connection
 
     @property
@@ -75,8 +76,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if server.cut_after is not None:
             body = body[:server.cut_after]
             self.close_connection = True
+        server.bytes_sent += len(body)  # counted before sending: the client may finish before we return
         self.wfile.write(body)
-        server.bytes_sent = getattr(server, "bytes_sent", 0) + len(body)
 
 
 @pytest.fixture
