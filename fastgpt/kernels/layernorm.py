@@ -10,10 +10,11 @@ Triton design (one row = one GPT-2 token's C features):
 * fused residual add: the same kernel reads residual and x, writes their sum (the new
   residual stream) and the normed sum; one launch and one read of each input instead
   of an add kernel followed by a LayerNorm kernel.
-* backward: a persistent grid of a few programs per SM, each walking a contiguous
-  run of rows. dx of a row needs only that row; dweight and dbias are sums over all
-  rows, so each program accumulates its rows' contributions in fp32 registers and
-  writes one partial row into a (programs, C) buffer, summed afterwards by torch.
+* backward: a persistent grid of three programs per SM, each walking a contiguous run
+  of rows, a tile of up to 4 rows at a time. dx of a row needs only that row;
+  dweight and dbias are sums over all rows, so each program accumulates its rows'
+  contributions in fp32 registers and writes one partial row into a (programs, C)
+  buffer, summed afterwards by torch.
   No atomics or locks: programs never wait on each other.
 
 Strides: the kernels take a row stride and need unit stride along C. The wrappers
@@ -82,55 +83,58 @@ if triton is not None:
     @triton.jit
     def _layer_norm_bwd_kernel(X, W, MEAN, RSTD, DY, DRESIDUAL, DX, DW_PARTIAL, DB_PARTIAL,
                                stride_x, stride_dy, stride_dresidual, stride_dx,
-                               N, C, rows_per_program,
-                               HAS_DRESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Rows [pid * rows_per_program, ...): dx per row; this program's share of dw, db.
+                               N, C, tiles_per_program,
+                               HAS_DRESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Row tiles [pid * tiles_per_program, ...) of BLOCK_M rows each: dx for every row,
+        and this program's share of dweight and dbias.
 
-        With xhat = (x - mean) * rstd and g = dy * w:
+        With xhat = (x - mean) * rstd and g = dy * weight, per row:
             dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   [+ dresidual]
+        A tile of several rows keeps more loads in flight than one row at a time.
         """
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
-        mask = cols < C
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        col_mask = cols < C
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
         db = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        row_start = pid * rows_per_program
-        row_end = tl.minimum(row_start + rows_per_program, N)
-        first = row_start.to(tl.int64)
-        x_ptr = X + first * stride_x + cols
-        dy_ptr = DY + first * stride_dy + cols
-        dx_ptr = DX + first * stride_dx + cols
-        dres_ptr = DRESIDUAL + first * stride_dresidual + cols
-        for row in range(row_start, row_end):
-            x = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(MEAN + row)
-            rstd = tl.load(RSTD + row)
+        for tile in range(0, tiles_per_program):
+            rows = (pid * tiles_per_program + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_mask = rows < N
+            mask = row_mask[:, None] & col_mask[None, :]
+            rows64 = rows.to(tl.int64)[:, None]
+            x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
             xhat = tl.where(mask, (x - mean) * rstd, 0.0)
             g = dy * w
-            mean_g = tl.sum(g, axis=0) / C
-            mean_gx = tl.sum(g * xhat, axis=0) / C
+            mean_g = tl.sum(g, axis=1)[:, None] / C
+            mean_gx = tl.sum(g * xhat, axis=1)[:, None] / C
             dx = (g - mean_g - xhat * mean_gx) * rstd
             if HAS_DRESIDUAL:
-                dx += tl.load(dres_ptr, mask=mask, other=0.0).to(tl.float32)
-                dres_ptr += stride_dresidual
-            tl.store(dx_ptr, dx.to(DX.dtype.element_ty), mask=mask)
-            dw += dy * xhat
-            db += dy
-            x_ptr += stride_x
-            dy_ptr += stride_dy
-            dx_ptr += stride_dx
-        tl.store(DW_PARTIAL + pid * C + cols, dw, mask=mask)
-        tl.store(DB_PARTIAL + pid * C + cols, db, mask=mask)
+                dx += tl.load(DRESIDUAL + rows64 * stride_dresidual + cols[None, :], mask=mask,
+                              other=0.0).to(tl.float32)
+            tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            dw += tl.sum(dy * xhat, axis=0)
+            db += tl.sum(dy, axis=0)
+        tl.store(DW_PARTIAL + pid * C + cols, dw, mask=col_mask)
+        tl.store(DB_PARTIAL + pid * C + cols, db, mask=col_mask)
 
 
 def _block_and_warps(C: int) -> tuple[int, int]:
-    """The whole row in one block; more warps for wider rows (~8 fp32 per thread)."""
+    """Forward: the whole row in one block; more warps for wider rows (~8 fp32 per thread)."""
     if C > MAX_WIDTH:
         raise FastGPTError(f"layer_norm: width {C} exceeds the Triton kernel's maximum of {MAX_WIDTH}")
     block = max(16, triton.next_power_of_2(C))
     return block, min(16, max(1, block // 256))
+
+
+def _backward_tile(C: int) -> tuple[int, int, int]:
+    """Backward: (BLOCK_M rows, BLOCK_C, num_warps), tiles of >= 2048 elements, ~16 per thread."""
+    block, _ = _block_and_warps(C)
+    block_m = max(1, min(4, 2048 // block))
+    return block_m, block, min(16, max(4, block_m * block // 512))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, what: str) -> None:
@@ -171,8 +175,16 @@ def _backward(dy, x, weight, mean, rstd, dresidual):
     x2, dy2 = as_rows(x), as_rows(dy)
     N = x2.shape[0]
     dx = new_output(x.shape, x.dtype, x.device)
-    programs = max(1, min(N, 2 * num_sms(x.device)))
-    rows_per_program = triton.cdiv(N, programs) if N else 0
+    BLOCK_M, BLOCK_C, num_warps = _backward_tile(C)
+    row_tiles = triton.cdiv(N, BLOCK_M)
+    # Three programs per SM: at C=768 that is ~18 KB of loads in flight per SM (about what
+    # an H100 needs near peak bandwidth), all three fit on an SM at once at the <= 168
+    # registers ptxas uses (one wave). The fp32 partials (2 x programs x C, 2.4 MB on an
+    # H100 at C=768, written once and read once by the sum) add ~13% to the 38 MB of bf16
+    # x, dy and dx. Untuned on hardware: a starting point, not a measured optimum.
+    programs = max(1, min(row_tiles, 3 * num_sms(x.device)))
+    tiles_per_program = triton.cdiv(row_tiles, programs)
+    programs = max(1, triton.cdiv(row_tiles, tiles_per_program)) if N else 1  # none left without rows
     dw_partial = new_output((programs, C), torch.float32, x.device)
     db_partial = new_output((programs, C), torch.float32, x.device)
     if N == 0:
@@ -180,12 +192,11 @@ def _backward(dy, x, weight, mean, rstd, dresidual):
         db_partial.zero_()
     else:
         dres2 = as_rows(dresidual) if dresidual is not None else dy2
-        BLOCK_C, num_warps = _block_and_warps(C)
         _layer_norm_bwd_kernel[(programs,)](
             x2, weight, mean, rstd, dy2, dres2, dx, dw_partial, db_partial,
             x2.stride(0), dy2.stride(0), dres2.stride(0), C,
-            N, C, rows_per_program,
-            HAS_DRESIDUAL=dresidual is not None, BLOCK_C=BLOCK_C, num_warps=num_warps)
+            N, C, tiles_per_program,
+            HAS_DRESIDUAL=dresidual is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=num_warps)
     return dx, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
 
 
@@ -297,6 +308,7 @@ def compile_specs():
     specs = []
     for C in (768, 1600):
         block, warps = _block_and_warps(C)
+        block_m, _, bwd_warps = _backward_tile(C)
         for dt in ("fp16", "bf16"):
             for fused in (False, True):
                 name = f"layer_norm_fwd{'_add' if fused else ''}[C={C},{dt}]"
@@ -311,7 +323,7 @@ def compile_specs():
                     "X": f"*{dt}", "W": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "DY": f"*{dt}",
                     "DRESIDUAL": f"*{dt}", "DX": f"*{dt}", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
                     "stride_x": "i32", "stride_dy": "i32", "stride_dresidual": "i32", "stride_dx": "i32",
-                    "N": "i32", "C": "i32", "rows_per_program": "i32",
-                    "HAS_DRESIDUAL": "constexpr", "BLOCK_C": "constexpr"},
-                    {"HAS_DRESIDUAL": fused, "BLOCK_C": block}, num_warps=warps))
+                    "N": "i32", "C": "i32", "tiles_per_program": "i32",
+                    "HAS_DRESIDUAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr"},
+                    {"HAS_DRESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_C": block}, num_warps=bwd_warps))
     return specs
