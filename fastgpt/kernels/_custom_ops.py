@@ -7,9 +7,12 @@
 * `num_sms` sizes persistent grids (programs that loop over many rows).
 * `as_rows` views a tensor as (rows, width) with unit stride along the width,
   copying only when no such view exists.
+* `on_device_of` makes a tensor's GPU the current one: Triton launches on the current
+  device, which need not be the one holding the tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -42,3 +45,8 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     if rows.shape[1] > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     return rows
+
+
+def on_device_of(x: torch.Tensor):
+    """Context manager: launch on x's CUDA device (a no-op for CPU tensors)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..errors import FastGPTError
-from ._custom_ops import as_rows, new_output, num_sms
+from ._custom_ops import as_rows, new_output, num_sms, on_device_of
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
@@ -110,6 +110,8 @@ def _check(x: torch.Tensor, bias: torch.Tensor) -> None:
     if x.dim() == 0 or bias.shape != (x.shape[-1],):
         raise FastGPTError(f"bias_gelu: expected x (..., C) and bias (C,), got x {tuple(x.shape)}, "
                            f"bias {tuple(bias.shape)}")
+    if x.device != bias.device:
+        raise FastGPTError(f"bias_gelu: x on {x.device} but bias on {bias.device}")
 
 
 def _forward(x, bias):
@@ -119,8 +121,9 @@ def _forward(x, bias):
     if N and C:
         BLOCK_M, BLOCK_N, num_warps = _tiles(C)
         grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(C, BLOCK_N))
-        _bias_gelu_fwd_kernel[grid](x2, bias, y, N, C, x2.stride(0), C,
-                                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+        with on_device_of(x):
+            _bias_gelu_fwd_kernel[grid](x2, bias, y, N, C, x2.stride(0), C,
+                                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
     return y
 
 
@@ -137,9 +140,10 @@ def _backward(dy, x, bias):
     groups = max(1, triton.cdiv(row_tiles, max(tiles_per_program, 1)))  # drop programs left without rows
     dbias_partial = new_output((groups, C), torch.float32, x.device)
     if N and C:
-        _bias_gelu_bwd_kernel[(groups, col_blocks)](
-            x2, bias, dy2, dx, dbias_partial, N, C, x2.stride(0), dy2.stride(0), C, tiles_per_program,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+        with on_device_of(x):
+            _bias_gelu_bwd_kernel[(groups, col_blocks)](
+                x2, bias, dy2, dx, dbias_partial, N, C, x2.stride(0), dy2.stride(0), C, tiles_per_program,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
     else:
         dbias_partial.zero_()
     return dx, dbias_partial.sum(0).to(bias.dtype)

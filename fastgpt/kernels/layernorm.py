@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastGPTError
-from ._custom_ops import as_rows, new_output, num_sms
+from ._custom_ops import as_rows, new_output, num_sms, on_device_of
 
 MAX_WIDTH = 65536
 
@@ -139,9 +139,12 @@ def _backward_tile(C: int) -> tuple[int, int, int]:
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, what: str) -> None:
     C = x.shape[-1] if x.dim() else 0
-    if x.dim() == 0 or weight.shape != (C,) or bias.shape != (C,):
+    if C == 0 or weight.shape != (C,) or bias.shape != (C,):
         raise FastGPTError(f"{what}: expected x (..., C) with weight and bias (C,), got x {tuple(x.shape)}, "
                            f"weight {tuple(weight.shape)}, bias {tuple(bias.shape)}")
+    if not (x.device == weight.device == bias.device):
+        raise FastGPTError(f"{what}: x on {x.device}, weight on {weight.device}, bias on {bias.device}; "
+                           "the kernel needs them on one device")
 
 
 def _forward(x, residual, weight, bias, eps):
@@ -160,12 +163,13 @@ def _forward(x, residual, weight, bias, eps):
     if N == 0:
         return y, new_residual, mean, rstd
     BLOCK_C, num_warps = _block_and_warps(C)
-    _layer_norm_fwd_kernel[(N,)](
-        x2, res2 if residual is not None else x2, weight, bias, y, new_residual if residual is not None else y,
-        mean, rstd,
-        x2.stride(0), res2.stride(0) if residual is not None else 0, C, C,
-        C, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_C=BLOCK_C, num_warps=num_warps)
+    with on_device_of(x):
+        _layer_norm_fwd_kernel[(N,)](
+            x2, res2 if residual is not None else x2, weight, bias, y, new_residual if residual is not None else y,
+            mean, rstd,
+            x2.stride(0), res2.stride(0) if residual is not None else 0, C, C,
+            C, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_C=BLOCK_C, num_warps=num_warps)
     return y, new_residual, mean, rstd
 
 
@@ -192,11 +196,12 @@ def _backward(dy, x, weight, mean, rstd, dresidual):
         db_partial.zero_()
     else:
         dres2 = as_rows(dresidual) if dresidual is not None else dy2
-        _layer_norm_bwd_kernel[(programs,)](
-            x2, weight, mean, rstd, dy2, dres2, dx, dw_partial, db_partial,
-            x2.stride(0), dy2.stride(0), dres2.stride(0), C,
-            N, C, tiles_per_program,
-            HAS_DRESIDUAL=dresidual is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=num_warps)
+        with on_device_of(x):
+            _layer_norm_bwd_kernel[(programs,)](
+                x2, weight, mean, rstd, dy2, dres2, dx, dw_partial, db_partial,
+                x2.stride(0), dy2.stride(0), dres2.stride(0), C,
+                N, C, tiles_per_program,
+                HAS_DRESIDUAL=dresidual is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=num_warps)
     return dx, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
 
 
@@ -295,8 +300,9 @@ def add_layer_norm_triton(residual: torch.Tensor, x: torch.Tensor, weight: torch
                           bias: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """(residual + x, LayerNorm(residual + x)) in one kernel; both outputs in the promoted dtype."""
     _check(x, weight, bias, "add_layer_norm")
-    if residual.shape != x.shape:
-        raise FastGPTError(f"add_layer_norm: residual {tuple(residual.shape)} and x {tuple(x.shape)} differ in shape")
+    if residual.shape != x.shape or residual.device != x.device:
+        raise FastGPTError(f"add_layer_norm: residual {tuple(residual.shape)} on {residual.device} and "
+                           f"x {tuple(x.shape)} on {x.device} must match in shape and device")
     new_residual, y, _mean, _rstd = torch.ops.fastgpt.add_layer_norm_fwd(residual, x, weight, bias, float(eps))
     return new_residual, y
 
