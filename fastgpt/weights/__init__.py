@@ -17,7 +17,6 @@ from pathlib import Path
 
 from ..errors import FastGPTError
 
-# The readers import torch; they are imported on first use so that `fastgpt --help` stays fast.
 __all__ = ["load_pretrained", "load_fastgpt", "save_fastgpt", "save_pretrained", "resolve"]
 
 
@@ -50,6 +49,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _load(path, device, dtype):
+    # The readers import torch, so they are imported here: `fastgpt --help` stays fast.
     from .hf import load_hf
     from .native import load_fastgpt_dir
     from .openai_tf import load_openai_tf

@@ -142,12 +142,16 @@ def fetch(url: str, dest: Path, manifest: Manifest, progress: bool = True, timeo
 
     with response:
         sha256, md5 = hashlib.sha256(), None
-        if response.status == 206 and response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+        if response.status == 206:
+            if not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+                part.unlink(missing_ok=True)
+                raise FastGPTError(f"{url}: the server sent a different byte range than asked for "
+                                   f"({response.headers.get('Content-Range')!r}); run the command again")
             mode = "ab"
             with open(part, "rb") as existing:  # the hash covers the whole file, kept part included
                 for block in iter(lambda: existing.read(CHUNK), b""):
                     sha256.update(block)
-        else:  # the server sent the whole file (it ignored the range, or we asked for none)
+        else:  # 200: the whole file (the server ignored the range, or we asked for none)
             mode, have = "wb", 0
             if response.headers.get("Content-MD5"):
                 md5 = hashlib.md5()
