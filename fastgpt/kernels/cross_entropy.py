@@ -124,13 +124,17 @@ def _cross_entropy_bwd_kernel(logits_ptr, logits_row_stride, targets_ptr, lse_pt
 
 
 # ----------------------------------------------------------------------------- launch helpers
-MAX_BLOCK_V = 8192  # 16 KiB of bf16 per load: wide enough to keep HBM busy, small enough for registers
+# Columns per loop step, and per thread. At 8 values a thread the kernels need 30-46
+# registers on sm_90 (16 values: up to 90), so an SM holds several row programs at once
+# and one program's reductions hide behind the others' loads. Not yet tuned by timing.
+MAX_BLOCK_V = 2048
+VALUES_PER_THREAD = 8
 
 
 def launch_config(V: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for rows of width V."""
     block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
-    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    num_warps = max(1, min(8, block // (32 * VALUES_PER_THREAD)))
     return block, num_warps
 
 
