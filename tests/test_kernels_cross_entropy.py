@@ -91,7 +91,7 @@ def test_strided_rows_and_columns():
     """Rows with stride != V (a slice of a wider buffer), and a transposed view."""
     wide, targets = make_case(20, 117, torch.float32)
     logits = wide[:, 5:105]  # row stride 117, 100 columns
-    targets = targets.clamp(max=99).masked_fill(targets == IGNORE, IGNORE)
+    targets = targets.clamp(max=99)  # ignored rows (-100) stay ignored
     assert logits.stride(0) != logits.shape[1]
     check_against_fp64(logits, targets, "none", torch.float32)
     transposed = wide[:, :20].t()  # column stride != 1
@@ -107,7 +107,7 @@ def test_every_output_element_written(dtype, monkeypatch):
     monkeypatch.setattr(cross_entropy, "MAX_BLOCK_V", 32)
     N, V, pad = 11, 70, 9
     logits, targets = make_case(N, V + pad, dtype, seed=3)
-    targets = targets.clamp(max=V - 1).masked_fill(targets == IGNORE, IGNORE)
+    targets = targets.clamp(max=V - 1)  # ignored rows (-100) stay ignored
     view = logits[:, :V]
     loss = torch.full((N,), float("nan"), device=DEVICE)
     _, lse = launch_forward(view, targets, IGNORE, loss=loss)
