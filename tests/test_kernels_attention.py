@@ -169,3 +169,15 @@ def test_peak_memory_at_t4096_is_far_below_a_t_by_t_buffer():
     peak = torch.cuda.max_memory_allocated() - base
     t_by_t = B * H * T * T * 2  # one bf16 score matrix: 384 MiB
     assert peak < t_by_t / 16, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_benchmark_tiny_runs_here_and_gpu_sizes_skip_on_cpu(tmp_path):
+    from fastgpt.bench.attention import run
+    rows = run(DEVICE, "tiny", tmp_path, backends=("eager", "triton"))
+    names = {(r.name, r.backend) for r in rows}
+    assert {("attention.fwd", "triton"), ("attention.fwd_bwd", "triton"), ("decode_attention", "triton"),
+            ("attention.fwd", "eager")} <= names
+    assert all(r.median > 0 for r in rows)
+    assert "| attention.fwd |" in (tmp_path / "attention.md").read_text()
+    if not GPU:
+        assert run("cpu", "gpt2", tmp_path) == []
