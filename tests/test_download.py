@@ -17,6 +17,7 @@ import pytest
 
 from fastgpt.cli import main
 from fastgpt.errors import FastGPTError
+from fastgpt.weights import resolve
 from fastgpt.weights.download import MANIFEST, download_model, file_urls
 
 CONFIG = b'{"model_type": "gpt2"}\n'
@@ -209,6 +210,8 @@ def test_cli_downloads_openai_release_and_the_model_loads(server, tmp_path, caps
         torch.testing.assert_close(GPT.from_pretrained(directory)(idx), hf(idx).logits, atol=1e-4, rtol=0)
     with pytest.raises(FastGPTError, match=r"gpt2: not downloaded yet \(run: fastgpt download gpt2\)"):
         GPT.from_pretrained("gpt2")  # the bare name means the HF-format cache, which is empty here
+    (tmp_path / "cache" / "gpt2").mkdir()
+    assert resolve("gpt2") == tmp_path / "cache" / "gpt2"
     server.files.clear()
     code = main(["download", "gpt2", "--dir", str(tmp_path / "cache"), "--base-url", server.url, "--no-progress"])
     assert code == 2

@@ -191,6 +191,10 @@ def test_missing_and_unknown_directories(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(FastGPTError, match="model_type 'llama' is not supported"):
         GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8, "n_layer": 1,
+                                                      "n_head": 2, "n_positions": 8, "vocab_size": 10}))
+    with pytest.raises(FastGPTError, match="no weights file"):
+        GPT.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": ')
     with pytest.raises(FastGPTError, match="invalid JSON"):
         GPT.from_pretrained(tmp_path)
