@@ -4,7 +4,8 @@ Both run the same random GPT-2 weights (a `GPT2LMHeadModel` is built, saved with
 `save_pretrained`, and loaded into fastgpt with `GPT.from_pretrained`), greedy, with
 their KV caches, `new_tokens` tokens after a short random prompt, in the same run.
 Tokens/s = new tokens / wall time of the whole generate call (prefill included);
-median, p20, p80 over `repeats` calls after a warm-up call.
+median, p20, p80 over `repeats` calls after a warm-up call, the contenders taking
+turns so that both see the same machine load.
 
 Decoding one sequence is memory-bound: every new token reads every weight once.
 The "bound" rows give that limit: memory bandwidth (measured here, in this run, by
@@ -97,15 +98,20 @@ def _hf_model(size: str):
     return transformers.GPT2LMHeadModel(hf_cfg).eval()
 
 
-def _time_calls(fn, repeats: int, device: str) -> list[float]:
-    fn()  # warm-up: first-call allocations, lazy imports, kernel compilation
-    seconds = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
+def _time_interleaved(calls: dict, repeats: int, device: str) -> dict[str, list[float]]:
+    """Seconds per call of each contender, calling them in turn (A B C A B C ...) so that
+    a change in machine load mid-run hits them all alike. One warm-up call each first
+    (allocations, lazy imports, kernel compilation)."""
+    for fn in calls.values():
         fn()
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
+    seconds = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, fn in calls.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            seconds[key].append(time.perf_counter() - start)
     return seconds
 
 
@@ -116,50 +122,53 @@ def _run_size(device, size, new_tokens, prompt_tokens, repeats, dtypes, hf_dtype
     hf = _hf_model(size)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, hf.config.vocab_size, (1, prompt_tokens), generator=g)
+    ids = prompt.to(device)
     shape = f"B=1 prompt={prompt_tokens} new={new_tokens} threads={torch.get_num_threads()}"
     name = f"generate {size}"
-    rows, reference = [], None
+    outputs, calls = {}, {}
 
-    for dtype_name in hf_dtypes:
-        model = copy.deepcopy(hf).to(device=device, dtype=DTYPES[dtype_name])
-        ids = prompt.to(device)
-        outputs = {}
-
-        def hf_generate():
+    def hf_call(model, key):
+        def call():
             with torch.inference_mode():
-                outputs["ids"] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                                min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                                                pad_token_id=0, eos_token_id=None)
-        rows.append(_row(name, "transformers", shape, dtype_name, new_tokens,
-                         _time_calls(hf_generate, repeats, device), device))
-        if dtype_name == "float32":
-            reference = outputs["ids"][0, prompt_tokens:].tolist()
-        del model
+                outputs[key] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                              min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                                              pad_token_id=0, eos_token_id=None)
+        return call
+
+    def our_call(model, key):
+        def call():
+            outputs[key] = generate(model, prompt.tolist(), new_tokens, temperature=0, eos_id=None)
+        return call
 
     with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        del hf
-        for dtype_name in dtypes:
-            model = GPT.from_pretrained(tmp, device=device, dtype=DTYPES[dtype_name])
-            results = {}
+        hf.save_pretrained(tmp)  # the same weights, through fastgpt's Hugging Face loader
+        ours = {d: GPT.from_pretrained(tmp, device=device, dtype=DTYPES[d]) for d in dtypes}
+    for d in hf_dtypes:
+        calls[("transformers", d)] = hf_call(copy.deepcopy(hf).to(device=device, dtype=DTYPES[d]), ("transformers", d))
+    del hf
+    for d, model in ours.items():
+        calls[("fastgpt", d)] = our_call(model, ("fastgpt", d))
+    seconds = _time_interleaved(calls, repeats, device)
 
-            def our_generate():
-                results["out"] = generate(model, prompt.tolist(), new_tokens, temperature=0, eos_id=None)
-            seconds = _time_calls(our_generate, repeats, device)
-            stats, tokens = results["out"].stats, results["out"].tokens[0]
+    reference = outputs[("transformers", "float32")][0, prompt_tokens:].tolist() \
+        if ("transformers", "float32") in outputs else None
+    rows = []
+    for (backend, d), secs in seconds.items():
+        extra = ""
+        if backend == "fastgpt":
+            stats, tokens = outputs[(backend, d)].stats, outputs[(backend, d)].tokens[0]
             extra = f"decode_tokens_per_s={stats.decode_tokens_per_s:.1f};ttft_ms={stats.first_token_s * 1e3:.1f}"
             if reference is not None:  # greedy tokens equal to transformers' float32 ones
                 same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(reference))
                 extra += f";first_{same}_of_{new_tokens}_tokens_equal_transformers_fp32"
-            rows.append(_row(name, "fastgpt", shape, dtype_name, new_tokens, seconds, device, extra))
-
-            # The limit: every weight read once per token (of the position embedding, one row).
-            weight_bytes = (model.num_parameters() - model.pos_emb.weight.numel()) * DTYPES[dtype_name].itemsize
-            bound = bandwidth * 1e9 / weight_bytes
-            rows.append(Row(name, "bound (bandwidth)", shape, dtype_name, bound, bound, bound, "tokens/s",
-                            device=device_name(device),
-                            extra=f"bandwidth_GBps={bandwidth:.1f};weight_MB={weight_bytes / 1e6:.0f}"))
-            del model
+        rows.append(_row(name, backend, shape, d, new_tokens, secs, device, extra))
+    for d, model in ours.items():
+        # The limit: every weight read once per token (of the position embedding, one row).
+        weight_bytes = (model.num_parameters() - model.pos_emb.weight.numel()) * DTYPES[d].itemsize
+        bound = bandwidth * 1e9 / weight_bytes
+        rows.append(Row(name, "bound (bandwidth)", shape, d, bound, bound, bound, "tokens/s",
+                        device=device_name(device),
+                        extra=f"bandwidth_GBps={bandwidth:.1f};weight_MB={weight_bytes / 1e6:.0f}"))
     return rows
 
 
