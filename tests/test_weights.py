@@ -365,3 +365,17 @@ def test_generate_cli_runs_on_saved_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert out.startswith("Hello") and len(out.strip()) > len("Hello")
+
+
+def test_snappy_blocks_decode():
+    """Table blocks may be Snappy-compressed; streams built by hand from the format description."""
+    from fastgpt.weights.sstable import snappy_decompress
+    # literal "abc", then copy offset 3 length 9 (overlapping: the pattern repeats), 1-byte-offset form
+    stream = bytes([12, 2 << 2]) + b"abc" + bytes([((9 - 4) << 2) | 1, 3])
+    assert snappy_decompress(stream) == b"abc" * 4
+    # a 70-byte literal (length in an extra byte) then a 2-byte-offset copy of its first 20 bytes
+    text = bytes(range(70))
+    stream = bytes([90, 60 << 2, 69]) + text + bytes([(19 << 2) | 2, 70, 0])
+    assert snappy_decompress(stream) == text + text[:20]
+    with pytest.raises(ValueError, match="copy before the start"):
+        snappy_decompress(bytes([4, (0 << 2) | 1, 9]))

@@ -4,9 +4,9 @@ A table is a sorted list of (key, value) byte strings, laid out as
 
     data block 1 .. data block N | metaindex block | index block | footer (48 bytes)
 
-Every block is followed by a 5-byte trailer: its compression type (0 = none) and
-the masked CRC-32C of the block plus that type byte. A block stores its entries
-with keys prefix-compressed against the previous key,
+Every block is followed by a 5-byte trailer: its compression type (0 = none,
+1 = Snappy) and the masked CRC-32C of the stored block plus that type byte. A block
+stores its entries with keys prefix-compressed against the previous key,
 
     varint shared | varint non_shared | varint value_length | key[shared:] | value
 
@@ -27,7 +27,7 @@ from .crc32c import crc32c, mask, unmask
 MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
 TRAILER_SIZE = 5
-NO_COMPRESSION = 0
+NO_COMPRESSION, SNAPPY = 0, 1
 
 
 def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -93,10 +93,52 @@ def _read_block(data: bytes, offset: int, size: int) -> bytes:
     (stored,) = struct.unpack("<I", data[end + 1:end + TRAILER_SIZE])
     if unmask(stored) != crc32c(data[offset:end + 1]):
         raise ValueError(f"checksum mismatch in the block at byte {offset}")
+    if compression == SNAPPY:
+        return snappy_decompress(data[offset:end])
     if compression != NO_COMPRESSION:
-        raise ValueError(f"block at byte {offset} uses compression type {compression}; only uncompressed "
-                         "tables are supported")
+        raise ValueError(f"block at byte {offset} uses unknown compression type {compression}")
     return data[offset:end]
+
+
+def snappy_decompress(buf: bytes) -> bytes:
+    """Decode raw Snappy (TensorFlow writes bundle indexes uncompressed, but other tables may not be).
+
+    After a varint of the decoded length come elements whose tag's low 2 bits say:
+    0 = a literal run, 1/2/3 = copy earlier output, with a 1-, 2- or 4-byte back offset.
+    """
+    size, pos = read_varint(buf, 0)
+    out = bytearray()
+    while pos < len(buf):
+        tag, kind = buf[pos], buf[pos] & 3
+        pos += 1
+        if kind == 0:
+            length = tag >> 2
+            if length >= 60:  # the length - 1 follows in (length - 59) little-endian bytes
+                extra = length - 59
+                length = int.from_bytes(buf[pos:pos + extra], "little")
+                pos += extra
+            length += 1
+            out += buf[pos:pos + length]
+            pos += length
+            continue
+        if kind == 1:
+            length, offset = 4 + ((tag >> 2) & 7), ((tag >> 5) << 8) | buf[pos]
+            pos += 1
+        else:
+            width = 2 if kind == 2 else 4
+            length, offset = (tag >> 2) + 1, int.from_bytes(buf[pos:pos + width], "little")
+            pos += width
+        if not 0 < offset <= len(out):
+            raise ValueError("corrupt snappy data (copy before the start)")
+        start = len(out) - offset
+        if offset >= length:
+            out += out[start:start + length]
+        else:  # the copy overlaps the bytes it produces (a repeating pattern): byte by byte
+            for i in range(length):
+                out.append(out[start + i])
+    if len(out) != size:
+        raise ValueError("corrupt snappy data (wrong decoded length)")
+    return bytes(out)
 
 
 def _block_entries(block: bytes):
