@@ -130,7 +130,7 @@ def fetch(url: str, dest: Path, manifest: Manifest, progress: bool = True, timeo
     try:
         response = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as err:
-        if err.code == 416 and have:  # our part is not a prefix of what the server has now: start over
+        if err.code == 416 and have:  # the file is no longer than our part: it changed, start over
             part.unlink()
             return fetch(url, dest, manifest, progress, timeout)
         raise FastGPTError(f"{url}: HTTP error {err.code} {err.reason}") from None
@@ -179,12 +179,8 @@ def fetch(url: str, dest: Path, manifest: Manifest, progress: bool = True, timeo
     if md5 and base64.b64encode(md5.digest()).decode() != expected_md5:
         part.unlink()
         raise FastGPTError(f"{url}: MD5 does not match the server's Content-MD5; the download was discarded")
-    linked = _linked_sha256([*redirects.seen, response.headers])
-    return _finish(url, dest, part, manifest, sha256, received, record, linked)
-
-
-def _finish(url, dest, part, manifest, sha256, size, record, linked) -> str:
     digest = sha256.hexdigest()
+    linked = _linked_sha256([*redirects.seen, response.headers])
     expected, source = (linked, "X-Linked-ETag") if linked else (
         (record["sha256"], "the first download") if record else (None, None))
     if expected and digest != expected:
@@ -192,7 +188,6 @@ def _finish(url, dest, part, manifest, sha256, size, record, linked) -> str:
         raise FastGPTError(f"{url}: sha256 {digest} does not match {expected} (from {source}); "
                            "the download was discarded")
     os.replace(part, dest)
-    manifest.record(dest.name, sha256=digest, size=size, url=url,
+    manifest.record(dest.name, sha256=digest, size=received, url=url,
                     verified_against=source or "nothing yet (recorded on first download)")
     return "downloaded"
-

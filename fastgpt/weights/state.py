@@ -11,6 +11,7 @@ import itertools
 import torch
 
 from ..config import GPTConfig
+from ..errors import FastGPTError
 from ..model import GPT
 
 TIED = "lm_head.weight"  # the LM head shares the token embedding matrix, stored once
@@ -26,7 +27,11 @@ def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
 def build_model(cfg: GPTConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None) -> GPT:
     """A GPT in eval mode holding `state` (fastgpt names, checked shapes) on `device`, as `dtype` (default float32)."""
+    if isinstance(dtype, str):  # "bfloat16" as well as torch.bfloat16
+        dtype = getattr(torch, dtype, None) if isinstance(getattr(torch, dtype, None), torch.dtype) else dtype
     dtype = dtype or torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise FastGPTError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
     tensors = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
     tensors[TIED] = tensors["tok_emb.weight"]
     with torch.device("meta"):
