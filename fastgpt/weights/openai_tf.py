@@ -40,7 +40,10 @@ def config_from_hparams(raw: dict, source: str) -> GPTConfig:
 
 
 def tf_name(gpt2_name: str) -> str:
-    """'h.3.attn.c_attn.weight' -> 'model/h3/attn/c_attn/w'; 'ln_f.weight' -> 'model/ln_f/g'; 'wte.weight' -> 'model/wte'."""
+    """GPT-2 name -> OpenAI variable name.
+
+    'h.3.attn.c_attn.weight' -> 'model/h3/attn/c_attn/w', 'ln_f.weight' -> 'model/ln_f/g', 'wte.weight' -> 'model/wte'.
+    """
     *path, leaf = gpt2_name.split(".")
     if path[0] == "h":
         path = [f"h{path[1]}", *path[2:]]
