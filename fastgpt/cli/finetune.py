@@ -23,8 +23,8 @@ def register(subparsers) -> None:
                     "report accuracy / precision / recall / F1 and save the best model by validation accuracy.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cls.add_argument("--model", required=True,
-                     help="fastgpt model directory to start from, or a preset name (tiny, mini, gpt2, ...) "
-                          "for a random initialisation")
+                     help="model to start from: a fastgpt / Hugging Face / OpenAI GPT-2 directory, a name "
+                          "fetched by `fastgpt download` (gpt2, ...), or tiny / mini for a random initialisation")
     cls.add_argument("--data", required=True,
                      help="labelled texts: .tsv 'label<TAB>text' without header (SMS Spam Collection), "
                           ".csv with a header, or .jsonl objects")
@@ -59,7 +59,8 @@ def register(subparsers) -> None:
                     "judge) and save the model with metadata['template'] for `fastgpt chat`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ins.add_argument("--model", required=True,
-                     help="fastgpt model directory to start from, or a preset name for a random initialisation")
+                     help="model to start from: a fastgpt / Hugging Face / OpenAI GPT-2 directory, a name "
+                          "fetched by `fastgpt download` (gpt2, ...), or tiny / mini for a random initialisation")
     ins.add_argument("--data", required=True,
                      help="a JSON list (or .jsonl) of records with 'instruction', 'output' and optional 'input'")
     ins.add_argument("--template", default="alpaca", help="prompt template: alpaca or phi3")

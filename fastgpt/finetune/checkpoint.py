@@ -19,23 +19,22 @@ HEAD_FILE = "classifier.safetensors"
 
 
 def load_model(spec: str, device: torch.device | str = "cpu"):
-    """(GPT, metadata) from a fastgpt model directory, or a preset name for a random start."""
+    """(GPT, metadata) from a model directory (fastgpt, Hugging Face or OpenAI GPT-2; or a
+    downloaded model's name such as gpt2), or the preset tiny / mini for a random start."""
     from ..model import GPT
-    from ..train.checkpoint import load_model_state
+    from ..weights import load_fastgpt
 
-    if spec in PRESETS and not Path(spec).exists():
-        return GPT(spec).to(device), {}
-    if not Path(spec).is_dir():
-        raise FastGPTError(f"--model {spec}: no such model directory (or preset: {', '.join(PRESETS)})")
-    config, state, metadata = load_model_state(Path(spec))
-    model = GPT(config)
-    model.load_state_dict(state)
-    return model.to(device), dict(metadata or {})
+    from ..weights.download import MODELS
+
+    if spec in PRESETS and spec not in MODELS and not Path(spec).exists():
+        return GPT(spec).to(device), {}  # released names (gpt2, ...) mean the downloaded weights, never random
+    model, metadata = load_fastgpt(spec, device)
+    return model, dict(metadata or {})
 
 
 def save_model(model, out_dir, metadata: dict) -> None:
-    from ..train.checkpoint import save_model as save_fastgpt_model
-    save_fastgpt_model(model, Path(out_dir), metadata)
+    from ..weights import save_fastgpt
+    save_fastgpt(model, Path(out_dir), metadata)
 
 
 def save_classifier(clf, out_dir, labels: list[str], metadata: dict) -> None:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from ..errors import FastGPTError
+from ..weights.atomic import replace_file
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -41,14 +41,7 @@ def write_atomic(path: str | os.PathLike, write) -> None:
     """Call `write(tmp_path)` then rename onto `path`, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    replace_file(path, write)
 
 
 def write_json(path: str | os.PathLike, value) -> None:

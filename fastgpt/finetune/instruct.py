@@ -280,7 +280,11 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
         return row
 
     generator = torch.Generator().manual_seed(seed)
-    step, tokens_seen, epoch_batches = 0, 0, []
+    epoch_batches = _batches(train_set, batch_size, generator, **collate_args)
+    if not any(_has_targets(y) for _, y in epoch_batches):
+        raise FastGPTError(f"--max-length {max_length}{' with --mask-prompt' if mask_prompt else ''} leaves no "
+                           "response token to learn in any training example")
+    step, tokens_seen = 0, 0
     evals = [evaluate(0, 0)]
     while step < max_steps:
         if not epoch_batches:
