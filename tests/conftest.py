@@ -38,3 +38,13 @@ def _seed_and_backend():
     previous = ops.get_backend()
     yield
     ops.set_backend(previous)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (minutes on 2 CPU cores) run only when FASTGPT_SLOW=1."""
+    if os.environ.get("FASTGPT_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set FASTGPT_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
