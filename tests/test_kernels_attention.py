@@ -181,3 +181,12 @@ def test_benchmark_tiny_runs_here_and_gpu_sizes_skip_on_cpu(tmp_path):
     assert "| attention.fwd |" in (tmp_path / "attention.md").read_text()
     if not GPU:
         assert run("cpu", "gpt2", tmp_path) == []
+
+
+def test_mismatched_inputs_raise_one_clear_error():
+    from fastgpt.errors import FastGPTError
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(FastGPTError, match="one shape and dtype"):
+        attention_triton(q, q[:, :, :4], q)
+    with pytest.raises(FastGPTError, match="fp32/fp16/bf16"):
+        attention_triton(q.double(), q.double(), q.double())

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..errors import FastGPTError
 from ._custom_ops import new_output
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
@@ -96,6 +97,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
                      H, T, sm_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      INPUT_PRECISION: tl.constexpr):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the diagonal block splits into whole key tiles
     start_m = tl.program_id(0) * BLOCK_M
     # Divide in int32 (a 64-bit division is a slow subroutine), then widen: B*H*T*D may exceed 2^31.
     bh = tl.program_id(1)
@@ -193,6 +195,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           INPUT_PRECISION: tl.constexpr):
     """One program owns BLOCK_N keys/values and walks every query tile that can see them."""
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int32 division, int64 offsets
@@ -265,6 +268,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         INPUT_PRECISION: tl.constexpr):
     """One program owns BLOCK_M queries and walks every key/value tile they can see."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int32 division, int64 offsets
@@ -440,6 +444,12 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     kernels take strides, nothing is copied. A head size that is not a power of
     two >= 16 is zero-padded (zeros change neither q.k nor the kept columns of P V).
     """
+    if not (q.dim() == 4 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
+        raise FastGPTError(f"attention: q, k, v must be (B, H, T, D) of one shape and dtype, got "
+                           f"{tuple(q.shape)} {q.dtype}, {tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or q.shape[-1] > 256:
+        raise FastGPTError(f"attention: the Triton kernel takes fp32/fp16/bf16 with head size <= 256, "
+                           f"got {q.dtype} with head size {q.shape[-1]}")
     D = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(D)
     padded = _padded_head_dim(D)

@@ -53,14 +53,14 @@ def _decode_partial_kernel(Q, K, V, LENGTHS, M_PART, L_PART, ACC_PART,
                            stride_qb, stride_qh, stride_qd,
                            stride_kb, stride_kh, stride_kt, stride_kd,
                            stride_vb, stride_vh, stride_vt, stride_vd,
-                           H, chunk, num_splits, sm_scale,
+                           H, T_max, chunk, num_splits, sm_scale,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Softmax state (m, l, acc) of one query over cache entries [split*chunk, (split+1)*chunk)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int32 division, int64 offsets
     bh = bh.to(tl.int64)
-    length = tl.load(LENGTHS + b).to(tl.int32)
+    length = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), T_max)  # never read past the cache
     start = split * chunk
     if start >= length:  # the sequence ends before this chunk: nothing to do
         return
@@ -161,7 +161,7 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _decode_partial_kernel[(num_splits, B * H)](
         q, k_cache, v_cache, lengths, m_part, l_part, acc_part,
         q.stride(0), q.stride(1), q.stride(2), *k_cache.stride(), *v_cache.stride(),
-        H, chunk, num_splits, 1.0 / math.sqrt(D),
+        H, max_length, chunk, num_splits, 1.0 / math.sqrt(D),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4)
     _decode_merge_kernel[(B * H,)](
         m_part, l_part, acc_part, lengths, out, *out.stride(), H, chunk, num_splits,
@@ -192,7 +192,7 @@ def compile_specs():
                        **{f"stride_{n}{a}": "i32" for n in "kv" for a in "bht"}}
             unit = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1}  # specialised to 1 at run time
             sig = {"Q": ty, "K": ty, "V": ty, "LENGTHS": "*i64", "M_PART": "*fp32", "L_PART": "*fp32",
-                   "ACC_PART": "*fp32", **strides, "H": "i32", "chunk": "i32", "num_splits": "i32",
+                   "ACC_PART": "*fp32", **strides, "H": "i32", "T_max": "i32", "chunk": "i32", "num_splits": "i32",
                    "sm_scale": "fp32"}
             specs.append(KernelSpec(f"decode_attention_partial_{dtype}_d{D}", _decode_partial_kernel, sig,
                                     dict(**unit, HEAD_DIM=D, BLOCK_D=D, BLOCK_N=64)))
