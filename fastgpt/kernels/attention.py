@@ -3,7 +3,7 @@
 Two implementations with one signature:
 
 * `attention_reference` - the textbook version: builds the (T, T) score matrix.
-* `attention_triton`    - a fused, flash-style kernel pair that never builds it.
+* `attention_triton`    - fused, flash-style Triton kernels (forward and backward) that never build it.
 
 How the fused forward works (one program = BLOCK_M queries of one head):
 the query tile stays in registers while key/value tiles of BLOCK_N rows stream
@@ -31,6 +31,7 @@ fp32 inputs use TF32 tensor-core dots only when PyTorch's
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,6 @@ from ._custom_ops import new_output
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
 LN2 = tl.constexpr(0.6931471805599453)  # ln(x) = log2(x) * ln(2)
-
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -97,6 +97,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
                      H, T, sm_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      INPUT_PRECISION: tl.constexpr):
+    """One program: BLOCK_M queries of one (batch, head) -> their outputs and log-sum-exps."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the diagonal block splits into whole key tiles
     start_m = tl.program_id(0) * BLOCK_M
     # Divide in int32 (a 64-bit division is a slow subroutine), then widen: B*H*T*D may exceed 2^31.
@@ -304,13 +305,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
 
 # ----------------------------------------------------------------------------- launch
 def _interpreted() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # Tile configs. Each was compiled for sm_80 and sm_90 (see compile_specs) and chosen so that
-# no kernel spills registers, with or without Triton's 16-byte alignment specialisation; the interpreter runs one small fixed config (fast on CPU, and
-# still several tiles per sequence so that the tests cross every tile boundary).
+# no kernel spills registers, with or without Triton's 16-byte alignment specialisation.
+# The interpreter runs one small fixed config: fast on CPU, and still several tiles per
+# sequence, so that the tests cross every tile boundary.
 _INTERPRETER_FWD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
 _INTERPRETER_DKDV = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
 _INTERPRETER_DQ = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
@@ -378,9 +379,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: 
     cfg = _fwd_config(D)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                           H, T, sm_scale, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                           INPUT_PRECISION=_input_precision(q.dtype),
-                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                           H, T, sm_scale, HEAD_DIM=D, INPUT_PRECISION=_input_precision(q.dtype), **cfg)
     return out, lse
 
 
