@@ -99,7 +99,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
                      INPUT_PRECISION: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head) -> their outputs and log-sum-exps."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the diagonal block splits into whole key tiles
-    start_m = tl.program_id(0) * BLOCK_M
+    # Late query tiles see the most keys: launch them first, so that short ones fill the tail.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     # Divide in int32 (a 64-bit division is a slow subroutine), then widen: B*H*T*D may exceed 2^31.
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
@@ -270,7 +271,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                         INPUT_PRECISION: tl.constexpr):
     """One program owns BLOCK_M queries and walks every key/value tile they can see."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    start_m = tl.program_id(0) * BLOCK_M
+    # Late query tiles see the most keys: launch them first, so that short ones fill the tail.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int32 division, int64 offsets
     bh = bh.to(tl.int64)
