@@ -112,3 +112,20 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     from fastgpt.train.checkpoint import load_model_state
     _, weights, _ = load_model_state(good[-1] / "model")
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_example_configs_load_and_demo_file_matches_builtin():
+    from pathlib import Path
+    from fastgpt.train.config import DEMO
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.*"))
+    assert {p.name for p in configs} >= {"demo.toml", "verdict-gpt2.yaml", "gpt2-124m.toml"}
+    for path in configs:
+        resolve(load_config_file(path))
+    assert load_config_file(configs[0].with_name("demo.toml")) == DEMO
+
+
+def test_training_step_benchmark_smoke(tmp_path):
+    from fastgpt.bench.train import run
+    rows = run("cpu", "tiny", tmp_path, repeats=1)
+    assert [r.backend for r in rows] == ["torch"] and rows[0].unit == "tokens/s" and rows[0].median > 0
+    assert "| train_step |" in (tmp_path / "train.md").read_text()
