@@ -31,6 +31,7 @@ def test_classify_with_lora_then_classify_command(tmp_path, capsys):
     assert {"train", "eval"} == {json.loads(l)["kind"] for l in (out / "metrics.jsonl").read_text().splitlines()}
     assert (out / "loss.png").is_file()
 
+    assert (out / "lora_adapters.safetensors").is_file()
     clf, meta = load_classifier(out)  # a plain model (LoRA merged) + head + labels
     assert meta["labels"] == ["ham", "spam"] and not any("lora" in n for n in clf.state_dict())
     assert main(["classify", "--model", str(out), "WIN a FREE prize now", "see you at lunch"]) == 0

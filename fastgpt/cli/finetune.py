@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     cls.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
     cls.add_argument("--weight-decay", type=float, default=0.1)
     cls.add_argument("--batch-size", type=int, default=8)
+    cls.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                     help="autocast dtype, as in pretraining (auto: bf16/fp16 on GPUs, bf16 on CPUs that have it)")
     cls.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     cls.add_argument("--out", required=True, help="directory for the model, metrics.jsonl, loss.png, report.json")
     cls.set_defaults(func=_classify)
@@ -82,7 +84,7 @@ def register(subparsers) -> None:
                      help="validation batches per evaluation (default: the whole validation split)")
     ins.add_argument("--ckpt-interval", type=int, default=0, help="checkpoint every K steps (0: at the end only)")
     ins.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                     help="autocast dtype (auto: bf16/fp16 on GPUs, fp32 on CPU)")
+                     help="autocast dtype (auto: bf16/fp16 on GPUs, bf16 on CPUs that have it, else fp32)")
     ins.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     ins.add_argument("--seed", type=int, default=123)
     ins.add_argument("--max-new-tokens", type=int, default=256, help="length limit of each test response")
@@ -121,7 +123,7 @@ def _classify(args) -> int:
         labels=args.labels, balance_classes=args.balance, split_fractions=tuple(args.split), seed=args.seed,
         max_length=args.max_length, trainable=args.trainable, last_n=args.last_n, lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets), epochs=args.epochs, lr=args.lr,
-        weight_decay=args.weight_decay, batch_size=args.batch_size, device=args.device)
+        weight_decay=args.weight_decay, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     return 0
 
 

@@ -9,6 +9,7 @@ token's view.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -162,8 +163,7 @@ def pad_batch(sequences: list[list[int]], pad_id: int = EOT_ID, side: str = "rig
 
 def batches(split_: EncodedSplit, batch_size: int, shuffle: bool = False, generator=None):
     """Padded (ids, mask, targets) batches; each batch is padded to its own longest sequence."""
-    order = torch.randperm(len(split_), generator=generator).tolist() if shuffle else range(len(split_))
-    order = list(order)
+    order = torch.randperm(len(split_), generator=generator).tolist() if shuffle else list(range(len(split_)))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         ids, mask = pad_batch([split_.tokens[i] for i in rows])
@@ -235,24 +235,27 @@ def configure_trainable(clf: GPTClassifier, mode: str = "last-n", last_n: int = 
 
 # ---------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def predict(clf: GPTClassifier, split_: EncodedSplit, batch_size: int = 32) -> tuple[torch.Tensor, float]:
+def predict(clf: GPTClassifier, split_: EncodedSplit, batch_size: int = 32,
+            autocast=contextlib.nullcontext) -> tuple[torch.Tensor, float]:
     """(class probabilities (N, K), mean loss) over a split, in its order."""
     was_training = clf.training
     clf.eval()
     device = next(clf.parameters()).device
     probs, loss_sum = [], 0.0
     for ids, mask, targets in batches(split_, batch_size):
-        logits = clf(ids.to(device), mask.to(device)).float()
+        with autocast():
+            logits = clf(ids.to(device), mask.to(device))
+        logits = logits.float()
         loss_sum += F.cross_entropy(logits, targets.to(device), reduction="sum").item()
         probs.append(logits.softmax(-1).cpu())
     clf.train(was_training)
     return torch.cat(probs), loss_sum / max(len(split_), 1)
 
 
-def accuracy(clf: GPTClassifier, split_: EncodedSplit, batch_size: int = 32) -> float:
+def accuracy(clf: GPTClassifier, split_: EncodedSplit, batch_size: int = 32, autocast=contextlib.nullcontext) -> float:
     if len(split_) == 0:
         return float("nan")
-    return _accuracy(predict(clf, split_, batch_size)[0], split_.targets)
+    return _accuracy(predict(clf, split_, batch_size, autocast)[0], split_.targets)
 
 
 def confusion_matrix(predicted: list[int], actual: list[int], num_classes: int) -> list[list[int]]:
@@ -292,7 +295,8 @@ def format_report(metrics: dict[str, dict[str, float]], matrix: list[list[int]],
 # ---------------------------------------------------------------------- training
 def train_classifier(clf: GPTClassifier, train: EncodedSplit, val: EncodedSplit, *, epochs: int = 3,
                      lr: float = 5e-5, weight_decay: float = 0.1, batch_size: int = 8, seed: int = 123,
-                     grad_clip: float = 1.0, log=print) -> tuple[dict, list[dict]]:
+                     grad_clip: float = 1.0, autocast=contextlib.nullcontext, scaler=None,
+                     log=print) -> tuple[dict, list[dict]]:
     """Train the trainable parameters; returns (best state by validation accuracy, history).
 
     History rows use the pretraining metrics format (so `fastgpt.train.metrics.plot_losses`
@@ -304,6 +308,7 @@ def train_classifier(clf: GPTClassifier, train: EncodedSplit, val: EncodedSplit,
 
     device = next(clf.parameters()).device
     optimizer = make_optimizer(clf, lr, weight_decay, (0.9, 0.999), 1e-8, device)
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)  # enabled for fp16 autocast
     params = [p for group in optimizer.param_groups for p in group["params"]]
     generator = torch.Generator().manual_seed(seed)
     history, step, tokens = [], 0, 0
@@ -313,20 +318,23 @@ def train_classifier(clf: GPTClassifier, train: EncodedSplit, val: EncodedSplit,
         loss_sum, correct = 0.0, 0
         for ids, mask, targets in batches(train, batch_size, shuffle=True, generator=generator):
             targets = targets.to(device)
-            logits = clf(ids.to(device), mask.to(device))
-            loss = F.cross_entropy(logits.float(), targets)
+            with autocast():
+                logits = clf(ids.to(device), mask.to(device)).float()
+            loss = F.cross_entropy(logits, targets)
             loss_sum += loss.item() * len(targets)
             correct += int((logits.argmax(-1) == targets).sum())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             tokens += int(mask.sum())
             history.append({"kind": "train", "step": step, "tokens": tokens, "epoch": epoch, "loss": loss.item()})
         train_loss, train_acc = loss_sum / len(train), correct / len(train)
-        val_probs, val_loss = predict(clf, val, batch_size)
+        val_probs, val_loss = predict(clf, val, batch_size, autocast)
         val_acc = _accuracy(val_probs, val.targets)
         history.append({"kind": "eval", "step": step, "tokens": tokens, "epoch": epoch, "train_loss": train_loss,
                         "val_loss": val_loss, "train_accuracy": train_acc, "val_accuracy": val_acc})
@@ -350,17 +358,20 @@ def finetune_classifier(model: str, data: str, out: str, *, text_column: str = "
                         split_fractions=(0.7, 0.1, 0.2), seed: int = 123, max_length: int | None = None,
                         trainable: str = "last-n", last_n: int = 1, lora_rank: int = 8, lora_alpha: float = 16.0,
                         lora_targets=DEFAULT_TARGETS, epochs: int = 5, lr: float = 5e-5, weight_decay: float = 0.1,
-                        batch_size: int = 8, device: str = "auto", log=print) -> dict:
+                        batch_size: int = 8, device: str = "auto", dtype: str = "auto", log=print) -> dict:
     """Read, balance, split, tokenize, train, evaluate and save; returns the report (also in report.json)."""
     from ..tokenizer import Tokenizer
+    from ..train.loop import autocast_factory, resolve_dtype
     from .checkpoint import load_model, save_classifier
     from .files import write_json
-    from .lora import merge_lora, trainable_summary
+    from .lora import merge_lora, save_adapters, trainable_summary
     from ..train.metrics import plot_losses
     from .files import write_jsonl
 
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
+    dtype = resolve_dtype(dtype, device)
+    autocast = autocast_factory(device, dtype)  # mixed precision as in pretraining; weights stay fp32
     torch.manual_seed(seed)
     examples = read_labeled_texts(data, text_column, label_column, labels)
     names = class_names(examples)
@@ -382,18 +393,21 @@ def finetune_classifier(model: str, data: str, out: str, *, text_column: str = "
         raise FastGPTError(f"--max-length: must be between 1 and the model's context length {context}, got {max_length}")
     splits = {name: encode(part, tokenizer, names, max_length)
               for name, part in (("train", train), ("val", val), ("test", test))}
-    log(f"max length {max_length} tokens (longer texts are truncated)")
+    log(f"max length {max_length} tokens (longer texts are truncated) | device {device} | "
+        f"dtype {str(dtype).removeprefix('torch.')}")
 
     clf = GPTClassifier(gpt, len(names)).to(device)
     configure_trainable(clf, trainable, last_n, lora_rank, lora_alpha, lora_targets)
     log(trainable_summary(clf))
-    before = {name: accuracy(clf, part, batch_size) for name, part in splits.items() if len(part)}
+    before = {name: accuracy(clf, part, batch_size, autocast) for name, part in splits.items() if len(part)}
     log("accuracy before: " + "  ".join(f"{k} {v:.2%}" for k, v in before.items()))
 
     best_state, history = train_classifier(clf, splits["train"], splits["val"], epochs=epochs, lr=lr,
-                                           weight_decay=weight_decay, batch_size=batch_size, seed=seed, log=log)
+                                           weight_decay=weight_decay, batch_size=batch_size, seed=seed,
+                                           autocast=autocast, log=log,
+                                           scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
     clf.load_state_dict(best_state)
-    probs = {name: predict(clf, part, batch_size)[0] for name, part in splits.items() if len(part)}
+    probs = {name: predict(clf, part, batch_size, autocast)[0] for name, part in splits.items() if len(part)}
     after = {name: _accuracy(p, splits[name].targets) for name, p in probs.items()}
     log("accuracy after (best epoch by validation accuracy): " + "  ".join(f"{k} {v:.2%}" for k, v in after.items()))
 
@@ -405,7 +419,8 @@ def finetune_classifier(model: str, data: str, out: str, *, text_column: str = "
 
     out = Path(out)
     if trainable == "lora":
-        merge_lora(clf.gpt)  # a plain model: nothing LoRA-specific is needed to load it
+        save_adapters(clf.gpt, out / "lora_adapters.safetensors")  # the adapters alone, for reuse
+        merge_lora(clf.gpt)  # the saved model is a plain GPT: nothing LoRA-specific is needed to load it
     save_classifier(clf, out, names, {"max_length": max_length, "base_model": str(model),
                                       **({"base": base_meta} if base_meta else {})})
     write_jsonl(out / "metrics.jsonl", history)
