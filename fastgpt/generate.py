@@ -21,6 +21,7 @@ paths produce the same tokens.
 from __future__ import annotations
 
 import codecs
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -113,9 +114,11 @@ def _prompt_lists(prompt_ids, vocab_size: int, context_length: int) -> list[list
     for b, prompt in enumerate(prompts):
         if not prompt:
             raise FastGPTError(f"prompt_ids[{b}] is empty (start from the end-of-text token {EOT_ID} instead)")
-        bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size), None)
+        bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, numbers.Integral)
+                    or not 0 <= t < vocab_size), None)
         if bad is not None:
             raise FastGPTError(f"prompt_ids[{b}] holds {bad!r}, not a token id in [0, {vocab_size})")
+        prompts[b] = [int(t) for t in prompts[b]]
         if len(prompt) > context_length:
             warnings.warn(f"prompt {b} has {len(prompt)} tokens; keeping its last {context_length} "
                           f"(the model's context length)", stacklevel=3)
@@ -175,7 +178,12 @@ class _Run:
 
     # -------------------------------------------------------------- forward passes
     def windows(self) -> list[list[int]]:
-        return [h[s:] for h, s in zip(self.history, self.start)]
+        """What the model sees of each sequence. An active window always fits (see slide).
+        A finished sequence's output is ignored, so its window is cropped to leave it a
+        valid slot for the dummy token it feeds each decode step."""
+        room = self.cache.max_length if self.cache is not None else self.context
+        return [h[s:] if active else h[max(s, len(h) - max(room - 1, 1)):]
+                for h, s, active in zip(self.history, self.start, self.active)]
 
     def prefill(self) -> torch.Tensor:
         """Logits (B, V) after the last real token of each right-padded window.

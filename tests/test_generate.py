@@ -235,6 +235,22 @@ def test_stop_string_spanning_tokens(model, tokenizer):
     assert out.tokens[0] == free[:end] and out.finish_reasons == ["stop"]
 
 
+def test_a_sequence_stopped_at_the_context_edge_rides_along_while_another_slides(model, tokenizer):
+    """Sequence 0 (10-token prompt) stops on its 55th token, holding 65 > 64 tokens;
+    sequence 1 goes on past the context. The finished one must neither break the
+    re-prefill nor the decode steps, nor change sequence 1's tokens."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50000, (10,), generator=g).tolist(),
+               torch.randint(0, 50000, (40,), generator=g).tolist()]
+    free = greedy(model, prompts, 80).tokens
+    stop = tokenizer.decode(free[0][:55])[-6:]
+    assert next(n for n in range(1, 81) if stop in tokenizer.decode(free[0][:n])) == 55
+    assert stop not in tokenizer.decode(free[1])
+    for use_cache in (True, False):
+        out = greedy(model, prompts, 80, stop_strings=[stop], tokenizer=tokenizer, use_cache=use_cache)
+        assert out.tokens == [free[0][:55], free[1]] and out.finish_reasons == ["stop", "length"]
+
+
 def test_on_token_streams_every_kept_token(model):
     seen = []
     out = greedy(model, PROMPTS, 10, on_token=lambda b, t: seen.append((b, t)))
