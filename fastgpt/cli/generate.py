@@ -14,7 +14,9 @@ Speed (prefill tokens/s, time to first token, decode tokens/s) is printed to
 stderr. --model takes a fastgpt checkpoint directory, a Hugging Face GPT-2
 directory, an OpenAI GPT-2 TensorFlow directory, or the name of a model fetched
 with `fastgpt download`; with --random-init it is a preset name (gpt2, mini,
-tiny, ...) built with RANDOM weights, which only makes sense for speed tests."""
+tiny, ...) built with RANDOM weights, which only makes sense for speed tests.
+A prompt longer than the model's context keeps its last tokens (with a warning);
+text longer than the context goes on from its last context_length/2 tokens."""
 
 CHAT_DESCRIPTION = """\
 Chat with a model: every line read from stdin is a user turn, the response is
