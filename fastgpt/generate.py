@@ -168,6 +168,7 @@ class _Run:
             self.cache = KVCache.for_model(model, B, max_length=max(need, 1))
             self.advance = torch.ones(B, dtype=torch.long, device=self.device)  # 1 = active, 0 = frozen
             self.step_tokens = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        self.graph_by_default = cuda_graph is None
         if cuda_graph is None:
             cuda_graph = use_cache and self.device.type == "cuda"
         if cuda_graph and not (use_cache and self.device.type == "cuda"):
@@ -207,9 +208,16 @@ class _Run:
     def decode(self, tokens: list[int]) -> torch.Tensor:
         """One new token per sequence, each at its own cache position -> logits (B, V)."""
         self.step_tokens.copy_(torch.tensor(tokens)[:, None])
-        if self.cuda_graph:
-            if self.graph_step is None:
+        if self.cuda_graph and self.graph_step is None:
+            try:
                 self.graph_step = _CUDAGraphStep(self.model, self.step_tokens, self.cache)
+            except RuntimeError as err:
+                if not self.graph_by_default:
+                    raise
+                # Some op of the step cannot be recorded (a host sync, say): stay eager.
+                warnings.warn(f"CUDA graph capture of the decode step failed, decoding without it: {err}")
+                self.cuda_graph = False
+        if self.cuda_graph:
             logits = self.graph_step()
         else:
             logits = _decode_logits(self.model, self.step_tokens, self.cache)
