@@ -1,4 +1,7 @@
-"""Data parallelism: 2 gloo processes under torchrun == 1 process with the same global batch."""
+"""Data parallelism: 2 gloo processes under torchrun == 1 process with the same global batch.
+
+DDP replicates the model; FSDP (FSDP2, `fully_shard` per block) shards it and
+gathers the full state for checkpoints. Both run on CPU with gloo."""
 from __future__ import annotations
 
 import os
@@ -14,13 +17,14 @@ from train_helpers import as_flags, tiny_options, train_losses, word_text
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_two_process_ddp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process(tmp_path, strategy):
     text = word_text(tmp_path / "words.txt")
     # global batch 8 sequences: 1 process x 2 micro-batches of 4 == 2 processes x 1 micro-batch of 4
     one = train(TrainConfig(**tiny_options(text, tmp_path / "one", micro_batch=4, tokens_per_step=8 * 16,
                                            max_steps=4, eval_interval=2)))
     options = tiny_options(text, tmp_path / "two", micro_batch=4, tokens_per_step=8 * 16, max_steps=4,
-                           eval_interval=2)
+                           eval_interval=2, distributed=strategy)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "fastgpt", "pretrain", *as_flags(options)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -33,3 +37,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     # only rank 0 logs: one line per step, not two
     assert proc.stdout.count("step 3/4 |") + proc.stderr.count("step 3/4 |") == 1
     assert (tmp_path / "two" / "ckpt_000004" / "model" / "model.safetensors").is_file()
+    # the checkpoint holds the full (unsharded) weights: it loads as a plain model
+    from fastgpt.train.checkpoint import load_model_state
+    config, weights, _ = load_model_state(tmp_path / "two" / "ckpt_000004" / "model")
+    assert weights["tok_emb.weight"].shape == (config.vocab_size, 32)

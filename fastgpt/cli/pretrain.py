@@ -125,7 +125,7 @@ def run(args) -> int:
 
     from ..train import train
     result = train(cfg, resume=resume, explicit=explicit)
-    if result.checkpoint is not None:
+    if result.checkpoint is not None and result.rank == 0:
         model_dir = result.checkpoint / "model"
         print(f"\ncheckpoint: {result.checkpoint}  (model weights: {model_dir})")
         print(f"generate more:  fastgpt generate --model {model_dir} --prompt 'ROMEO:' --max-new-tokens 200")

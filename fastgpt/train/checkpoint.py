@@ -107,15 +107,18 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(directory: Path, model, optimizer, scaler, state: dict) -> Path:
-    """Write a complete checkpoint atomically to `directory` (replacing an older one of that name)."""
+def save_checkpoint(directory: Path, model, optimizer_state: dict, scaler, state: dict) -> Path:
+    """Write a complete checkpoint atomically to `directory` (replacing an older one of that name).
+
+    `optimizer_state`: `optimizer.state_dict()`, or under FSDP the gathered full state.
+    """
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_model(model, tmp / "model", {"step": state["step"], "tokens_seen": state["tokens_seen"]})
-    torch.save({"optimizer": optimizer.state_dict(),
+    torch.save({"optimizer": optimizer_state,
                 "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None},
                tmp / "optimizer.pt")
     plain, tensors = rng_state()
@@ -185,18 +188,19 @@ def read_state(ckpt: Path) -> dict:
         raise FastGPTError(f"{state_path}: unreadable checkpoint state ({err})") from None
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scaler, device: torch.device) -> dict:
-    """Restore weights, optimizer, scaler and RNG states in place; returns state.json."""
+def load_weights_and_rng(ckpt: Path, model) -> dict:
+    """Restore weights (into the unwrapped model) and the RNG states; returns state.json."""
     ckpt = Path(ckpt)
     state = read_state(ckpt)
     config, weights, _ = load_model_state(ckpt / "model")
     if config.to_dict() | {"dropout": 0} != model.config.to_dict() | {"dropout": 0}:
         raise FastGPTError(f"{ckpt}: checkpoint architecture {config.to_dict()} differs from the model's")
     model.load_state_dict(weights)
-    opt = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    if scaler is not None and opt.get("scaler") is not None:
-        scaler.load_state_dict(opt["scaler"])
     tensors = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)
     set_rng_state(state["rng"], tensors)
     return state
+
+
+def load_optimizer_file(ckpt: Path, device: torch.device) -> dict:
+    """{"optimizer": state dict, "scaler": state dict or None}, read without unpickling code."""
+    return torch.load(Path(ckpt) / "optimizer.pt", map_location=device, weights_only=True)

@@ -62,15 +62,46 @@ def wrap_model(model: torch.nn.Module, strategy: str, info: DistInfo, device: to
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if strategy == "fsdp":
-        import functools
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-        from ..model import Block
-        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Block})
-        # The tied embedding / LM head stays in the root unit, so tying survives sharding.
-        return FSDP(model, auto_wrap_policy=policy, use_orig_params=True,
-                    device_id=device if device.type == "cuda" else None)
+        # FSDP2: each block's parameters are sharded across ranks and gathered just in time;
+        # the root unit holds the embeddings (tied LM head included). Works on CUDA and on CPU/gloo.
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import fully_shard
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
     raise ValueError(f"unknown distributed strategy {strategy!r}")
+
+
+def gradient_sync(trained: torch.nn.Module, info: DistInfo, strategy: str, enabled: bool):
+    """Context for one micro-step: skip the gradient all-reduce unless `enabled` (the last micro-step)."""
+    import contextlib
+    if not info.enabled or enabled:
+        if info.enabled and strategy == "fsdp":
+            trained.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if strategy == "fsdp":
+        trained.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return trained.no_sync()
+
+
+def full_state(model: torch.nn.Module, optimizer, strategy: str, info: DistInfo) -> tuple[dict, dict]:
+    """Unsharded (model, optimizer) state dicts. Under FSDP every rank must call this (it gathers)."""
+    if strategy == "fsdp" and info.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict(), optimizer.state_dict()
+
+
+def load_optimizer_state(model, optimizer, state: dict, strategy: str, info: DistInfo) -> None:
+    if strategy == "fsdp" and info.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
 
 
 def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

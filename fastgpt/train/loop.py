@@ -28,7 +28,8 @@ from ..errors import FastGPTError
 from . import checkpoint as ckpt_io
 from .batches import BatchPlan, load_corpus, load_shards, load_text_file
 from .config import ARCHITECTURE_KEYS, TrainConfig
-from .distributed import DistInfo, any_rank, barrier, mean_across_ranks, setup, teardown, wrap_model
+from .distributed import (DistInfo, any_rank, barrier, full_state, gradient_sync, load_optimizer_state,
+                          mean_across_ranks, setup, teardown, wrap_model)
 from .evaluate import mean_loss, sample_text
 from .metrics import MetricsLog, eval_line, plot_losses, step_line
 from .mfu import mfu_text, model_flops_per_token
@@ -51,6 +52,7 @@ class TrainResult:
     interrupted: bool = False
     sample: str | None = None
     config: dict = field(default_factory=dict)
+    rank: int = 0                   # under torchrun: this process's rank (only rank 0 reports)
 
 
 # ---------------------------------------------------------------------- setup helpers
@@ -232,8 +234,6 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
                                resume_from)
         cfg.out_dir = str(resume_from.parent)
     run_dir = Path(cfg.out_dir)
-    if cfg.distributed == "fsdp" and info.enabled:
-        raise FastGPTError("--distributed fsdp: checkpoints of sharded models are not implemented; use ddp")
     ops.set_backend(cfg.backend)
     dtype = resolve_dtype(cfg.dtype, device)
     autocast = autocast_factory(device, dtype)
@@ -271,18 +271,28 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
     model.to(device)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    sharded = cfg.distributed == "fsdp" and info.enabled
+    optimizer_format = "fsdp-full" if sharded else "torch"
     step, tokens_seen, best_val = 0, 0, None
     metrics = MetricsLog(run_dir)
     if resume_from is not None:
-        state = ckpt_io.load_checkpoint(resume_from, model, optimizer, scaler, device)
+        if state.get("optimizer_format", "torch") != optimizer_format:
+            raise FastGPTError(f"--resume {resume_from}: its optimizer state was saved as "
+                               f"{state.get('optimizer_format', 'torch')!r}; resume it with the same --distributed")
+        state = ckpt_io.load_weights_and_rng(resume_from, model)  # weights go in before sharding
         step, tokens_seen, best_val = state["step"], state["tokens_seen"], state.get("best_val_loss")
         if info.is_main:
             metrics.truncate_after(step)
-    if info.rank > 0 and resume_from is None:
-        torch.manual_seed(cfg.seed + info.rank)  # distinct dropout masks per rank
-    trained = wrap_model(model, cfg.distributed, info, device)
+    if info.rank > 0:  # distinct dropout masks per rank (resume is bit-exact for one process only)
+        torch.manual_seed(cfg.seed + info.rank + 7919 * step)
+    trained = wrap_model(model, cfg.distributed, info, device)  # FSDP shards `model` in place
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if resume_from is not None:
+        saved = ckpt_io.load_optimizer_file(resume_from, device)
+        load_optimizer_state(model, optimizer, saved["optimizer"], cfg.distributed, info)
+        if saved.get("scaler") is not None and scaler.is_enabled():
+            scaler.load_state_dict(saved["scaler"])
     if cfg.compile:
         trained = torch.compile(trained)
     flops_token = model_flops_per_token(model, T)
@@ -306,10 +316,32 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
             results.append(mean_loss(model, eval_cache[split], device, autocast))
         return results[0], results[1]
 
-    def save(directory: Path) -> Path:
+    def unsharded_copy():
+        """FSDP: a plain model with the gathered weights (every rank must call; rank 0 gets the copy)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from ..model import GPT
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not info.is_main:
+            return None
+        copy = GPT(model.config)
+        copy.load_state_dict(weights)
+        return copy.to(device)
+
+    def save(directory: Path) -> Path | None:
+        """Called on every rank (FSDP gathers the shards); rank 0 writes."""
+        if not (sharded or info.is_main):
+            return None
+        model_state, optimizer_state = full_state(model, optimizer, cfg.distributed, info)
+        if not info.is_main:
+            return None
         payload = {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val,
-                   "config": cfg.to_dict(), "world_size": info.world_size}
-        return ckpt_io.save_checkpoint(directory, model, optimizer, scaler, payload)
+                   "config": cfg.to_dict(), "world_size": info.world_size, "optimizer_format": optimizer_format}
+        to_save = model
+        if sharded:  # a plain CPU copy of the gathered weights for the model files
+            from ..model import GPT
+            to_save = GPT(model.config)
+            to_save.load_state_dict(model_state)
+        return ckpt_io.save_checkpoint(directory, to_save, optimizer_state, scaler, payload)
 
     losses: list[float] = []
     step_times: list[float] = []
@@ -329,8 +361,7 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
             for k, (x, y) in enumerate(batches):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 last = k == len(batches) - 1
-                sync = contextlib.nullcontext() if last or not info.enabled else trained.no_sync()
-                with sync:
+                with gradient_sync(trained, info, cfg.distributed, enabled=last):
                     with autocast():
                         loss = trained(x, y) / len(batches)
                     scaler.scale(loss).backward()
@@ -353,7 +384,7 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
             dt = time.perf_counter() - t0
             tok_s = plan.tokens_per_step / dt
             losses.append(loss_value)
-            norm_value = float(norm)
+            norm_value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             step_times.append(dt)
             if cfg.time_budget is not None and len(step_times) >= 3 and len(step_times) % 10 == 3:
                 cfg.max_steps = _steps_within_budget(cfg, step, step_times, time.perf_counter() - started,
@@ -377,16 +408,19 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
                     metrics.write({"kind": "eval", "step": step, "tokens": tokens_seen,
                                    "train_loss": train_loss, "val_loss": val_loss})
                     say(eval_line(step, train_loss, val_loss))
-                    if improved and cfg.keep_best:
-                        save(run_dir / "best")
-            if info.is_main and ((cfg.sample_interval and step % cfg.sample_interval == 0) or final):
-                sample = sample_text(model, cfg.sample_prompt, cfg.sample_tokens, cfg.sample_temperature,
-                                     cfg.sample_top_k, seed=cfg.seed)
-                say(f"sample at step {step}:\n{sample}\n")
+                if improved and cfg.keep_best:
+                    save(run_dir / "best")
+            if (cfg.sample_interval and step % cfg.sample_interval == 0) or final:
+                sampler = unsharded_copy() if sharded else model
+                if info.is_main:
+                    sample = sample_text(sampler, cfg.sample_prompt, cfg.sample_tokens, cfg.sample_temperature,
+                                         cfg.sample_top_k, seed=cfg.seed)
+                    say(f"sample at step {step}:\n{sample}\n")
             interrupted = any_rank(stop.requested, info, device)
             if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or final or interrupted:
+                path = save(run_dir / f"ckpt_{step:06d}")
                 if info.is_main:
-                    last_ckpt = save(run_dir / f"ckpt_{step:06d}")
+                    last_ckpt = path
                     ckpt_io.prune(run_dir, cfg.keep_last)
                 barrier(info)
             if interrupted:
@@ -400,4 +434,4 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
     return TrainResult(run_dir=run_dir, step=step, losses=losses, train_loss=train_loss, val_loss=val_loss,
                        best_val_loss=best_val, checkpoint=last_ckpt, tokens_seen=tokens_seen,
                        elapsed_s=time.perf_counter() - started, interrupted=interrupted, sample=sample,
-                       config=cfg.to_dict())
+                       config=cfg.to_dict(), rank=info.rank)
