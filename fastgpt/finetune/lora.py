@@ -57,16 +57,12 @@ class LoRALinear(nn.Linear):
         return F.linear(x, self.weight, self.bias) + self.lora_delta(x)
 
     def merged_linear(self) -> nn.Linear:
-        """A plain nn.Linear with W + scaling * B A folded in (the bias is unchanged)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
+        """A plain nn.Linear holding W + scaling * B A (and the same bias tensor)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         with torch.no_grad():
-            linear.weight.copy_(self.weight + (self.lora_B @ self.lora_A) * self.scaling)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        linear.weight.requires_grad_(self.weight.requires_grad)
-        if self.bias is not None:
-            linear.bias.requires_grad_(self.bias.requires_grad)
+            merged = self.weight + (self.lora_B @ self.lora_A) * self.scaling
+        linear.weight = nn.Parameter(merged, requires_grad=self.weight.requires_grad)
+        linear.bias = self.bias
         return linear
 
     def extra_repr(self) -> str:
