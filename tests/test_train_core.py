@@ -129,3 +129,31 @@ def test_training_step_benchmark_smoke(tmp_path):
     rows = run("cpu", "tiny", tmp_path, repeats=1)
     assert [r.backend for r in rows] == ["torch"] and rows[0].unit == "tokens/s" and rows[0].median > 0
     assert "| train_step |" in (tmp_path / "train.md").read_text()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from fastgpt.model import GPT
+    from fastgpt.train.recompute import enable_activation_checkpointing
+    cfg = TrainConfig(preset="tiny", n_embd=32, context_length=16, dropout=0.0).model_config()
+    x, y = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        if recompute:
+            assert enable_activation_checkpointing(model) == cfg.n_layer
+        model(x, y).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_init_from_a_saved_model_continues_from_its_weights(tmp_path):
+    text = word_text(tmp_path / "words.txt")
+    first = train(TrainConfig(**tiny_options(text, tmp_path / "a", max_steps=20, lr=1e-2, warmup_steps=2)))
+    model_dir = first.checkpoint / "model"
+    again = train(TrainConfig(**tiny_options(text, tmp_path / "b", max_steps=1, init_from=str(model_dir),
+                                             preset="gpt2", n_layer=None, n_head=None, n_embd=None)))
+    assert again.losses[0] < first.losses[0] - 2.0  # starts where the first run ended, not at ln(V)
+    with pytest.raises(FastGPTError, match="--init-from .*n_embd=32, but --n-embd 64 was given"):
+        train(TrainConfig(**tiny_options(text, tmp_path / "c", init_from=str(model_dir), n_embd=64)))

@@ -121,10 +121,8 @@ def merge_for_resume(saved: dict, cfg: TrainConfig, explicit: set[str], ckpt: Pa
 def build_model(cfg: TrainConfig):
     from ..model import GPT
     if cfg.init_from:
-        path = Path(cfg.init_from)
-        if not path.is_dir():
-            raise FastGPTError(f"--init-from: no such model directory {path}")
-        config, weights, _ = ckpt_io.load_model_state(path)
+        path = cfg.init_from  # a fastgpt, Hugging Face or OpenAI directory, or a downloaded model's name
+        config, weights, _ = ckpt_io.load_model_state(Path(path))
         asked = {k: getattr(cfg, k) for k in ARCHITECTURE_KEYS if getattr(cfg, k) is not None}
         for key, value in asked.items():
             if getattr(config, key) != value:
