@@ -26,22 +26,28 @@ import torch
 
 from ..config import preset
 from ..errors import FastGPTError
+from ..quantize import quantize_int8, weight_bytes_per_token
 from .common import Row, device_name, quantiles, write_csv
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# fastgpt only: int8 weights with one scale per row, bf16 activations (fastgpt.quantize; approximate)
+INT8 = "int8"
 
 
 def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path = "benchmarks/results", new_tokens: int = 256,
-        prompt_tokens: int = 8, repeats: int = 3, dtypes=("float32", "bfloat16"), hf_dtypes=("float32",),
+        prompt_tokens: int = 8, repeats: int = 3, dtypes=("float32", "bfloat16", INT8), hf_dtypes=("float32",),
         threads: int | None = None) -> list[Row]:
     """Measure, write `generate.csv` and `generate.md` into `out_dir`, return the rows.
 
-    `dtypes`: fastgpt weight dtypes to measure; `hf_dtypes`: transformers' (its default
-    is float32). `threads`: torch CPU threads for every measurement (default: as set).
+    `dtypes`: fastgpt weight dtypes to measure ("int8": weight-only int8 with bf16
+    activations, see fastgpt.quantize); `hf_dtypes`: transformers' (its default is float32). `threads`: torch CPU threads for every measurement (default: as set).
     """
-    for name in (*dtypes, *hf_dtypes):
+    for name in dtypes:
+        if name not in DTYPES and name != INT8:
+            raise FastGPTError(f"unknown fastgpt dtype {name!r} (choose from: {', '.join([*DTYPES, INT8])})")
+    for name in hf_dtypes:
         if name not in DTYPES:
-            raise FastGPTError(f"unknown dtype {name!r} (choose from: {', '.join(DTYPES)})")
+            raise FastGPTError(f"unknown transformers dtype {name!r} (choose from: {', '.join(DTYPES)})")
     if repeats < 1 or new_tokens < 2:
         raise FastGPTError("repeats must be >= 1 and new_tokens >= 2")
     rows: list[Row] = []
@@ -142,7 +148,7 @@ def _run_size(device, size, new_tokens, prompt_tokens, repeats, dtypes, hf_dtype
 
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)  # the same weights, through fastgpt's Hugging Face loader
-        ours = {d: GPT.from_pretrained(tmp, device=device, dtype=DTYPES[d]) for d in dtypes}
+        ours = {d: _load_ours(GPT, tmp, device, d) for d in dtypes}
     for d in hf_dtypes:
         calls[("transformers", d)] = hf_call(copy.deepcopy(hf).to(device=device, dtype=DTYPES[d]), ("transformers", d))
     del hf
@@ -163,13 +169,19 @@ def _run_size(device, size, new_tokens, prompt_tokens, repeats, dtypes, hf_dtype
                 extra += f";first_{same}_of_{new_tokens}_tokens_equal_transformers_fp32"
         rows.append(_row(name, backend, shape, d, new_tokens, secs, device, extra))
     for d, model in ours.items():
-        # The limit: every weight read once per token (of the position embedding, one row).
-        weight_bytes = (model.num_parameters() - model.pos_emb.weight.numel()) * DTYPES[d].itemsize
+        # The limit: every weight read once per token.
+        weight_bytes = weight_bytes_per_token(model)
         bound = bandwidth * 1e9 / weight_bytes
         rows.append(Row(name, "bound (bandwidth)", shape, d, bound, bound, bound, "tokens/s",
                         device=device_name(device),
                         extra=f"bandwidth_GBps={bandwidth:.1f};weight_MB={weight_bytes / 1e6:.0f}"))
     return rows
+
+
+def _load_ours(GPT, directory, device, dtype_name):
+    if dtype_name == INT8:
+        return quantize_int8(GPT.from_pretrained(directory, device=device))
+    return GPT.from_pretrained(directory, device=device, dtype=DTYPES[dtype_name])
 
 
 def _row(name, backend, shape, dtype_name, new_tokens, seconds, device, extra="") -> Row:
@@ -205,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", INT8], choices=[*DTYPES, INT8],
+                        help="fastgpt weight dtypes (int8: weight-only int8, bf16 activations, approximate)")
     parser.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
