@@ -94,3 +94,18 @@ def test_exit_status_2_from_the_real_command(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "missing.txt" in proc.stderr
+
+
+def test_trains_from_prepared_shards(tmp_path, capsys):
+    text = word_text(tmp_path / "words.txt")
+    shards = tmp_path / "shards"
+    assert main(["prepare", str(text), "--out", str(shards), "--shard-tokens", "1000", "--workers", "1",
+                 "--no-progress"]) == 0
+    options = tiny_options(text, tmp_path / "run", max_steps=3)
+    del options["text"]
+    assert main(["pretrain", "--data", str(shards), *as_flags(options)]) == 0
+    out = capsys.readouterr().out
+    assert "step 3/3 |" in out or (tmp_path / "run" / "ckpt_000003").is_dir()
+    assert (tmp_path / "run" / "ckpt_000003" / "state.json").is_file()
+    err = _error(capsys, ["pretrain", "--data", str(tmp_path / "nothing"), *as_flags(options)])
+    assert "nothing" in err
