@@ -118,11 +118,12 @@ def _prompt_lists(prompt_ids, vocab_size: int, context_length: int) -> list[list
                     or not 0 <= t < vocab_size), None)
         if bad is not None:
             raise FastGPTError(f"prompt_ids[{b}] holds {bad!r}, not a token id in [0, {vocab_size})")
-        prompts[b] = [int(t) for t in prompts[b]]
+        prompt = [int(t) for t in prompt]
         if len(prompt) > context_length:
             warnings.warn(f"prompt {b} has {len(prompt)} tokens; keeping its last {context_length} "
                           f"(the model's context length)", stacklevel=3)
-            prompts[b] = prompt[-context_length:]
+            prompt = prompt[-context_length:]
+        prompts[b] = prompt
     return prompts
 
 
