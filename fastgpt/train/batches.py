@@ -64,6 +64,14 @@ class TokenSplit:
     def random_offsets(self, count: int, context_length: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(0, len(self.tokens) - context_length, (count,), generator=generator)
 
+    def unigram_entropy(self) -> float | None:
+        """Loss (nats) of always predicting the split's token frequencies: the bar a model must beat."""
+        if not isinstance(self.tokens, np.ndarray):
+            return None  # shards: not worth a pass over a large corpus
+        counts = np.bincount(self.tokens).astype(np.float64)
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
     def n_windows(self, context_length: int) -> int:
         return (len(self.tokens) - 1) // context_length
 

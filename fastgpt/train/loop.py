@@ -302,6 +302,10 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
         say(f"data: {len(train_split):,} train / {len(val_split):,} val tokens | global batch "
             f"{plan.global_rows} x {T} = {plan.tokens_per_step:,} tokens ({cfg.micro_batch} per micro-step, "
             f"{accum} accumulation steps) | {cfg.max_steps} steps = {cfg.max_steps / plan.steps_per_epoch():.2f} epochs")
+        unigram = train_split.unigram_entropy()
+        if unigram is not None:
+            say(f"baseline: predicting the train split's token frequencies (unigram) costs {unigram:.2f} nats/token; "
+                f"an untrained model {math.log(model.config.vocab_size):.2f}")
         _write_json_atomic(run_dir / "config.json", cfg.to_dict())
 
     eval_cache: dict[str, list] = {}
