@@ -53,7 +53,7 @@ HELP = {
     "backend": "kernels: auto (Triton on CUDA), torch (PyTorch reference), triton",
     "compile": "torch.compile the model",
     "activation_checkpointing": "recompute each block in backward (less memory, ~1/3 more compute)",
-    "distributed": "under torchrun: ddp (replicas) or fsdp (sharded; checkpoints not implemented)",
+    "distributed": "under torchrun: ddp (a replica per process) or fsdp (FSDP2: parameters, grads and AdamW state sharded per block)",
     "threads": "CPU threads used by torch",
     "seed": "seed for weights, batches and dropout",
     "eval_interval": "evaluate train/val loss every N steps (0: only at the end)",
@@ -94,7 +94,7 @@ def register(subparsers) -> None:
         flag = "--" + f.name.replace("_", "-")
         kinds = [k for k in getattr(types[f.name], "__args__", (types[f.name],)) if k is not type(None)]
         default = getattr(defaults, f.name)
-        text = f"{HELP[f.name]} (default: {default})"
+        text = HELP[f.name] if default is None else f"{HELP[f.name]} (default: {default})"
         if kinds == [bool]:
             options.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                  default=argparse.SUPPRESS, help=text)
