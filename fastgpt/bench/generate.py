@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,25 +28,32 @@ import torch
 
 from ..config import preset
 from ..errors import FastGPTError
-from ..quantize import quantize_int8, weight_bytes_per_token
+from ..quantize import QUANTIZATIONS, quantize, weight_bytes_per_token
 from .common import Row, device_name, quantiles, write_csv
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# fastgpt only: int8 weights with one scale per row, bf16 activations (fastgpt.quantize; approximate)
+# fastgpt only, approximate (fastgpt.quantize): "int8" weights with one scale per row,
+# "int4" weights with a scale and zero per group of 32; bf16 activations
 INT8 = "int8"
+INT4 = "int4"
 
 
 def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path = "benchmarks/results", new_tokens: int = 256,
-        prompt_tokens: int = 8, repeats: int = 3, dtypes=("float32", "bfloat16", INT8), hf_dtypes=("float32",),
-        threads: int | None = None) -> list[Row]:
+        prompt_tokens: int = 8, repeats: int = 3, dtypes=("float32", "bfloat16", INT8, INT4), hf_dtypes=("float32",),
+        threads: int | None = None, command: str | None = None) -> list[Row]:
     """Measure, write `generate.csv` and `generate.md` into `out_dir`, return the rows.
 
-    `dtypes`: fastgpt weight dtypes to measure ("int8": weight-only int8 with bf16
-    activations, see fastgpt.quantize); `hf_dtypes`: transformers' (its default is float32). `threads`: torch CPU threads for every measurement (default: as set).
+    `sizes`: a preset name ("gpt2") or a list of them. `dtypes`: fastgpt weight dtypes
+    to measure ("int8", "int4": weight-only quantization with bf16 activations, see
+    fastgpt.quantize); `hf_dtypes`: transformers' (its default is float32). `threads`:
+    torch CPU threads for every measurement (default: as set). `command`: the command
+    line, written at the top of the Markdown file.
     """
+    if isinstance(sizes, str):
+        sizes = (sizes,)
     for name in dtypes:
-        if name not in DTYPES and name != INT8:
-            raise FastGPTError(f"unknown fastgpt dtype {name!r} (choose from: {', '.join([*DTYPES, INT8])})")
+        if name not in DTYPES and name not in QUANTIZATIONS:
+            raise FastGPTError(f"unknown fastgpt dtype {name!r} (choose from: {', '.join([*DTYPES, *QUANTIZATIONS])})")
     for name in hf_dtypes:
         if name not in DTYPES:
             raise FastGPTError(f"unknown transformers dtype {name!r} (choose from: {', '.join(DTYPES)})")
@@ -59,6 +67,8 @@ def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path = "benchmarks/
     out_dir = Path(out_dir)
     write_csv(rows, out_dir / "generate.csv")
     markdown = markdown_report(rows)
+    if command:
+        markdown = f"Command: `{command}`\n\n{markdown}"
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "generate.md.tmp"
     tmp.write_text(markdown)
@@ -154,15 +164,23 @@ def _run_size(device, size, new_tokens, prompt_tokens, repeats, dtypes, hf_dtype
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)  # the same weights, through fastgpt's Hugging Face loader
         ours = {d: _load_ours(GPT, tmp, device, d) for d in dtypes}
+    hf_float32 = hf.to(device)
     for d in hf_dtypes:
-        calls[("transformers", d)] = hf_call(copy.deepcopy(hf).to(device=device, dtype=DTYPES[d]), ("transformers", d))
-    del hf
+        model = hf_float32 if d == "float32" else copy.deepcopy(hf).to(device=device, dtype=DTYPES[d])
+        calls[("transformers", d)] = hf_call(model, ("transformers", d))
     for d, model in ours.items():
         calls[("fastgpt", d)] = our_call(model, ("fastgpt", d))
     seconds, cpu_seconds = _time_interleaved(calls, repeats, device)
 
     reference = outputs[("transformers", "float32")][0, prompt_tokens:].tolist() \
         if ("transformers", "float32") in outputs else None
+    agreement = {}
+    if reference is not None:  # teacher-forced: each model's logits on transformers' fp32 text
+        text = torch.tensor([prompt[0].tolist() + reference], device=device)
+        with torch.inference_mode():
+            exact = hf_float32(text).logits[0, prompt_tokens - 1:].float()
+            for d, model in ours.items():
+                agreement[d] = logit_agreement(model(text)[0, prompt_tokens - 1:].float(), exact)
     rows = []
     for (backend, d), secs in seconds.items():
         cpu_rate = quantiles([new_tokens / c for c in cpu_seconds[(backend, d)]])[0]
@@ -173,6 +191,8 @@ def _run_size(device, size, new_tokens, prompt_tokens, repeats, dtypes, hf_dtype
             if reference is not None:  # greedy tokens equal to transformers' float32 ones
                 same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(reference))
                 extra += f";first_{same}_of_{new_tokens}_tokens_equal_transformers_fp32"
+            if d in agreement:
+                extra += ";" + agreement[d]
         rows.append(_row(name, backend, shape, d, new_tokens, secs, device, extra))
     for d, model in ours.items():
         # The limit: every weight read once per token.
@@ -184,9 +204,18 @@ def _run_size(device, size, new_tokens, prompt_tokens, repeats, dtypes, hf_dtype
     return rows
 
 
+def logit_agreement(logits: torch.Tensor, exact: torch.Tensor) -> str:
+    """How close (T, V) logits are to the exact ones on the same text: the share of
+    positions whose top token is the same, and the largest and relative errors."""
+    top1 = (logits.argmax(-1) == exact.argmax(-1)).float().mean().item()
+    max_err = (logits - exact).abs().max().item()
+    rel_err = ((logits - exact).norm() / exact.norm()).item()
+    return f"teacher_forced_top1_agree={top1:.1%};logit_max_abs_err={max_err:.3g};logit_rel_err={rel_err:.3g}"
+
+
 def _load_ours(GPT, directory, device, dtype_name):
-    if dtype_name == INT8:
-        return quantize_int8(GPT.from_pretrained(directory, device=device))
+    if dtype_name in QUANTIZATIONS:
+        return quantize(GPT.from_pretrained(directory, device=device), dtype_name)
     return GPT.from_pretrained(directory, device=device, dtype=DTYPES[dtype_name])
 
 
@@ -223,13 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", INT8], choices=[*DTYPES, INT8],
-                        help="fastgpt weight dtypes (int8: weight-only int8, bf16 activations, approximate)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", INT8, INT4],
+                        choices=[*DTYPES, *QUANTIZATIONS],
+                        help="fastgpt weight dtypes (int8, int4: weight-only quantization, bf16 activations, "
+                             "approximate)")
     parser.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    command = "PYTHONPATH=. python3 benchmarks/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = run(args.device, args.sizes, args.out_dir, args.new_tokens, args.prompt_tokens, args.repeats,
-               args.dtypes, args.hf_dtypes, args.threads)
+               args.dtypes, args.hf_dtypes, args.threads, command=command)
     print(markdown_report(rows))
     return 0
 
