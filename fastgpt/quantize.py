@@ -67,6 +67,9 @@ class Int4Linear(nn.Module):
     def __init__(self, linear: nn.Linear, group_size: int = 32, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         N, K = linear.out_features, linear.in_features
+        if linear.weight.device.type != "cpu":
+            raise FastGPTError(f"int4 quantization runs on CPU only (ATen's int4 CPU matmul); the weights are on "
+                               f"{linear.weight.device}")
         if group_size not in (32, 64, 128, 256) or K % group_size:
             raise FastGPTError(f"int4 group_size must be 32, 64, 128 or 256 and divide in_features={K}, "
                                f"got {group_size}")

@@ -46,9 +46,12 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton"],
                    help="kernel backend (default: $FASTGPT_BACKEND or auto = Triton on CUDA)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8: weight-only int8 matrices with bf16 activations; ~4x fewer bytes read per token "
-                        "than float32 (faster CPU decoding), slightly different logits")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="CPU decoding with weight-only quantized matrices and bf16 activations (APPROXIMATE: "
+                        "logits differ from the float model's, so greedy text can too). int8: one scale per "
+                        "row, ~4x fewer bytes read per token than float32, small logit error. int4: a scale "
+                        "and zero per group of 32 weights, ~6x fewer bytes, faster again, but a logit "
+                        "error ~8-10x int8's; CPU only")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's)")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole window for every token instead of using the KV cache (slow; for checks)")
@@ -112,10 +115,10 @@ def _setup(args):
     else:
         from ..weights import load_fastgpt
         model, metadata = load_fastgpt(args.model, device=device, dtype=dtype)
-    if args.quantize == "int8":
-        from ..quantize import quantize_int8
-        quantize_int8(model)
-        print("fastgpt: weights quantized to int8 (approximate: logits differ slightly from the float model)",
+    if args.quantize:
+        from ..quantize import quantize
+        quantize(model, args.quantize)
+        print(f"fastgpt: weights quantized to {args.quantize} (approximate: logits differ from the float model's)",
               file=sys.stderr)
     sampling = dict(temperature=args.temperature, top_k=top_k, top_p=args.top_p, seed=args.seed)
     return model, metadata, Tokenizer(), sampling

@@ -1,0 +1,118 @@
+"""Weight-only int4 quantization (fastgpt.quantize): the packed format round-trips,
+the layer is the matmul by its dequantized weight, and a quantized model stays close
+to the float one while decoding through the same KV-cache path."""
+import copy
+
+import pytest
+import torch
+
+from fastgpt.errors import FastGPTError
+from fastgpt.generate import generate
+from fastgpt.kv_cache import KVCache
+from fastgpt.model import GPT
+from fastgpt.quantize import (Int4Linear, quantize, quantize_groups_int4, quantize_int4, quantize_int8,
+                              weight_bytes_per_token)
+
+PROMPTS = [[464], [15496, 11, 995, 0, 314], [40, 1101, 257, 1310, 2099, 286, 262, 2104, 13, 632, 373, 845]]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny GPT with std-0.2 matrices, so that greedy decoding does not repeat one token."""
+    torch.manual_seed(1234)
+    model = GPT("tiny").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_pack_unpack_round_trip(group_size):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 100)  # 100 rows: not a multiple of the packed layout's 16, so padded
+    q = Int4Linear(linear, group_size)
+    codes, scale, zero = quantize_groups_int4(linear.weight.detach(), group_size)
+    assert codes.min() >= 0 and codes.max() <= 15
+    # What the packed layer multiplies by is exactly (code - 8) * scale + zero with bf16 scale and zero.
+    s = scale.bfloat16().float().repeat_interleave(group_size, dim=1)
+    z = zero.bfloat16().float().repeat_interleave(group_size, dim=1)
+    unpacked = q.dequantized_weight()
+    assert unpacked.shape == linear.weight.shape
+    torch.testing.assert_close(unpacked, (codes - 8) * s + z, rtol=1e-2, atol=1e-5)
+    # ... and within half a quantization step of the float weight (plus bf16 rounding of scale and zero).
+    step = scale.repeat_interleave(group_size, dim=1)
+    bf16_rounding = (z.abs() + 8 * s) * 2**-8
+    assert ((unpacked - linear.weight).abs() <= step / 2 + bf16_rounding + 1e-6).all()
+
+
+def test_int4_linear_is_the_dequantized_matmul():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 40)
+    q = Int4Linear(linear, 32)
+    x = torch.randn(3, 7, 128).bfloat16()
+    expected = torch.nn.functional.linear(x.float(), q.dequantized_weight(), linear.bias.detach())
+    got = q(x)
+    assert got.shape == (3, 7, 40) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_int4_rejects_bad_group_sizes():
+    with pytest.raises(FastGPTError, match="group_size"):
+        Int4Linear(torch.nn.Linear(96, 16), 64)  # 64 does not divide 96
+    with pytest.raises(FastGPTError, match="int4"):
+        quantize(GPT("tiny"), "int3")
+
+
+def test_int4_model_stays_close_to_the_float_model():
+    """At GPT-2's init scale (std 0.02); the std-0.2 test model is far harsher on 16 levels."""
+    torch.manual_seed(0)
+    model = GPT("tiny").eval()
+    ids = torch.tensor([PROMPTS[2] + PROMPTS[1]])
+    with torch.inference_mode():
+        exact = model(ids)[0]
+        int8 = quantize_int8(copy.deepcopy(model))(ids)[0].float()
+        int4 = quantize_int4(copy.deepcopy(model))(ids)[0].float()
+    err8, err4 = ((m - exact).norm() / exact.norm() for m in (int8, int4))
+    assert err4 < 0.15 and err8 < err4 / 3   # int4's 16 levels per group vs int8's 255 per row
+    assert (int4.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.8
+
+
+def test_int4_decode_steps_through_the_cache_match_the_full_forward_pass(model):
+    quantized = quantize_int4(copy.deepcopy(model))
+    assert weight_bytes_per_token(quantized) < 0.2 * weight_bytes_per_token(model)
+    prompt, text = PROMPTS[2], PROMPTS[2] + [5, 77, 901, 3000, 42, 7, 8, 9]
+    cache = KVCache.for_model(quantized, 1, 64)
+    with torch.inference_mode():
+        hidden = quantized.hidden_states(torch.tensor([prompt]), cache)
+        cache.lengths += len(prompt)
+        steps = [quantized.lm_head(hidden[:, -1])]
+        for token in text[len(prompt):-1]:
+            steps.append(quantized.lm_head(quantized.hidden_states(torch.tensor([[token]]), cache)[:, 0]))
+            cache.lengths += 1
+        stepped = torch.cat(steps).float()
+        full = quantized(torch.tensor([text]))[0, len(prompt) - 1:-1].float()
+    assert stepped.shape == full.shape
+    assert (stepped - full).norm() / full.norm() < 0.03  # bf16 activations: the two paths round differently
+    out = generate(quantized, PROMPTS, 16, temperature=0, eos_id=None)
+    assert all(len(set(t)) > 5 for t in out.tokens)  # really decoding, not one repeated token
+
+
+def test_generation_benchmark_takes_one_size_as_a_string_and_measures_int4(tmp_path):
+    pytest.importorskip("transformers")
+    from fastgpt.bench.generate import run
+    rows = run("cpu", sizes="tiny", out_dir=tmp_path, new_tokens=4, prompt_tokens=4, repeats=1,
+               dtypes=("int4",), threads=1)
+    assert {(r.backend, r.dtype) for r in rows} == {
+        ("transformers", "float32"), ("fastgpt", "int4"), ("bound (bandwidth)", "int4")}
+    assert "teacher_forced_top1_agree" in next(r.extra for r in rows if r.backend == "fastgpt")
+    assert "| fastgpt | int4 |" in (tmp_path / "generate.md").read_text()
