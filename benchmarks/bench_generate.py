@@ -1,8 +1,8 @@
 """Greedy generation at batch 1: fastgpt vs transformers, with the memory-bandwidth bound.
 
-    python3 benchmarks/bench_generate.py --sizes gpt2 --new-tokens 256 --threads 1
+    python3 benchmarks/bench_generate.py --sizes gpt2 --new-tokens 256 --threads 1 2
 
-Writes benchmarks/results/generate.csv (appended) and generate.md; see fastgpt/bench/generate.py.
+Writes benchmarks/results/generate.csv (appended) and generate.md (replaced); see fastgpt/bench/generate.py.
 """
 import sys
 from pathlib import Path

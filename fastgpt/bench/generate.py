@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -40,13 +41,14 @@ INT4 = "int4"
 
 def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path = "benchmarks/results", new_tokens: int = 256,
         prompt_tokens: int = 8, repeats: int = 3, dtypes=("float32", "bfloat16", INT8, INT4), hf_dtypes=("float32",),
-        threads: int | None = None, command: str | None = None) -> list[Row]:
+        threads: int | Sequence[int] | None = None, command: str | None = None) -> list[Row]:
     """Measure, write `generate.csv` and `generate.md` into `out_dir`, return the rows.
 
     `sizes`: a preset name ("gpt2") or a list of them. `dtypes`: fastgpt weight dtypes
     to measure ("int8", "int4": weight-only quantization with bf16 activations, see
     fastgpt.quantize); `hf_dtypes`: transformers' (its default is float32). `threads`:
-    torch CPU threads for every measurement (default: as set). `command`: the command
+    torch CPU threads for every measurement, or a list of thread counts to measure one
+    after the other (default: as set). `command`: the command
     line, written at the top of the Markdown file.
     """
     if isinstance(sizes, str):
@@ -60,10 +62,11 @@ def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path = "benchmarks/
     if repeats < 1 or new_tokens < 2:
         raise FastGPTError("repeats must be >= 1 and new_tokens >= 2")
     rows: list[Row] = []
-    with _threads(threads):
-        bandwidth = memory_bandwidth_gbs(device)
-        for size in sizes:
-            rows += _run_size(device, size, new_tokens, prompt_tokens, repeats, dtypes, hf_dtypes, bandwidth)
+    for n in threads if isinstance(threads, (list, tuple)) else [threads]:
+        with _threads(n):
+            bandwidth = memory_bandwidth_gbs(device)
+            for size in sizes:
+                rows += _run_size(device, size, new_tokens, prompt_tokens, repeats, dtypes, hf_dtypes, bandwidth)
     out_dir = Path(out_dir)
     write_csv(rows, out_dir / "generate.csv")
     markdown = markdown_report(rows)
@@ -227,10 +230,11 @@ def _row(name, backend, shape, dtype_name, new_tokens, seconds, device, extra=""
 
 
 def markdown_report(rows: list[Row]) -> str:
-    """One table per model size, every row's ratio against transformers at float32."""
+    """One table per model size and thread count, every row's ratio against transformers
+    at float32 of the same table."""
     lines = []
-    for name in dict.fromkeys(r.name for r in rows):
-        group = [r for r in rows if r.name == name]
+    for name, shape in dict.fromkeys((r.name, r.shape) for r in rows):
+        group = [r for r in rows if (r.name, r.shape) == (name, shape)]
         base = next((r for r in group if r.backend == "transformers" and r.dtype == "float32"), None)
         lines += [f"### {name} ({group[0].shape}, {group[0].device}, {group[0].date}, commit {group[0].commit})", "",
                   "| backend | dtype | tokens/s median | p20 | p80 | vs transformers float32 | notes |",
@@ -257,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fastgpt weight dtypes (int8, int4: weight-only quantization, bf16 activations, "
                              "approximate)")
     parser.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch CPU threads; several counts are measured one after the other (default: torch's)")
     args = parser.parse_args(argv)
     command = "PYTHONPATH=. python3 benchmarks/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = run(args.device, args.sizes, args.out_dir, args.new_tokens, args.prompt_tokens, args.repeats,
