@@ -52,7 +52,10 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "row, ~4x fewer bytes read per token than float32, small logit error. int4: a scale "
                         "and zero per group of 32 weights, ~6x fewer bytes, faster again, but a logit "
                         "error ~8-10x int8's; CPU only")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default on CPU: 1; batch-1 decoding is a chain of small ops, and "
+                        "on a busy 2-core machine 2 threads measured ~4.5x slower than 1, see "
+                        "benchmarks/results/generate.md; try more on an idle many-core machine)")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole window for every token instead of using the KV cache (slow; for checks)")
 
@@ -102,6 +105,8 @@ def _setup(args):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FastGPTError(f"--device {device}: CUDA is not available on this machine")
+    if args.threads is None and device == "cpu":
+        torch.set_num_threads(1)
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
 
