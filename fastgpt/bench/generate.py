@@ -48,7 +48,8 @@ def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path = "benchmarks/
     to measure ("int8", "int4": weight-only quantization with bf16 activations, see
     fastgpt.quantize); `hf_dtypes`: transformers' (its default is float32). `threads`:
     torch CPU threads for every measurement, or a list of thread counts to measure one
-    after the other (default: as set). `command`: the command
+    after the other (default: 1 on CPU, where it measured fastest at batch 1 on a busy
+    2-core machine; as set on GPUs). `command`: the command
     line, written at the top of the Markdown file.
     """
     if isinstance(sizes, str):
@@ -62,6 +63,8 @@ def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path = "benchmarks/
     if repeats < 1 or new_tokens < 2:
         raise FastGPTError("repeats must be >= 1 and new_tokens >= 2")
     rows: list[Row] = []
+    if threads is None and str(device) == "cpu":
+        threads = 1
     for n in threads if isinstance(threads, (list, tuple)) else [threads]:
         with _threads(n):
             bandwidth = memory_bandwidth_gbs(device)
@@ -144,6 +147,8 @@ def _run_size(device, size, new_tokens, prompt_tokens, repeats, dtypes, hf_dtype
     from ..model import GPT
 
     hf = _hf_model(size)
+    # transformers cannot go past its context (tiny: 64 positions); fastgpt would slide its window
+    new_tokens = min(new_tokens, hf.config.n_positions - prompt_tokens)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, hf.config.vocab_size, (1, prompt_tokens), generator=g)
     ids = prompt.to(device)
@@ -262,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                              "approximate)")
     parser.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
     parser.add_argument("--threads", type=int, nargs="+", default=None,
-                        help="torch CPU threads; several counts are measured one after the other (default: torch's)")
+                        help="torch CPU threads; several counts are measured one after the other "
+                             "(default: 1 on CPU, torch's on GPU)")
     args = parser.parse_args(argv)
     command = "PYTHONPATH=. python3 benchmarks/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = run(args.device, args.sizes, args.out_dir, args.new_tokens, args.prompt_tokens, args.repeats,
