@@ -185,7 +185,8 @@ def _steps_within_budget(cfg: TrainConfig, step: int, step_times: list[float], e
     eval_batches forwards, a forward about a third of a training step. The step
     count then depends on timing: runs with a time budget are not bit-reproducible.
     """
-    per_step = sum(step_times[1:]) / len(step_times[1:])  # the first step pays one-time warm-up costs
+    recent = step_times[1:][-10:]  # the first step pays one-time warm-up costs; the machine's load changes
+    per_step = sum(recent) / len(recent)
     per_eval = 2 * cfg.eval_batches * (eval_bs / cfg.micro_batch) * per_step / 3
     per_step_total = per_step + (per_eval / cfg.eval_interval if cfg.eval_interval else 0.0)
     fit = step + int(max(0.0, cfg.time_budget - elapsed - per_eval) / per_step_total)
