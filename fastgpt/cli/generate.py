@@ -53,9 +53,10 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "and zero per group of 32 weights, ~6x fewer bytes, faster again, but a logit "
                         "error ~8-10x int8's; CPU only")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch (default on CPU: 1; batch-1 decoding is a chain of small ops, and "
-                        "on a busy 2-core machine 2 threads measured ~4.5x slower than 1, see "
-                        "benchmarks/results/generate.md; try more on an idle many-core machine)")
+                   help="CPU threads for torch (default on CPU: 1). Batch-1 decoding is a chain of small ops "
+                        "that every thread must join: on a shared 2-core machine busy with other jobs, 2 threads "
+                        "measured ~4.5x slower than 1 (benchmarks/results/generate.md); when it was nearly "
+                        "idle, 2 threads were ~1.4x faster. Use more threads on an idle machine")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole window for every token instead of using the KV cache (slow; for checks)")
 
@@ -83,7 +84,7 @@ def _setup(args):
     from .. import ops
     from ..errors import FastGPTError
     from ..sampling import validate
-    from ..tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer, load_tokenizer
 
     top_k = args.top_k or None  # 0 means no limit
     if args.top_k is not None and args.top_k < 0:
@@ -116,17 +117,18 @@ def _setup(args):
         cfg = preset(args.model)
         print(f"fastgpt: --random-init: {args.model} with RANDOM weights (the text will be gibberish)",
               file=sys.stderr)
-        model, metadata = GPT(cfg).to(device=device, dtype=dtype).eval(), {}
+        model, metadata, tokenizer = GPT(cfg).to(device=device, dtype=dtype).eval(), {}, Tokenizer()
     else:
-        from ..weights import load_fastgpt
+        from ..weights import load_fastgpt, resolve
         model, metadata = load_fastgpt(args.model, device=device, dtype=dtype)
+        tokenizer = load_tokenizer(resolve(args.model))  # its own BPE if saved with it, else GPT-2's
     if args.quantize:
         from ..quantize import quantize
         quantize(model, args.quantize)
         print(f"fastgpt: weights quantized to {args.quantize} (approximate: logits differ from the float model's)",
               file=sys.stderr)
     sampling = dict(temperature=args.temperature, top_k=top_k, top_p=args.top_p, seed=args.seed)
-    return model, metadata, Tokenizer(), sampling
+    return model, metadata, tokenizer, sampling
 
 
 def _generate_streaming(model, tokenizer, prompt_ids, args, sampling, stop_strings):
