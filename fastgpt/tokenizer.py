@@ -98,3 +98,21 @@ class Tokenizer:
     def decode_bytes(self, ids) -> bytes:
         """Raw bytes: a token may end inside a multi-byte character (useful when streaming)."""
         return self.encoding.decode_bytes(list(ids))
+
+
+# A model trained with its own vocabulary keeps it beside the weights, in this sub-folder.
+TOKENIZER_DIR = "tokenizer"
+
+
+def load_tokenizer(model_dir=None):
+    """The tokenizer a model was trained with: the from-scratch BPE saved in
+    `model_dir/tokenizer/` (by `BPETokenizer.save`) when there is one, else GPT-2's.
+
+    Both offer the same interface: encode, decode, decode_bytes, eot_id, vocab_size.
+    """
+    if model_dir is not None:
+        folder = Path(model_dir) / TOKENIZER_DIR
+        if folder.is_dir():
+            from .bpe import BPETokenizer  # bpe imports this module: import it only when needed
+            return BPETokenizer.load(folder)
+    return Tokenizer()

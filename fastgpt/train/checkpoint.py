@@ -107,17 +107,24 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(directory: Path, model, optimizer_state: dict, scaler, state: dict) -> Path:
+def save_checkpoint(directory: Path, model, optimizer_state: dict, scaler, state: dict, tokenizer=None) -> Path:
     """Write a complete checkpoint atomically to `directory` (replacing an older one of that name).
 
     `optimizer_state`: `optimizer.state_dict()`, or under FSDP the gathered full state.
+    `tokenizer`: a run's own `BPETokenizer`, saved in `model/tokenizer/` so that the
+    model directory alone is enough to generate text (None: GPT-2's, nothing saved).
     """
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_model(model, tmp / "model", {"step": state["step"], "tokens_seen": state["tokens_seen"]})
+    metadata = {"step": state["step"], "tokens_seen": state["tokens_seen"]}
+    if tokenizer is not None:
+        from ..tokenizer import TOKENIZER_DIR
+        tokenizer.save(tmp / "model" / TOKENIZER_DIR)
+        metadata["tokenizer"] = "bpe"  # read back by fastgpt.tokenizer.load_tokenizer(model dir)
+    save_model(model, tmp / "model", metadata)
     torch.save({"optimizer": optimizer_state,
                 "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None},
                tmp / "optimizer.pt")

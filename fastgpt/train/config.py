@@ -28,6 +28,7 @@ class TrainConfig:
     corpus: str | None = None        # a built-in corpus: "shakespeare"
     val_fraction: float = 0.1        # tail of --text/--corpus tokens held out for validation
     sampling: str = "random"         # "random" windows anywhere, or "epoch": shuffled non-overlapping windows
+    tokenizer: str = "gpt2"          # --text/--corpus: "gpt2", "bpe:VOCAB" (trained on the train split), or a BPE dir
     # --- model: a preset with optional overrides, or a saved model to continue from
     preset: str = "mini"
     n_layer: int | None = None
@@ -86,6 +87,14 @@ class TrainConfig:
             raise FastGPTError(f"give one data source, got {' and '.join('--' + s for s in sources)}")
         if self.corpus is not None and self.corpus != "shakespeare":
             raise FastGPTError(f"--corpus: unknown corpus {self.corpus!r} (choose from: shakespeare)")
+        if self.tokenizer.startswith("bpe:"):
+            size = self.tokenizer[4:]
+            if not size.isdigit() or not 258 <= int(size) <= 65536:
+                raise FastGPTError(f"--tokenizer {self.tokenizer}: expected bpe:VOCAB with VOCAB in [258, 65536] "
+                                   f"(256 bytes + <|endoftext|> + at least one merge; ids are stored as uint16)")
+        if self.data and self.tokenizer != "gpt2":
+            raise FastGPTError(f"--tokenizer {self.tokenizer}: --data shards are already tokenized; "
+                               f"their meta.json names the tokenizer")
         if self.sampling not in ("random", "epoch"):
             raise FastGPTError(f"--sampling must be 'random' or 'epoch', got {self.sampling!r}")
         if self.preset not in PRESETS:

@@ -26,11 +26,13 @@ def mean_loss(model: torch.nn.Module, batches, device: torch.device, autocast) -
 
 
 def sample_text(model: torch.nn.Module, prompt: str, max_new_tokens: int, temperature: float = 0.8,
-                top_k: int | None = 40, seed: int = 0, autocast=contextlib.nullcontext) -> str:
-    """`prompt` continued by up to `max_new_tokens` sampled tokens (fastgpt.generate, private RNG)."""
+                top_k: int | None = 40, seed: int = 0, autocast=contextlib.nullcontext, tokenizer=None) -> str:
+    """`prompt` continued by up to `max_new_tokens` sampled tokens (fastgpt.generate, private RNG).
+
+    `tokenizer`: the run's own (a `BPETokenizer`); None means GPT-2's."""
     from ..generate import generate
     from ..tokenizer import Tokenizer
-    tok = Tokenizer()
+    tok = tokenizer if tokenizer is not None else Tokenizer()
     ids = tok.encode(prompt) or [tok.eot_id]
     with autocast():
         out = generate(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,

@@ -25,6 +25,7 @@ import torch
 
 from .. import ops
 from ..errors import FastGPTError
+from ..tokenizer import TOKENIZER_DIR
 from . import checkpoint as ckpt_io
 from .batches import BatchPlan, load_corpus, load_shards, load_text_file
 from .config import ARCHITECTURE_KEYS, TrainConfig
@@ -84,13 +85,14 @@ def autocast_factory(device: torch.device, dtype: torch.dtype):
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
-def load_data(cfg: TrainConfig):
+def load_data(cfg: TrainConfig, saved_tokenizer: Path | None = None):
+    """(train split, val split, the run's own tokenizer or None for GPT-2's)."""
     if cfg.data:
         return load_shards(cfg.data)
     if cfg.text:
-        return load_text_file(cfg.text, cfg.val_fraction)
+        return load_text_file(cfg.text, cfg.val_fraction, cfg.tokenizer, saved_tokenizer)
     if cfg.corpus:
-        return load_corpus(cfg.corpus, cfg.val_fraction)
+        return load_corpus(cfg.corpus, cfg.val_fraction, cfg.tokenizer, saved_tokenizer)
     raise FastGPTError("no training data: give --data DIR, --text FILE or --corpus shakespeare")
 
 
@@ -116,6 +118,18 @@ def merge_for_resume(saved: dict, cfg: TrainConfig, explicit: set[str], ckpt: Pa
             raise FastGPTError(f"--resume {ckpt}: the checkpoint has {key}={getattr(old, key)} but this run "
                                f"asks for {key}={getattr(new, key)} (a different architecture)")
     return merged
+
+
+def use_own_vocabulary(cfg: TrainConfig, tokenizer) -> None:
+    """Size the model's vocabulary to the run's own tokenizer (unless given), and check it fits."""
+    if cfg.vocab_size is None and not cfg.init_from:
+        cfg.vocab_size = tokenizer.vocab_size
+    vocab = cfg.vocab_size or cfg.model_config().vocab_size
+    if cfg.init_from:
+        vocab = ckpt_io.load_model_state(Path(cfg.init_from))[0].vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise FastGPTError(f"--tokenizer {cfg.tokenizer}: its {tokenizer.vocab_size} token ids do not fit the "
+                           f"model's vocab_size {vocab}")
 
 
 def build_model(cfg: TrainConfig):
@@ -174,6 +188,7 @@ def _prepare_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(path)
     for name in ("metrics.jsonl", "loss.png", "config.json"):
         (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / TOKENIZER_DIR, ignore_errors=True)
 
 
 def _steps_within_budget(cfg: TrainConfig, step: int, step_times: list[float], elapsed: float, eval_bs: int,
@@ -237,7 +252,16 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
     dtype = resolve_dtype(cfg.dtype, device)
     autocast = autocast_factory(device, dtype)
 
-    train_split, val_split = load_data(cfg)
+    saved_tokenizer = None
+    if resume_from is not None and (resume_from / "model" / TOKENIZER_DIR).is_dir():
+        saved_tokenizer = resume_from / "model" / TOKENIZER_DIR  # resume reads it, never relearns it
+    t_data = time.perf_counter()
+    train_split, val_split, tokenizer = load_data(cfg, saved_tokenizer)
+    if tokenizer is not None:
+        use_own_vocabulary(cfg, tokenizer)
+        if info.is_main and saved_tokenizer is None and cfg.tokenizer.startswith("bpe:"):
+            say(f"tokenizer: learned a {tokenizer.vocab_size}-token byte-level BPE on the train split "
+                f"({time.perf_counter() - t_data:.1f} s with tokenizing)")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     T = model.config.context_length
@@ -263,6 +287,8 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
         if resume_from is None:
             _prepare_fresh_run_dir(run_dir, cfg.overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if tokenizer is not None and resume_from is None:
+            tokenizer.save(run_dir / TOKENIZER_DIR)
         for partial in ckpt_io.clean_partial(run_dir):
             say(f"removed a half-written checkpoint: {partial}")
     barrier(info)
@@ -344,7 +370,7 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
             from ..model import GPT
             to_save = GPT(model.config)
             to_save.load_state_dict(model_state)
-        return ckpt_io.save_checkpoint(directory, to_save, optimizer_state, scaler, payload)
+        return ckpt_io.save_checkpoint(directory, to_save, optimizer_state, scaler, payload, tokenizer)
 
     losses: list[float] = []
     step_times: list[float] = []
@@ -417,7 +443,7 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
                 sampler = unsharded_copy() if sharded else model
                 if info.is_main:
                     sample = sample_text(sampler, cfg.sample_prompt, cfg.sample_tokens, cfg.sample_temperature,
-                                         cfg.sample_top_k, seed=cfg.seed)
+                                         cfg.sample_top_k, seed=cfg.seed, tokenizer=tokenizer)
                     say(f"sample at step {step}:\n{sample}\n")
             interrupted = any_rank(stop.requested, info, device)
             if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or final or interrupted:
