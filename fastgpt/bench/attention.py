@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastGPTError
-from .common import Row, markdown_table, measure_ms, peak_memory_mib, write_csv
+from .common import Row, markdown_table, measure_ms, peak_memory_mib, require_device, write_results
 
 BACKENDS = ("eager", "sdpa_math", "sdpa_flash", "triton")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -150,9 +150,7 @@ def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = 
     unknown = set(backends) - set(BACKENDS)
     if unknown:
         raise FastGPTError(f"attention: unknown backend {sorted(unknown)[0]!r} (choose from: {', '.join(BACKENDS)})")
-    on_cuda = str(device).startswith("cuda")
-    if on_cuda and not torch.cuda.is_available():
-        raise FastGPTError(f"attention: device {device!r} requested but no CUDA GPU is visible")
+    on_cuda = require_device("attention", device)
     spec = SIZE_SETS[sizes]
     if spec["device"] == "cuda" and not on_cuda:
         print(f"attention: sizes={sizes!r} needs a CUDA GPU; skipped on {device}")
@@ -191,15 +189,11 @@ def _free(device: str) -> None:
 
 
 def _write(rows: list[Row], out_dir: Path) -> None:
-    write_csv(rows, out_dir / "attention.csv")
-    text = (f"# Attention benchmarks\n\ndevice: {rows[0].device}; date: {rows[0].date}; commit: {rows[0].commit}\n\n"
+    text = ("# Attention benchmarks\n\n"
             "TFLOP/s count causal FLOPs (half the square); fwd_bwd = 3.5x fwd FLOPs. "
             "Ratios are against eager, measured in the same run.\n\n"
             + markdown_table(rows, baseline="eager"))
-    target = out_dir / "attention.md"
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    write_results(rows, out_dir, "attention", text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,3 +128,27 @@ def _higher_is_better(unit: str) -> bool:
 
 def row_fields() -> list[str]:
     return [f.name for f in fields(Row)]
+
+
+def require_device(suite: str, device: str) -> bool:
+    """True if `device` is CUDA; a CUDA device without a visible GPU is a one-line error."""
+    on_cuda = str(device).startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
+        from ..errors import FastGPTError
+        raise FastGPTError(f"{suite}: device {device!r} requested but no CUDA GPU is visible")
+    return on_cuda
+
+
+def write_results(rows: list[Row], out_dir: str | Path, stem: str, markdown: str) -> None:
+    """Append rows to `<stem>.csv` and replace `<stem>.md` atomically with `markdown`,
+    headed by the device, date and commit of the run."""
+    import os
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / f"{stem}.csv")
+    header = f"device: {rows[0].device}; date: {rows[0].date}; commit: {rows[0].commit}\n\n" if rows else ""
+    target = out_dir / f"{stem}.md"
+    tmp = target.with_name(target.name + ".tmp")
+    title, _, body = markdown.partition("\n\n")
+    tmp.write_text(f"{title}\n\n{header}{body}")
+    os.replace(tmp, target)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastGPTError
-from .common import Row, device_name, markdown_table, measure_ms, peak_memory_mib, write_csv
+from .common import Row, device_name, markdown_table, measure_ms, peak_memory_mib, require_device, write_results
 
 BACKENDS = ("eager", "compile", "triton")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -183,9 +183,7 @@ def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = 
     if unknown:
         raise FastGPTError(f"kernels: unknown backend {sorted(unknown)[0]!r} (choose from: {', '.join(BACKENDS)})")
     requested = tuple(backends)
-    on_cuda = str(device).startswith("cuda")
-    if on_cuda and not torch.cuda.is_available():
-        raise FastGPTError(f"kernels: device {device!r} requested but no CUDA GPU is visible")
+    on_cuda = require_device("kernels", device)
     rows: list[Row] = []
     if SIZE_SETS[sizes]["device"] == "cuda" and not on_cuda:
         print(f"kernels: sizes={sizes!r} needs a CUDA GPU; skipped on {device}")
@@ -218,13 +216,7 @@ def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = 
 
 
 def _write(rows: list[Row], out_dir: Path) -> None:
-    write_csv(rows, out_dir / "kernels.csv")
-    text = (f"# Kernel benchmarks\n\ndevice: {rows[0].device}; date: {rows[0].date}; commit: {rows[0].commit}\n\n"
-            + markdown_table(rows, baseline="eager"))
-    target = out_dir / "kernels.md"
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    write_results(rows, out_dir, "kernels", "# Kernel benchmarks\n\n" + markdown_table(rows, baseline="eager"))
 
 
 def main(argv: list[str] | None = None) -> int:

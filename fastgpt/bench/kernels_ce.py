@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastGPTError
-from .common import Row, markdown_table, measure_ms, peak_memory_mib, write_csv
+from .common import Row, markdown_table, measure_ms, peak_memory_mib, require_device, write_results
 
 # (N, V) for cross-entropy; (N, C, V) for the fused op. dtype per size set.
 SIZES = {
@@ -132,12 +132,10 @@ def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = 
     if unknown:
         raise FastGPTError(f"kernels_ce: unknown backend {sorted(unknown)[0]!r} (choose from: {', '.join(BACKENDS)})")
     spec = SIZES[sizes]
-    on_cuda = str(device).startswith("cuda")
+    on_cuda = require_device("kernels_ce", device)
     if spec["device"] == "cuda" and not on_cuda:
         print(f"kernels_ce: sizes={sizes!r} needs a CUDA GPU; skipped on {device}")
         return []
-    if on_cuda and not torch.cuda.is_available():
-        raise FastGPTError(f"kernels_ce: device {device!r} requested but no CUDA GPU is visible")
     backends = list(backends)
     if not on_cuda:
         if "compile" in backends:
@@ -162,12 +160,7 @@ def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = 
 
 
 def _write(rows: list[Row], out_dir: Path) -> None:
-    write_csv(rows, out_dir / "kernels_ce.csv")
-    text = "# Cross-entropy kernels\n\n" + markdown_table(rows, baseline="eager")
-    target = out_dir / "kernels_ce.md"
-    tmp = target.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    write_results(rows, out_dir, "kernels_ce", "# Cross-entropy kernels\n\n" + markdown_table(rows, baseline="eager"))
 
 
 def main(argv: list[str] | None = None) -> int:

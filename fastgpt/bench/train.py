@@ -27,7 +27,7 @@ import torch
 from .. import ops
 from ..config import preset
 from ..errors import FastGPTError
-from .common import Row, markdown_table, measure_ms, peak_memory_mib, write_csv
+from .common import Row, markdown_table, measure_ms, peak_memory_mib, require_device, write_results
 
 VARIANTS = ("torch", "torch+compile", "triton")
 SIZE_SETS = {
@@ -158,9 +158,7 @@ def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = 
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise FastGPTError(f"train: unknown variant {sorted(unknown)[0]!r} (choose from: {', '.join(VARIANTS)})")
-    on_cuda = str(device).startswith("cuda")
-    if on_cuda and not torch.cuda.is_available():
-        raise FastGPTError(f"train: device {device!r} requested but no CUDA GPU is visible")
+    on_cuda = require_device("train", device)
     spec = SIZE_SETS[sizes]
     if spec["device"] == "cuda" and not on_cuda:
         print(f"train: sizes={sizes!r} needs a CUDA GPU; skipped on {device}")
@@ -192,21 +190,14 @@ def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = 
 
 
 def _write(rows: list[Row], out_dir: Path) -> None:
-    import os
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out_dir / "train.csv")
-    sections = [f"# Training-step benchmarks\n\ndevice: {rows[0].device}; date: {rows[0].date}; "
-                f"commit: {rows[0].commit}\n\nOne step = forward + backward + AdamW. Ratios against the "
+    sections = ["# Training-step benchmarks\n\nOne step = forward + backward + AdamW. Ratios against the "
                 "torch reference backend, measured in the same run (>1 is better; for memory, lower "
                 "is better and the ratio is reference / variant).\n"]
     for name in ("train_step", "train_step_peak_memory", "train_largest_batch"):
         group = [r for r in rows if r.name == name]
         if group:
             sections.append(f"\n## {name}\n\n" + markdown_table(group, baseline="torch"))
-    target = out_dir / "train.md"
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text("".join(sections))
-    os.replace(tmp, target)
+    write_results(rows, out_dir, "train", "".join(sections))
 
 
 def main(argv: list[str] | None = None) -> int:
