@@ -13,6 +13,7 @@ Backends:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 
@@ -63,10 +64,15 @@ def uses_triton(x: torch.Tensor) -> bool:
     return _backend == "triton" or (_backend == "auto" and x.is_cuda)
 
 
-def _implementation(op: str, x: torch.Tensor):
-    kind = "triton" if uses_triton(x) else "reference"
+@functools.lru_cache(maxsize=None)
+def _lookup(op: str, kind: str):
     module = importlib.import_module(f"fastgpt.kernels.{_OP_MODULES[op]}")
     return getattr(module, f"{op}_{kind}")
+
+
+def _implementation(op: str, x: torch.Tensor):
+    """The one place where the reference and the Triton path part ways."""
+    return _lookup(op, "triton" if uses_triton(x) else "reference")
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5):
