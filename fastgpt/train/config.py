@@ -216,15 +216,17 @@ def resolve(file_values: dict | None = None, overrides: dict | None = None) -> T
 # the time budget then allows all max_steps). A 4096-token BPE learned on the plays themselves (fastgpt.bpe,
 # ~2 s) instead of GPT-2's 50257 tokens makes the LM head a small part of the compute, so the budget goes
 # into the blocks and into many more steps; whole words per token also make early samples readable.
+# One torch thread: on the shared 2-core machine a step took ~140 ms with 1 thread and 0.7-6 s with 2
+# (OpenMP threads wait for each other whenever another process holds a core); idle, 2 would gain < 2x.
 DEMO: dict[str, Any] = dict(
     corpus="shakespeare", tokenizer="bpe:4096",
     preset="mini",
     n_layer=4, n_head=4, n_embd=256, context_length=128,
-    micro_batch=16,
+    micro_batch=8,
     max_steps=3000, time_budget=220.0,
-    lr=2e-3, min_lr=2e-4, warmup_steps=30,
-    weight_decay=0.1, grad_clip=1.0,
-    eval_interval=0, eval_batches=4, log_interval=10,
+    lr=2e-3, min_lr=2e-4, warmup_steps=50,
+    weight_decay=0.1, grad_clip=1.0, threads=1,
+    eval_interval=0, eval_batches=8, log_interval=50,
     sample_prompt="ROMEO:\n", sample_tokens=160, sample_temperature=0.8, sample_top_k=40,
     ckpt_interval=100, keep_last=1,
     out_dir="runs/demo", overwrite=True,
