@@ -97,3 +97,23 @@ def test_sms_spam_balanced_split_and_short_run(tmp_path):
                  "--batch-size", "16", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["accuracy_after"]["test"] > 0.75  # ~50% before training
+
+
+def test_model_with_its_own_bpe_keeps_it_through_finetuning(tmp_path, capsys):
+    """A model trained with a small BPE vocabulary (ids < 300) is fine-tuned and used with that
+    tokenizer: GPT-2 ids (up to 50256) would not even fit its embedding."""
+    from fastgpt import GPT, preset
+    from fastgpt.bpe import BPETokenizer
+    from fastgpt.finetune.checkpoint import model_tokenizer, save_model
+
+    data = _toy_tsv(tmp_path / "toy.tsv")
+    tokenizer = BPETokenizer.train(data.read_text() * 3, vocab_size=300)
+    base = tmp_path / "base"
+    save_model(GPT(preset("tiny", vocab_size=tokenizer.vocab_size)), base, {}, tokenizer)
+    out = tmp_path / "clf"
+    assert main(["finetune", "classify", "--model", str(base), "--data", str(data), "--epochs", "1",
+                 "--batch-size", "8", "--out", str(out)]) == 0
+    assert model_tokenizer(str(out)).encode("Claim your cash prize") == tokenizer.encode("Claim your cash prize")
+    capsys.readouterr()
+    assert main(["classify", "--model", str(out), "Claim your cash prize"]) == 0
+    assert capsys.readouterr().out.split("\t")[0] in ("ham", "spam")

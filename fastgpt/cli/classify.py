@@ -17,7 +17,7 @@ def _run(args) -> int:
     import torch
 
     from ..errors import FastGPTError
-    from ..finetune.checkpoint import load_classifier
+    from ..finetune.checkpoint import load_classifier, model_tokenizer
     from ..finetune.classify import classify_texts
     from ..finetune.files import read_text
 
@@ -30,6 +30,6 @@ def _run(args) -> int:
         "cpu" if args.device == "auto" else args.device
     clf, metadata = load_classifier(args.model, device)
     max_length = int(metadata.get("max_length") or clf.gpt.config.context_length)
-    for text, (label, prob) in zip(texts, classify_texts(clf, metadata["labels"], texts, max_length)):
+    for text, (label, prob) in zip(texts, classify_texts(clf, metadata["labels"], texts, max_length, model_tokenizer(args.model))):
         print(f"{label}\t{prob:.4f}\t{text}")
     return 0

@@ -32,12 +32,22 @@ def load_model(spec: str, device: torch.device | str = "cpu"):
     return model, dict(metadata or {})
 
 
-def save_model(model, out_dir, metadata: dict) -> None:
+def model_tokenizer(spec: str):
+    """The tokenizer the model `spec` was trained with (its own BPE, or GPT-2's)."""
+    from ..tokenizer import load_tokenizer
+    return load_tokenizer(spec if Path(spec).is_dir() else None)
+
+
+def save_model(model, out_dir, metadata: dict, tokenizer=None) -> None:
+    """A fastgpt model directory; a model's own BPE tokenizer travels with it."""
+    from ..tokenizer import TOKENIZER_DIR, Tokenizer
     from ..weights import save_fastgpt
     save_fastgpt(model, Path(out_dir), metadata)
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+        tokenizer.save(Path(out_dir) / TOKENIZER_DIR)
 
 
-def save_classifier(clf, out_dir, labels: list[str], metadata: dict) -> None:
+def save_classifier(clf, out_dir, labels: list[str], metadata: dict, tokenizer=None) -> None:
     """The body as a fastgpt model, its head in classifier.safetensors, labels in the metadata."""
     from safetensors.torch import save_file
 
@@ -46,7 +56,7 @@ def save_classifier(clf, out_dir, labels: list[str], metadata: dict) -> None:
             "classifier.bias": clf.head.bias.detach().cpu().contiguous()}
     write_atomic(out_dir / HEAD_FILE, lambda tmp: save_file(head, tmp))
     save_model(clf.gpt, out_dir, {**metadata, "task": "classification", "labels": list(labels),
-                                  "classifier_head": HEAD_FILE})
+                                  "classifier_head": HEAD_FILE}, tokenizer)
 
 
 def load_classifier(path, device: torch.device | str = "cpu"):

@@ -22,7 +22,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import FastGPTError
-from ..tokenizer import EOT_ID
 from .files import read_jsonl, read_text
 from .lora import DEFAULT_TARGETS, apply_lora
 
@@ -148,9 +147,12 @@ def encode(examples: list[Example], tokenizer, names: list[str], max_length: int
     return EncodedSplit(tokens, [ids[ex.label] for ex in examples], [ex.text for ex in examples])
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int = EOT_ID, side: str = "right",
+def pad_batch(sequences: list[list[int]], pad_id: int = 0, side: str = "right",
               length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (B, T), mask (B, T) with True on real tokens), padded on the `side` to the longest."""
+    """(ids (B, T), mask (B, T) with True on real tokens), padded on the `side` to the longest.
+
+    The mask, not the pad id, keeps padding out of the prediction, so any id of the
+    vocabulary works as padding (0 exists in every vocabulary, GPT-2's or a small BPE's)."""
     T = length or max(len(s) for s in sequences)
     ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), T), dtype=torch.bool)
@@ -360,9 +362,8 @@ def finetune_classifier(model: str, data: str, out: str, *, text_column: str = "
                         lora_targets=DEFAULT_TARGETS, epochs: int = 5, lr: float = 5e-5, weight_decay: float = 0.1,
                         batch_size: int = 8, device: str = "auto", dtype: str = "auto", log=print) -> dict:
     """Read, balance, split, tokenize, train, evaluate and save; returns the report (also in report.json)."""
-    from ..tokenizer import Tokenizer
     from ..train.loop import autocast_factory, resolve_dtype
-    from .checkpoint import load_model, save_classifier
+    from .checkpoint import load_model, model_tokenizer, save_classifier
     from .files import write_json
     from .lora import merge_lora, save_adapters, trainable_summary
     from ..train.metrics import plot_losses
@@ -386,7 +387,7 @@ def finetune_classifier(model: str, data: str, out: str, *, text_column: str = "
 
     gpt, base_meta = load_model(model, device)
     context = gpt.config.context_length
-    tokenizer = Tokenizer()
+    tokenizer = model_tokenizer(model)
     if max_length is None:
         max_length = min(context, max(len(tokenizer.encode(e.text)) for e in train))
     elif not 1 <= max_length <= context:
@@ -422,7 +423,7 @@ def finetune_classifier(model: str, data: str, out: str, *, text_column: str = "
         save_adapters(clf.gpt, out / "lora_adapters.safetensors")  # the adapters alone, for reuse
         merge_lora(clf.gpt)  # the saved model is a plain GPT: nothing LoRA-specific is needed to load it
     save_classifier(clf, out, names, {"max_length": max_length, "base_model": str(model),
-                                      **({"base": base_meta} if base_meta else {})})
+                                      **({"base": base_meta} if base_meta else {})}, tokenizer)
     write_jsonl(out / "metrics.jsonl", history)
     plot_losses(out)
     report = {"data": str(data), "model": str(model), "labels": names, "max_length": max_length,
@@ -434,12 +435,9 @@ def finetune_classifier(model: str, data: str, out: str, *, text_column: str = "
     return report
 
 
-def classify_texts(clf: GPTClassifier, labels: list[str], texts: list[str], max_length: int,
+def classify_texts(clf: GPTClassifier, labels: list[str], texts: list[str], max_length: int, tokenizer,
                    batch_size: int = 32) -> list[tuple[str, float]]:
     """(label, probability) of the most likely class for each text."""
-    from ..tokenizer import Tokenizer
-
-    tokenizer = Tokenizer()
     for i, text in enumerate(texts):
         if not text.strip():
             raise FastGPTError(f"text {i + 1} is empty")

@@ -85,7 +85,7 @@ def collate(batch: list[EncodedExample], pad_id: int = EOT_ID, ignore_index: int
             max_length: int | None = None, mask_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs (B, T), targets (B, T)) for a batch of examples.
 
-    Every example gets <|endoftext|> appended and is padded with `pad_id` to the
+    Every example gets <|endoftext|> (`pad_id`, the tokenizer's end-of-text id) appended and is padded with it to the
     batch's longest (+1, so that inputs and targets, shifted by one, both have T).
     In the targets, the first <|endoftext|> stays (the model learns to stop), every
     later pad becomes `ignore_index`, and so do the prompt tokens with `mask_prompt`.
@@ -94,7 +94,7 @@ def collate(batch: list[EncodedExample], pad_id: int = EOT_ID, ignore_index: int
     longest = max(len(ex.tokens) + 1 for ex in batch)
     inputs, targets = [], []
     for ex in batch:
-        padded = ex.tokens + [EOT_ID] + [pad_id] * (longest - len(ex.tokens))
+        padded = ex.tokens + [pad_id] * (longest - len(ex.tokens) + 1)
         x = torch.tensor(padded[:-1])
         y = torch.tensor(padded[1:])
         y[len(ex.tokens):] = ignore_index  # padding after the first end-of-text
@@ -216,14 +216,13 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
 
     `eval_batches` caps the validation batches per evaluation (the first ones: always the
     same records); `test_limit` answers only the first records of the test split."""
-    from ..tokenizer import Tokenizer
     from ..train import checkpoint as ckpt_io
     from ..train.evaluate import mean_loss
     from ..train.loop import autocast_factory, resolve_dtype
     from ..train.metrics import MetricsLog, eval_line, perplexity, plot_losses, step_line
     from ..train.optim import make_optimizer
     from ..train.schedule import learning_rate
-    from .checkpoint import load_model, save_model
+    from .checkpoint import load_model, model_tokenizer, save_model
     from .files import write_json
 
     get_template(template)
@@ -245,8 +244,8 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
         max_length = context
     elif not 2 <= max_length <= context:
         raise FastGPTError(f"--max-length: must be between 2 and the model's context length {context}, got {max_length}")
-    tokenizer = Tokenizer()
-    collate_args = {"max_length": max_length, "mask_prompt": mask_prompt}
+    tokenizer = model_tokenizer(model)
+    collate_args = {"max_length": max_length, "mask_prompt": mask_prompt, "pad_id": tokenizer.eot_id}
     train_set = encode_records(train_records, tokenizer, template)
     val_batches = [b for b in _batches(encode_records(val_records, tokenizer, template), batch_size, **collate_args)
                    if _has_targets(b[1])][:eval_batches]
@@ -326,7 +325,7 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
     plot_losses(out)
 
     save_model(gpt, out, {"template": template, "base_model": str(model), "finetune": "instruct",
-                          **({"base": base_meta} if base_meta else {})})
+                          **({"base": base_meta} if base_meta else {})}, tokenizer)
     log(f"saved the fine-tuned model to {out} (metadata template={template!r})")
 
     report = {"data": str(data), "model": str(model), "template": template, "mask_prompt": mask_prompt,
@@ -358,6 +357,7 @@ def answer(model, tokenizer, records: list[dict], template: str, max_new_tokens:
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         prompts = [tokenizer.encode(format_prompt(template, r["instruction"], r["input"])) for r in chunk]
-        result = generate(model, prompts, max_new_tokens, temperature=0.0, stop_strings=stops, tokenizer=tokenizer)
+        result = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=tokenizer.eot_id,
+                          stop_strings=stops, tokenizer=tokenizer)
         responses += [response_text(template, tokenizer.decode(tokens)) for tokens in result.tokens]
     return responses
