@@ -115,13 +115,19 @@ def test_backward_saves_nothing_of_size_t_by_t():
     assert max(saved_sizes(attention_reference)) >= B * H * T * T
 
 
-def test_fp32_dots_follow_torch_tf32_setting(monkeypatch):
+def test_fp32_dots_follow_torch_tf32_setting():
     from fastgpt.kernels.attention import _input_precision
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert _input_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert _input_precision(torch.float32) == "tf32"
-    assert _input_precision(torch.float16) == "ieee"
+    # allow_tf32 is a computed attribute of torch's cuBLAS module (pytest's monkeypatch would
+    # try to delete it on undo): set it and restore it by hand.
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert _input_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert _input_precision(torch.float32) == "tf32"
+        assert _input_precision(torch.float16) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def test_torch_compile_keeps_the_kernels_in_one_graph():
