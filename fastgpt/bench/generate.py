@@ -48,8 +48,7 @@ def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path = "benchmarks/
     to measure ("int8", "int4": weight-only quantization with bf16 activations, see
     fastgpt.quantize); `hf_dtypes`: transformers' (its default is float32). `threads`:
     torch CPU threads for every measurement, or a list of thread counts to measure one
-    after the other (default: 1 on CPU, where it measured fastest at batch 1 on a busy
-    2-core machine; as set on GPUs). `command`: the command
+    after the other (default: torch's current setting). `command`: the command
     line, written at the top of the Markdown file.
     """
     if isinstance(sizes, str):
@@ -63,8 +62,6 @@ def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path = "benchmarks/
     if repeats < 1 or new_tokens < 2:
         raise FastGPTError("repeats must be >= 1 and new_tokens >= 2")
     rows: list[Row] = []
-    if threads is None and str(device) == "cpu":
-        threads = 1
     for n in threads if isinstance(threads, (list, tuple)) else [threads]:
         with _threads(n):
             bandwidth = memory_bandwidth_gbs(device)
@@ -268,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="torch CPU threads; several counts are measured one after the other "
-                             "(default: 1 on CPU, torch's on GPU)")
+                             "(default: torch's, one per core)")
     args = parser.parse_args(argv)
     command = "PYTHONPATH=. python3 benchmarks/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = run(args.device, args.sizes, args.out_dir, args.new_tokens, args.prompt_tokens, args.repeats,

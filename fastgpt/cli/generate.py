@@ -53,10 +53,11 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "and zero per group of 32 weights, ~6x fewer bytes, faster again, but a logit "
                         "error ~8-10x int8's; CPU only")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch (default on CPU: 1). Batch-1 decoding is a chain of small ops "
-                        "that every thread must join: on a shared 2-core machine busy with other jobs, 2 threads "
-                        "measured ~4.5x slower than 1 (benchmarks/results/generate.md); when it was nearly "
-                        "idle, 2 threads were ~1.4x faster. Use more threads on an idle machine")
+                   help="CPU threads for torch (default: torch's, one per core). On an idle 2-core machine 2 "
+                        "threads decoded int8 GPT-2 at 131 tokens/s against 85 with 1 "
+                        "(benchmarks/results/generate.md); but batch-1 decoding is a chain of small ops that "
+                        "every thread must join, so on a machine busy with other jobs use --threads 1 "
+                        "(2 threads measured ~4.5x slower there)")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole window for every token instead of using the KV cache (slow; for checks)")
 
@@ -106,8 +107,6 @@ def _setup(args):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FastGPTError(f"--device {device}: CUDA is not available on this machine")
-    if args.threads is None and device == "cpu":
-        torch.set_num_threads(1)
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
 
