@@ -6,6 +6,15 @@ import argparse
 LORA_TARGETS = "qkv,proj,fc"
 
 
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except the uninformative None and False."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
 def _comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -21,7 +30,7 @@ def register(subparsers) -> None:
         "classify", help="train a text classifier",
         description="Replace the LM head with an n-class head read from the last real token, train, "
                     "report accuracy / precision / recall / F1 and save the best model by validation accuracy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     cls.add_argument("--model", required=True,
                      help="model to start from: a fastgpt / Hugging Face / OpenAI GPT-2 directory, a name "
                           "fetched by `fastgpt download` (gpt2, ...), or tiny / mini for a random initialisation")
@@ -59,7 +68,7 @@ def register(subparsers) -> None:
                     "the pretraining loop's pieces (AdamW, warmup + cosine, AMP, checkpoints, metrics); then "
                     "answer the test split (test_responses.json), score it (ROUGE-L F1, exact match, optional "
                     "judge) and save the model with metadata['template'] for `fastgpt chat`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     ins.add_argument("--model", required=True,
                      help="model to start from: a fastgpt / Hugging Face / OpenAI GPT-2 directory, a name "
                           "fetched by `fastgpt download` (gpt2, ...), or tiny / mini for a random initialisation")
