@@ -2,29 +2,12 @@
 import pytest
 import torch
 
-from conftest import DEVICE, GPU, requires_gpu
+from conftest import DEVICE, requires_gpu
 from fastgpt import ops
+from kernel_checks import DTYPES, assert_close, poison_outputs  # noqa: F401 (poison_outputs: autouse fixture)
 from fastgpt.errors import FastGPTError
-from fastgpt.kernels import _custom_ops
 from fastgpt.kernels.gelu import bias_gelu_reference, bias_gelu_triton
 
-# Max error relative to the reference tensor's largest magnitude. Observed on CPU: fp32 ~1e-7,
-# fp16 ~3e-4 (output rounding 2^-11); dbias sums rows of dx, so its fp16 error is of dx's order.
-TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(_custom_ops, "POISON_OUTPUTS", True)
-
-
-def assert_close(actual, expected, dtype, what):
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an unwritten element?)"
-    expected = expected.double()
-    scale = expected.abs().max().clamp(min=1.0).item()
-    err = (actual.double() - expected).abs().max().item()
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype] * scale:.3g}"
 
 
 def make(rows, width, dtype, seed=0):
