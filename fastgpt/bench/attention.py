@@ -25,16 +25,14 @@ that CI can afford under the Triton interpreter.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import FastGPTError
-from .common import Row, markdown_table, measure_ms, peak_memory_mib, require_device, write_results
+from .common import Row, markdown_table, measure_ms, peak_memory_mib, require_device, suite_main, write_results
 
 BACKENDS = ("eager", "sdpa_math", "sdpa_flash", "triton")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -197,21 +195,10 @@ def _write(rows: list[Row], out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m fastgpt.bench.attention", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", default="gpt2", choices=sorted(SIZE_SETS))
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
-    parser.add_argument("--out", default=None, help="folder for attention.csv and attention.md")
-    args = parser.parse_args(argv)
-    try:
-        rows = run(args.device, args.sizes, args.out, tuple(args.backends))
-    except FastGPTError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if rows:
-        print(markdown_table(rows, baseline="eager"))
-    return 0
-
+    def add(parser):
+        parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    return suite_main(argv, "attention", __doc__, SIZE_SETS, run, "eager", add,
+                      lambda args: {"backends": tuple(args.backends)})
 
 if __name__ == "__main__":
     raise SystemExit(main())

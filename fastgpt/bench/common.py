@@ -152,3 +152,29 @@ def write_results(rows: list[Row], out_dir: str | Path, stem: str, markdown: str
     title, _, body = markdown.partition("\n\n")
     tmp.write_text(f"{title}\n\n{header}{body}")
     os.replace(tmp, target)
+
+
+def suite_main(argv: list[str] | None, suite: str, doc: str, sizes, run: Callable, baseline: str,
+               add_arguments: Callable | None = None, run_kwargs: Callable = lambda args: {}) -> int:
+    """`python3 -m fastgpt.bench.<suite>`: --device, --sizes, --out plus the suite's own flags;
+    prints the ratio table; bad input is one line and exit status 2."""
+    import argparse
+    import sys
+
+    from ..errors import FastGPTError
+
+    parser = argparse.ArgumentParser(prog=f"python3 -m fastgpt.bench.{suite}", description=doc.strip().splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", default="gpt2", choices=sorted(sizes))
+    parser.add_argument("--out", default=None, help=f"folder for {suite}.csv and {suite}.md")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        rows = run(args.device, args.sizes, args.out, **run_kwargs(args))
+    except FastGPTError as err:
+        print(f"{suite}: error: {err}", file=sys.stderr)
+        return 2
+    if rows:
+        print(markdown_table(rows, baseline=baseline))
+    return 0

@@ -23,10 +23,8 @@ like the cross-entropy benchmark (fastgpt.bench.kernels_ce), through their own
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastGPTError
-from .common import Row, device_name, markdown_table, measure_ms, peak_memory_mib, require_device, write_results
+from .common import Row, device_name, markdown_table, measure_ms, peak_memory_mib, require_device, suite_main, write_results
 
 BACKENDS = ("eager", "compile", "triton")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -220,22 +218,11 @@ def _write(rows: list[Row], out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m fastgpt.bench.kernels", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", default="gpt2", choices=sorted(SIZE_SETS))
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
-    parser.add_argument("--no-others", action="store_true", help="skip the cross-entropy benchmark")
-    parser.add_argument("--out", default=None, help="folder for kernels.csv and kernels.md")
-    args = parser.parse_args(argv)
-    try:
-        rows = run(args.device, args.sizes, args.out, tuple(args.backends), include_others=not args.no_others)
-    except FastGPTError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if rows:
-        print(markdown_table(rows, baseline="eager"))
-    return 0
-
+    def add(parser):
+        parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+        parser.add_argument("--no-others", action="store_true", help="skip the cross-entropy benchmark")
+    return suite_main(argv, "kernels", __doc__, SIZE_SETS, run, "eager", add,
+                      lambda args: {"backends": tuple(args.backends), "include_others": not args.no_others})
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -15,16 +15,14 @@ least as fast as eager with at least 4x less peak memory.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import FastGPTError
-from .common import Row, markdown_table, measure_ms, peak_memory_mib, require_device, write_results
+from .common import Row, markdown_table, measure_ms, peak_memory_mib, require_device, suite_main, write_results
 
 # (N, V) for cross-entropy; (N, C, V) for the fused op. dtype per size set.
 SIZES = {
@@ -164,20 +162,7 @@ def _write(rows: list[Row], out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m fastgpt.bench.kernels_ce", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", default="gpt2", choices=sorted(SIZES))
-    parser.add_argument("--out", default=None, help="folder for kernels_ce.csv and kernels_ce.md")
-    args = parser.parse_args(argv)
-    try:
-        rows = run(args.device, args.sizes, args.out)
-    except FastGPTError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if rows:
-        print(markdown_table(rows, baseline="eager"))
-    return 0
-
+    return suite_main(argv, "kernels_ce", __doc__, SIZES, run, "eager")
 
 if __name__ == "__main__":
     raise SystemExit(main())
