@@ -17,14 +17,7 @@ from fastgpt.tokenizer import Tokenizer
 PROMPTS = [[464], [15496, 11, 995, 0, 314], [40, 1101, 257, 1310, 2099, 286, 262, 2104, 13, 632, 373, 845]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a busy CPU the OpenMP
-    hand-off between threads costs more than the work itself."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest
 
 
 @pytest.fixture(scope="module")

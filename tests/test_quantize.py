@@ -16,12 +16,7 @@ from fastgpt.quantize import (Int4Linear, quantize, quantize_groups_int4, quanti
 PROMPTS = [[464], [15496, 11, 995, 0, 314], [40, 1101, 257, 1310, 2099, 286, 262, 2104, 13, 632, 373, 845]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest
 
 
 @pytest.fixture(scope="module")
