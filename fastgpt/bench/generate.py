@@ -40,19 +40,22 @@ INT4 = "int4"
 
 
 def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path = "benchmarks/results", new_tokens: int = 256,
-        prompt_tokens: int = 8, repeats: int = 3, dtypes=("float32", "bfloat16", INT8, INT4), hf_dtypes=("float32",),
+        prompt_tokens: int = 8, repeats: int = 3, dtypes=None, hf_dtypes=("float32",),
         threads: int | Sequence[int] | None = None, command: str | None = None) -> list[Row]:
     """Measure, write `generate.csv` and `generate.md` into `out_dir`, return the rows.
 
     `sizes`: a preset name ("gpt2") or a list of them. `dtypes`: fastgpt weight dtypes
     to measure ("int8", "int4": weight-only quantization with bf16 activations, see
-    fastgpt.quantize); `hf_dtypes`: transformers' (its default is float32). `threads`:
+    fastgpt.quantize; default: all four, int4 on CPU only); `hf_dtypes`: transformers'
+    (its default is float32). `threads`:
     torch CPU threads for every measurement, or a list of thread counts to measure one
     after the other (default: torch's current setting). `command`: the command
     line, written at the top of the Markdown file.
     """
     if isinstance(sizes, str):
         sizes = (sizes,)
+    if dtypes is None:  # int4 uses ATen's CPU-only int4 matmul
+        dtypes = ("float32", "bfloat16", INT8) + ((INT4,) if str(device) == "cpu" else ())
     for name in dtypes:
         if name not in DTYPES and name not in QUANTIZATIONS:
             raise FastGPTError(f"unknown fastgpt dtype {name!r} (choose from: {', '.join([*DTYPES, *QUANTIZATIONS])})")
@@ -258,10 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", INT8, INT4],
+    parser.add_argument("--dtypes", nargs="+", default=None,
                         choices=[*DTYPES, *QUANTIZATIONS],
                         help="fastgpt weight dtypes (int8, int4: weight-only quantization, bf16 activations, "
-                             "approximate)")
+                             "approximate; default: all, int4 on CPU only)")
     parser.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="torch CPU threads; several counts are measured one after the other "
