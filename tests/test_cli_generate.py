@@ -37,7 +37,8 @@ def alpaca_dir(tmp_path_factory):
 
 
 def run_cli(*args, stdin=""):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep the caller's
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "fastgpt", *args], input=stdin, capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=120)
 

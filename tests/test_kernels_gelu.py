@@ -53,12 +53,12 @@ def test_extreme_inputs_stay_finite_and_exact():
 def test_non_contiguous_input(layout):
     g = torch.Generator().manual_seed(5)
     C = 40
-    if layout == "column_slice":
-        x = torch.randn(6, 3 * C, generator=g)[:, C:2 * C]
+    if layout == "column_slice":  # views are taken on the device (.to() would make them contiguous)
+        x = torch.randn(6, 3 * C, generator=g).to(DEVICE)[:, C:2 * C]
     else:
-        x = torch.randn(C, 6, generator=g).t()
-    x, bias = x.to(DEVICE), torch.randn(C, generator=g).to(DEVICE)
-    dy = torch.randn(6, 2 * C, generator=g)[:, ::2].to(DEVICE)
+        x = torch.randn(C, 6, generator=g).to(DEVICE).t()
+    bias = torch.randn(C, generator=g).to(DEVICE)
+    dy = torch.randn(6, 2 * C, generator=g).to(DEVICE)[:, ::2]
     assert not x.is_contiguous() and not dy.is_contiguous()
     outs, refs = run_both(x, bias, dy)
     for name, a, r in zip(("y", "dx", "dbias"), outs, refs):

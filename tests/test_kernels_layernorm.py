@@ -98,17 +98,17 @@ def test_non_contiguous_inputs_and_gradients(layout):
     """A column slice keeps its row stride (no copy); other layouts are copied in the wrapper."""
     g = torch.Generator().manual_seed(3)
     C = 31
+    # views are taken on the device (.to() would make them contiguous)
     if layout == "column_slice":  # e.g. one of q/k/v in a fused (rows, 3C) tensor
-        base = torch.randn(5, 6, 3 * C, generator=g)[..., C:2 * C]
+        base = torch.randn(5, 6, 3 * C, generator=g).to(DEVICE)[..., C:2 * C]
     elif layout == "transposed":
-        base = torch.randn(6, 5, C, generator=g).transpose(0, 1)
+        base = torch.randn(6, 5, C, generator=g).to(DEVICE).transpose(0, 1)
     else:
-        base = torch.randn(5, 6, 2 * C, generator=g)[..., ::2]
-    base = base.to(DEVICE)
+        base = torch.randn(5, 6, 2 * C, generator=g).to(DEVICE)[..., ::2]
     assert not base.is_contiguous()
     residual = torch.randn(5, 6, C, generator=g).to(DEVICE)
     w, b = torch.randn(C, generator=g).to(DEVICE), torch.randn(C, generator=g).to(DEVICE)
-    dy = torch.randn(5, 6, 2 * C, generator=g)[..., :C].to(DEVICE)  # a non-contiguous incoming gradient
+    dy = torch.randn(5, 6, 2 * C, generator=g).to(DEVICE)[..., :C]  # a non-contiguous incoming gradient
     xt, rt, wt, bt = leaf(base), leaf(residual), leaf(w), leaf(b)
     xr, rr, wr, br = fp64_leaf(base), fp64_leaf(residual), fp64_leaf(w), fp64_leaf(b)
     # a strided view flows into the op itself
@@ -179,7 +179,7 @@ def test_custom_op_registrations_pass_opcheck():
                           test_utils=checks)
     torch.library.opcheck(torch.ops.fastgpt.add_layer_norm_fwd.default,
                           (leaf(residual), leaf(x), leaf(w), leaf(b), EPS), test_utils=checks)
-    mean, rstd = torch.zeros(3), torch.ones(3)
+    mean, rstd = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     torch.library.opcheck(torch.ops.fastgpt.layer_norm_bwd.default, (dy, x, w, mean, rstd, None),
                           test_utils=("test_schema", "test_faketensor"))
 

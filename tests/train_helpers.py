@@ -20,7 +20,7 @@ def tiny_options(text: Path, out_dir: Path, **overrides) -> dict:
     options = dict(text=str(text), preset="tiny", n_embd=32, n_head=2, n_layer=2, context_length=16,
                    micro_batch=4, max_steps=8, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_interval=0,
                    eval_batches=2, sample_tokens=4, out_dir=str(out_dir), progress=False, loss_plot=False,
-                   threads=1, dtype="fp32")
+                   threads=1, dtype="fp32", device="cpu")  # CPU semantics (bit-exact resume) on any machine
     options.update(overrides)
     return options
 

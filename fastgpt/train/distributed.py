@@ -42,6 +42,8 @@ def setup(device_request: str) -> tuple[DistInfo, torch.device]:
     device = torch.device(device_request)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
+    elif device.type == "cuda" and device.index is None:  # plain "cuda": the current GPU, by index
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
