@@ -8,7 +8,8 @@ host time. This script separates the two for every fastgpt op at GPT-2 shapes:
   host_us    host time per call when calls are queued back to back (no sync inside)
   kernels    the CUDA kernels one call launches, from torch.profiler, with their times
 
-    python3 benchmarks/profile_ops.py            # needs a CUDA GPU
+    python3 benchmarks/profile_ops.py [WORD ...]             # cases whose name has a WORD
+    python3 benchmarks/profile_ops.py --host-profile WORD ...  # + cProfile of the host side
 """
 from __future__ import annotations
 
@@ -54,6 +55,23 @@ def kernel_table(fn) -> str:
     for evt in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:6]:
         lines.append(f"      {evt.device_time_total:9.1f} us  x{evt.count:<3d} {evt.key[:90]}")
     return "\n".join(lines)
+
+
+def host_profile(fn, calls: int = 300) -> str:
+    """The Python functions a call spends its host time in (cProfile, cumulative)."""
+    import cProfile
+    import io
+    import pstats
+    fn()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+    return text.getvalue()
 
 
 def main() -> int:
@@ -104,7 +122,9 @@ def main() -> int:
         "attention fwd+bwd sdpa": fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
         "attention fwd+bwd triton": fwd_bwd(lambda: attention_triton(q, k, v)),
     }
-    only = sys.argv[1:]
+    args = sys.argv[1:]
+    cprofile = "--host-profile" in args
+    only = [a for a in args if a != "--host-profile"]
     for name, fn in cases.items():
         if only and not any(word in name for word in only):
             continue
@@ -113,6 +133,8 @@ def main() -> int:
         graph_text = f"{graph * 1e3:8.1f} us" if isinstance(graph, float) else graph
         print(f"{name:32s} host {host:8.1f} us/call   graph {graph_text}", flush=True)
         print(kernel_table(fn), flush=True)
+        if cprofile:
+            print(host_profile(fn), flush=True)
     return 0
 
 
