@@ -2,6 +2,11 @@
 
 A `GPTConfig` is all that is needed to build a `GPT`; it is saved next to every
 checkpoint so that a checkpoint can be rebuilt without any other file.
+
+Two fields choose between GPT-2 and the model of "Build a Large Language Model
+(From Scratch)" (ch. 4-5): `tie_embeddings` (GPT-2 reuses the token embedding as
+the output head; the book's model has a separate head) and `init` (GPT-2's
+N(0, 0.02) scheme, or PyTorch's module defaults as the book keeps them).
 """
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import dataclasses
 from dataclasses import dataclass, asdict
 
 from .errors import FastGPTError
+
+INIT_SCHEMES = ("gpt2", "pytorch")
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,8 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
+    tie_embeddings: bool = True   # the LM head reuses the token embedding matrix (GPT-2)
+    init: str = "gpt2"            # random initialisation: "gpt2" or "pytorch" (see GPT.reset_parameters)
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
@@ -31,6 +40,11 @@ class GPTConfig:
                 f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise FastGPTError(f"config: dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise FastGPTError(f"config: tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        if self.init not in INIT_SCHEMES:
+            raise FastGPTError(f"config: init must be one of {', '.join(map(repr, INIT_SCHEMES))}, "
+                               f"got {self.init!r}")
 
     @property
     def head_dim(self) -> int:
@@ -45,7 +59,10 @@ class GPTConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise FastGPTError(f"{source}: unknown config key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-        return cls(**data)
+        try:
+            return cls(**data)  # keys added later (tie_embeddings, init) take their defaults
+        except FastGPTError as err:
+            raise FastGPTError(f"{source}: {str(err).removeprefix('config: ')}") from None
 
     def replace(self, **changes) -> "GPTConfig":
         return dataclasses.replace(self, **changes)

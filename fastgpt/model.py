@@ -2,7 +2,8 @@
 
 tokens -> token embedding + learned position embedding -> dropout
        -> n_layer x [ x + Attention(LN(x));  x + MLP(LN(x)) ]      (pre-LayerNorm blocks)
-       -> final LayerNorm -> LM head (tied to the token embedding) -> logits
+       -> final LayerNorm -> LM head (tied to the token embedding, unless
+          config.tie_embeddings is False) -> logits
 
 Every hot op (LayerNorm, attention, bias+GELU, cross-entropy) is called through
 `fastgpt.ops`, which routes it to the PyTorch reference or to a Triton kernel.
@@ -29,6 +30,10 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
         self.eps = eps
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
 
     def forward(self, x):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
@@ -107,20 +112,42 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # weight tying, as in GPT-2
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # weight tying, as in GPT-2
         self.reset_parameters()
 
+    @property
+    def tied(self) -> bool:
+        """Whether the LM head is the token embedding matrix itself."""
+        return getattr(self.lm_head, "weight", None) is self.tok_emb.weight  # (a quantized head has none)
+
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
-            elif p.dim() >= 2:
-                nn.init.normal_(p, 0.0, 0.02)
-            elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
-                nn.init.ones_(p)
-            else:
-                nn.init.zeros_(p)
+        """Fresh random weights by the config's `init` scheme.
+
+        "gpt2": N(0, 0.02) for every matrix and embedding, residual projections scaled
+        by 1/sqrt(2 * n_layer) so the residual stream does not grow with depth; small
+        initial logits. This is the scheme for real pretraining.
+        "pytorch": each module's own default (nn.Embedding N(0, 1), nn.Linear
+        kaiming-uniform weights and uniform biases), as the book's chapter-5 model
+        keeps them. Its large initial activations make it memorise a tiny text in a
+        few epochs, which the GPT-2 scheme does far more slowly.
+        """
+        if self.config.init == "gpt2":
+            for name, p in self.named_parameters():
+                if name.endswith("proj.weight"):
+                    nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
+                elif p.dim() >= 2:
+                    nn.init.normal_(p, 0.0, 0.02)
+                elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                    nn.init.ones_(p)
+                else:
+                    nn.init.zeros_(p)
+            return
+        for module in self.modules():
+            # A tied head is the embedding: re-initialising it as a Linear would overwrite N(0, 1).
+            if module is not self and hasattr(module, "reset_parameters") and not (module is self.lm_head
+                                                                                   and self.tied):
+                module.reset_parameters()
 
     # ------------------------------------------------------------------ forward
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -161,9 +188,10 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ info
     def num_parameters(self, tied: bool = True) -> int:
-        """Parameter count; `tied=False` counts the LM head as its own matrix (as untied models do)."""
-        n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
-        return n if tied else n + self.lm_head.weight.numel()
+        """Parameter count. `tied=False` counts a tied LM head as its own matrix too (what the
+        model would have untied); an untied model's head is counted either way."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied matrix once
+        return n if tied or not self.tied else n + self.lm_head.weight.numel()
 
     @property
     def device(self) -> torch.device:
