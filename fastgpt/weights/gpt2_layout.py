@@ -57,7 +57,8 @@ def from_gpt2(cfg: GPTConfig, tensors: dict[str, torch.Tensor], source: str,
 
 
 def to_gpt2(model) -> dict[str, torch.Tensor]:
-    """The model's weights under GPT-2 names in GPT-2's layout (contiguous CPU tensors, tied matrix once)."""
+    """The model's weights under GPT-2 names in GPT-2's layout (contiguous CPU tensors; no LM head: an untied
+    one is saved by the caller, under the name its format uses)."""
     params = dict(model.named_parameters())
     return {gpt2_name: (params[ours].t() if conv1d else params[ours]).detach().cpu().contiguous()
             for gpt2_name, ours, conv1d in name_map(model.config.n_layer)}

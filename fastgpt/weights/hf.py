@@ -50,13 +50,16 @@ def config_from_hf(raw: dict, source: str) -> GPTConfig:
     for key, bad in unsupported.items():
         if bad:
             raise FastGPTError(f"{source}: {key}={raw.get(key)!r} is not supported by fastgpt's GPT-2")
+    tie = raw.get("tie_word_embeddings", True)
+    if not isinstance(tie, bool):
+        raise FastGPTError(f"{source}: key 'tie_word_embeddings' must be true or false, got {tie!r}")
     eps = raw.get("layer_norm_epsilon", 1e-5)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
         raise FastGPTError(f"{source}: key 'layer_norm_epsilon' must be a positive number, got {eps!r}")
     try:
         return GPTConfig(vocab_size=need("vocab_size"), context_length=need("n_positions", "n_ctx"),
                          n_layer=need("n_layer"), n_head=need("n_head"), n_embd=need("n_embd"),
-                         layer_norm_eps=float(eps))
+                         layer_norm_eps=float(eps), tie_embeddings=tie)
     except FastGPTError as err:
         raise FastGPTError(f"{source}: {err}") from None
 
@@ -72,7 +75,7 @@ def config_to_hf(cfg: GPTConfig, dtype: torch.dtype) -> dict:
         "initializer_range": 0.02, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False, "summary_type": "cls_index", "summary_use_proj": True,
         "summary_activation": None, "summary_proj_to_labels": True, "summary_first_dropout": 0.1,
-        "use_cache": True, "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True,
+        "use_cache": True, "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
@@ -142,10 +145,20 @@ def load_hf(directory: Path, raw_config: dict, device="cpu", dtype=None):
                            f"language model with {cfg.n_layer} layers)")
     prefixed = any(k.startswith(PREFIX) for k in raw)
     state = from_gpt2(cfg, tensors, str(path), label=lambda n: file_key.get(n, PREFIX * prefixed + n))
-    if head is not None and not (head.shape == tensors["wte.weight"].shape
-                                 and torch.equal(head, tensors["wte.weight"])):
-        raise FastGPTError(f"{path}: lm_head.weight differs from the token embedding; fastgpt's GPT-2 ties "
-                           "them, so an untied head cannot be loaded")
+    if cfg.tie_embeddings:
+        if head is not None and not (head.shape == tensors["wte.weight"].shape
+                                     and torch.equal(head, tensors["wte.weight"])):
+            raise FastGPTError(f"{path}: lm_head.weight differs from the token embedding, but config.json ties "
+                               "them (tie_word_embeddings is true), so this untied head would be ignored")
+    else:
+        want = (cfg.vocab_size, cfg.n_embd)
+        if head is None:
+            raise FastGPTError(f"{path}: missing tensor 'lm_head.weight' (config.json sets tie_word_embeddings "
+                               "to false: the head is its own matrix)")
+        if tuple(head.shape) != want or not head.is_floating_point():
+            raise FastGPTError(f"{path}: tensor 'lm_head.weight' has shape {tuple(head.shape)} and dtype "
+                               f"{head.dtype}, but the config needs {want} floats")
+        state["lm_head.weight"] = head
     return build_model(cfg, state, device, dtype)
 
 
@@ -155,7 +168,9 @@ def save_hf(model, directory: str | Path) -> None:
     from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {PREFIX + name: t for name, t in to_gpt2(model).items()}  # lm_head is tied: transformers re-ties it
+    tensors = {PREFIX + name: t for name, t in to_gpt2(model).items()}
+    if not model.config.tie_embeddings:  # (a tied head is tied again by transformers: tie_word_embeddings)
+        tensors["lm_head.weight"] = model.lm_head.weight.detach().cpu().contiguous()
     dtype = model.tok_emb.weight.dtype
     replace_file(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     replace_file(directory / "config.json",

@@ -1,7 +1,8 @@
 """fastgpt's own checkpoint directory: the config, the weights, and free-form metadata.
 
     config.json        {"format": "fastgpt", "version": 1, "config": {GPTConfig fields}, "metadata": {...}}
-    model.safetensors  parameters under fastgpt's names, the tied LM head stored once
+    model.safetensors  parameters under fastgpt's names (a tied LM head is the token
+                       embedding, stored once; an untied one is `lm_head.weight`)
 
 Trainers and fine-tuners keep what the weights alone cannot say in `metadata`:
 label maps, a prompt template, the step and loss a checkpoint was taken at.
@@ -35,7 +36,8 @@ def save_fastgpt(model, directory: str | Path, metadata: dict | None = None) -> 
     except (TypeError, ValueError) as err:
         raise FastGPTError(f"save_fastgpt: metadata must be JSON-serialisable ({err})") from None
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items() if name != TIED}
+    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()
+               if name != TIED or not model.config.tie_embeddings}
     replace_file(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     replace_file(directory / "config.json", lambda tmp: tmp.write_text(config_text))
     return directory
@@ -60,7 +62,8 @@ def load_fastgpt_dir(directory: Path, raw: dict, device="cpu", dtype=None):
     if not path.is_file():
         raise FastGPTError(f"{directory}: missing model.safetensors")
     tensors = load_safetensors(path)
-    tensors.pop(TIED, None)
+    if cfg.tie_embeddings:
+        tensors.pop(TIED, None)  # a tied matrix may also be stored under the head's name
     shapes = expected_shapes(cfg)
     for name, shape in shapes.items():
         if name not in tensors:
