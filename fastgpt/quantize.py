@@ -179,12 +179,13 @@ def quantize_int8(model, dtype: torch.dtype = torch.bfloat16):
 
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every matrix and vector once, one row of
-    each embedding, and the whole token embedding again when it is the (tied) LM head."""
+    each embedding, and the whole token embedding again when it is the (tied) LM head
+    (an untied head is a matrix among the parameters)."""
     embeddings = {"tok_emb.weight", "pos_emb.weight"}
     total = 0
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         rows_read = 1 if name in embeddings else t.shape[0] if t.dim() else 1
         total += rows_read * (t.numel() // max(t.shape[0], 1) if t.dim() else 1) * t.element_size()
-    if isinstance(model.lm_head, nn.Linear):
+    if isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.tok_emb.weight:
         total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     return total

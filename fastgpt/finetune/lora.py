@@ -86,7 +86,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=DEF
 
     With `freeze_base`, every parameter that existed before is frozen, so only the
     adapters train (unfreeze e.g. a classification head afterwards). The lm_head is
-    never a target: it is tied to the token embedding.
+    never a target: in GPT-2 it is the token embedding itself (tied).
     """
     found = [(p, a, c) for p, a, c in _targets_of(model, targets) if a != "lm_head"]
     if not found:

@@ -55,8 +55,10 @@ def load_model_state(directory: Path) -> tuple[GPTConfig, dict[str, torch.Tensor
 def _save_model_files(model, directory: Path, metadata: dict) -> None:
     from safetensors.torch import save_file
     directory.mkdir(parents=True, exist_ok=True)
-    # The LM head is tied to the token embedding: store the matrix once.
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    # A tied LM head is the token embedding: store the matrix once.
+    tied = model.config.tie_embeddings
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+               if k != "lm_head.weight" or not tied}
     save_file(tensors, str(directory / "model.safetensors"))
     doc = {"format": "fastgpt", "config": model.config.to_dict(), "metadata": metadata}
     (directory / "config.json").write_text(json.dumps(doc, indent=2))
@@ -72,7 +74,8 @@ def _load_model_files(directory: Path):
         raise FastGPTError(f"{config_path}: format is {doc.get('format')!r}, expected 'fastgpt'")
     config = GPTConfig.from_dict(doc["config"], source=str(config_path))
     state = load_file(str(weights_path))
-    state["lm_head.weight"] = state["tok_emb.weight"]
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
     return config, state, doc.get("metadata", {})
 
 

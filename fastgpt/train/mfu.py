@@ -5,7 +5,8 @@ FLOPs per trained token (PaLM appendix B, as in nanoGPT):
     6 * N  +  12 * L * H * Q * T
 
 N: parameters taking part in matmuls (all weights except the position
-embeddings; the token embedding counts once, as the tied LM head). 6N is the
+embedding; the token embedding counts once, as the tied LM head, or not at
+all next to an untied head: a lookup is no matmul). 6N is the
 forward (2N) plus backward (4N) cost of the weight matmuls; the second term is
 attention's QK^T and AV products (L layers, H heads, head dim Q, context T),
 forward and backward, ignoring the causal mask's halving as PaLM does.
@@ -41,6 +42,8 @@ def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, con
 def model_flops_per_token(model, context_length: int) -> int:
     cfg = model.config
     n = sum(p.numel() for p in model.parameters()) - model.pos_emb.weight.numel()
+    if model.lm_head.weight is not model.tok_emb.weight:  # untied: the token embedding is only looked up
+        n -= model.tok_emb.weight.numel()
     return flops_per_token(n, cfg.n_layer, cfg.n_head, cfg.head_dim, context_length)
 
 
