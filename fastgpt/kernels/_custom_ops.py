@@ -9,11 +9,14 @@
   copying only when no such view exists.
 * `on_device_of` makes a tensor's GPU the current one: Triton launches on the current
   device, which need not be the one holding the tensors.
+* `kernel_op` registers a launch function as a `torch.library` custom op, for
+  torch.compile, and calls it directly otherwise (see its docstring for why).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+from typing import Callable
 
 import torch
 
@@ -50,3 +53,55 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 def on_device_of(x: torch.Tensor):
     """Context manager: launch on x's CUDA device (a no-op for CPU tensors)."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+class KernelOp:
+    """A kernel launch function that is a `torch.library` custom op under torch.compile
+    and a plain call (through a `torch.autograd.Function` when it has a backward) in eager.
+
+    Why both: a custom op is an opaque node torch.compile traces through its fake
+    implementation without a graph break, but each eager call of one walks several
+    Python dispatch layers. Measured on an H100 host (torch 2.11): 190-300 us per call
+    for LayerNorm, whose kernel runs 10 us, so eager training was bound by the host.
+    The direct path runs the same launch function, with the same setup/backward
+    functions registered for both, so the two paths differ only in dispatch.
+    """
+
+    def __init__(self, name: str, fn: Callable):
+        self.fn = fn
+        self.custom = torch.library.custom_op(f"fastgpt::{name}", fn, mutates_args=())
+        self._function = None
+
+    def register_fake(self, fake: Callable) -> Callable:
+        self.custom.register_fake(fake)
+        return fake
+
+    def register_autograd(self, backward: Callable, setup_context: Callable) -> None:
+        self.custom.register_autograd(backward, setup_context=setup_context)
+
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                output = self.fn(*args)
+                setup_context(ctx, args, output)
+                return output
+
+            @staticmethod
+            def backward(ctx, *grads):
+                return backward(ctx, *grads)
+
+        Function.__name__ = Function.__qualname__ = f"{self.fn.__name__.lstrip('_')}_function"
+        self._function = Function
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self.custom(*args)
+        if self._function is not None and torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return self._function.apply(*args)
+        return self.fn(*args)
+
+
+def kernel_op(name: str) -> Callable[[Callable], KernelOp]:
+    """Decorator: `@kernel_op("layer_norm_fwd")` makes `fastgpt::layer_norm_fwd` (see KernelOp)."""
+    return lambda fn: KernelOp(name, fn)

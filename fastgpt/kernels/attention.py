@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ..errors import FastGPTError
-from ._custom_ops import new_output
+from ._custom_ops import kernel_op, new_output
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
 LN2 = tl.constexpr(0.6931471805599453)  # ln(x) = log2(x) * ln(2)
@@ -373,7 +373,7 @@ def _strides(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
 
 
-@torch.library.custom_op("fastgpt::attention_fwd", mutates_args=())
+@kernel_op("attention_fwd")
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, D = q.shape
     out = _bhtd_like(q)
@@ -391,7 +391,7 @@ def _(q, k, v, sm_scale):
     return _bhtd_like(q), q.new_empty(B, H, T, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastgpt::attention_bwd", mutates_args=())
+@kernel_op("attention_bwd")
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, T, D = q.shape

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..errors import FastGPTError
-from ._custom_ops import new_output
+from ._custom_ops import kernel_op, new_output
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -216,7 +216,7 @@ def count_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
-@torch.library.custom_op("fastgpt::cross_entropy_fwd", mutates_args=())
+@kernel_op("cross_entropy_fwd")
 def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                        reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse): the reduced loss and the per-row logsumexp that backward recomputes from."""
@@ -232,7 +232,7 @@ def _(logits, targets, ignore_index, reduction):
     return logits.new_empty(loss_shape, dtype=torch.float32), logits.new_empty((N,), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastgpt::cross_entropy_bwd", mutates_args=())
+@kernel_op("cross_entropy_bwd")
 def _cross_entropy_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                        lse: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
     grad = new_output(logits.shape, logits.dtype, logits.device)

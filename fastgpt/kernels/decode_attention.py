@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._custom_ops import new_output
+from ._custom_ops import kernel_op, new_output
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
 
@@ -146,7 +146,7 @@ def _split_plan(batch_heads: int, max_length: int, device: torch.device) -> tupl
     return block_n, chunk, triton.cdiv(max_length, chunk)
 
 
-@torch.library.custom_op("fastgpt::decode_attention", mutates_args=())
+@kernel_op("decode_attention")
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       lengths: torch.Tensor) -> torch.Tensor:
     B, H, D = q.shape

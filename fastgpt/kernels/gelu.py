@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..errors import FastGPTError
-from ._custom_ops import as_rows, new_output, num_sms, on_device_of
+from ._custom_ops import as_rows, kernel_op, new_output, num_sms, on_device_of
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
@@ -150,7 +150,7 @@ def _backward(dy, x, bias):
 
 
 # --------------------------------------------------- torch.library ops and their autograd
-@torch.library.custom_op("fastgpt::bias_gelu_fwd", mutates_args=())
+@kernel_op("bias_gelu_fwd")
 def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return _forward(x, bias)
 
@@ -160,7 +160,7 @@ def _(x, bias):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fastgpt::bias_gelu_bwd", mutates_args=())
+@kernel_op("bias_gelu_bwd")
 def _bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _backward(dy, x, bias)
 
@@ -177,7 +177,7 @@ def _bias_gelu_setup(ctx, inputs, output):
 
 def _bias_gelu_grad(ctx, dy):
     x, bias = ctx.saved_tensors
-    return torch.ops.fastgpt.bias_gelu_bwd(dy, x, bias)
+    return _bias_gelu_bwd(dy, x, bias)
 
 
 _bias_gelu_fwd.register_autograd(_bias_gelu_grad, setup_context=_bias_gelu_setup)
@@ -186,7 +186,7 @@ _bias_gelu_fwd.register_autograd(_bias_gelu_grad, setup_context=_bias_gelu_setup
 def bias_gelu_triton(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(x + bias) in one pass, differentiable in x and bias. Output in x's dtype."""
     _check(x, bias)
-    return torch.ops.fastgpt.bias_gelu_fwd(x, bias)
+    return _bias_gelu_fwd(x, bias)
 
 
 # ------------------------------------------------------------------- compile-only check

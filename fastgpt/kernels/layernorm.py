@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastGPTError
-from ._custom_ops import as_rows, new_output, num_sms, on_device_of
+from ._custom_ops import as_rows, kernel_op, new_output, num_sms, on_device_of
 
 MAX_WIDTH = 65536
 
@@ -209,7 +209,7 @@ def _backward(dy, x, weight, mean, rstd, dresidual):
 # Registered as custom ops so torch.compile treats each launch as one opaque node
 # (no graph break) and can trace shapes through the fake implementations.
 
-@torch.library.custom_op("fastgpt::layer_norm_fwd", mutates_args=())
+@kernel_op("layer_norm_fwd")
 def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, _, mean, rstd = _forward(x, None, weight, bias, eps)
@@ -222,7 +222,7 @@ def _(x, weight, bias, eps):
     return x.new_empty(x.shape), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("fastgpt::add_layer_norm_fwd", mutates_args=())
+@kernel_op("add_layer_norm_fwd")
 def _add_layer_norm_fwd(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     y, new_residual, mean, rstd = _forward(x, residual, weight, bias, eps)
@@ -236,7 +236,7 @@ def _(residual, x, weight, bias, eps):
     return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("fastgpt::layer_norm_bwd", mutates_args=())
+@kernel_op("layer_norm_bwd")
 def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                     dresidual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(dy, x, weight, mean, rstd, dresidual)
@@ -255,7 +255,7 @@ def _layer_norm_setup(ctx, inputs, output):
 
 def _layer_norm_grad(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.fastgpt.layer_norm_bwd(dy, x, weight, mean, rstd, None)
+    dx, dweight, dbias = _layer_norm_bwd(dy, x, weight, mean, rstd, None)
     return dx, dweight, dbias, None
 
 
@@ -277,7 +277,7 @@ def _add_layer_norm_grad(ctx, dnew_residual, dy, _dmean, _drstd):
     new_residual, weight, mean, rstd = ctx.saved_tensors
     dweight = dbias = None
     if dy is not None:
-        dsum, dweight, dbias = torch.ops.fastgpt.layer_norm_bwd(dy, new_residual, weight, mean, rstd, dnew_residual)
+        dsum, dweight, dbias = _layer_norm_bwd(dy, new_residual, weight, mean, rstd, dnew_residual)
     elif dnew_residual is not None:
         dsum = dnew_residual
     else:
@@ -293,7 +293,7 @@ _add_layer_norm_fwd.register_autograd(_add_layer_norm_grad, setup_context=_add_l
 def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Triton LayerNorm over the last dim, differentiable in x, weight and bias. Output in x's dtype."""
     _check(x, weight, bias, "layer_norm")
-    return torch.ops.fastgpt.layer_norm_fwd(x, weight, bias, float(eps))[0]
+    return _layer_norm_fwd(x, weight, bias, float(eps))[0]
 
 
 def add_layer_norm_triton(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -303,7 +303,7 @@ def add_layer_norm_triton(residual: torch.Tensor, x: torch.Tensor, weight: torch
     if residual.shape != x.shape or residual.device != x.device:
         raise FastGPTError(f"add_layer_norm: residual {tuple(residual.shape)} on {residual.device} and "
                            f"x {tuple(x.shape)} on {x.device} must match in shape and device")
-    new_residual, y, _mean, _rstd = torch.ops.fastgpt.add_layer_norm_fwd(residual, x, weight, bias, float(eps))
+    new_residual, y, _mean, _rstd = _add_layer_norm_fwd(residual, x, weight, bias, float(eps))
     return new_residual, y
 
 

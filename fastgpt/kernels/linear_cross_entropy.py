@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import FastGPTError
-from ._custom_ops import new_output
+from ._custom_ops import kernel_op, new_output
 from .cross_entropy import (check_inputs, check_targets, count_valid, cross_entropy_reference, launch_backward,
                             launch_forward, reduce_rows)
 
@@ -77,7 +77,7 @@ def _logits_buffer(hidden: torch.Tensor, weight: torch.Tensor, chunk_rows: int) 
 
 
 # ----------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("fastgpt::linear_cross_entropy_fwd", mutates_args=())
+@kernel_op("linear_cross_entropy_fwd")
 def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                               ignore_index: int, reduction: str, chunk_rows: int,
                               need_grad_hidden: bool, need_grad_weight: bool
@@ -119,7 +119,7 @@ def _(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad_hi
     return loss, grad_hidden, grad_weight
 
 
-@torch.library.custom_op("fastgpt::linear_cross_entropy_bwd_recompute", mutates_args=())
+@kernel_op("linear_cross_entropy_bwd_recompute")
 def _linear_cross_entropy_bwd_recompute(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                                         targets: torch.Tensor, ignore_index: int, chunk_rows: int
                                         ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,9 +70,13 @@ def wrap_model(model: torch.nn.Module, strategy: str, info: DistInfo, device: to
             from torch.distributed.fsdp import fully_shard
         except ImportError:  # torch < 2.6
             from torch.distributed._composable.fsdp import fully_shard
+        from torch.distributed.device_mesh import init_device_mesh
+        # An explicit mesh on the training device: FSDP's default mesh is a CUDA one
+        # whenever a GPU is visible, which breaks gloo ranks training on the CPU.
+        mesh = init_device_mesh(device.type, (info.world_size,))
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     raise ValueError(f"unknown distributed strategy {strategy!r}")
 
