@@ -108,12 +108,12 @@ def _cross_entropy_fwd_kernel(logits_ptr, logits_row_stride, targets_ptr, loss_p
 
 @triton.jit
 def _cross_entropy_bwd_kernel(logits_ptr, logits_row_stride, targets_ptr, lse_ptr,
-                              grad_scale_ptr, grad_scale_stride, grad_ptr, V, ignore_index,
+                              grad_scale_ptr, grad_scale_stride, grad_ptr, grad_row_stride, V, ignore_index,
                               BLOCK_V: tl.constexpr):
     """grad[row] = grad_scale[row] * (softmax(logits[row]) - onehot(target)), from the saved lse.
     grad_scale_stride is 0 for mean/sum (one scalar for all rows), 1 for reduction='none'."""
     row = tl.program_id(0)
-    grad_row_ptr = grad_ptr + _row_start(row, V)
+    grad_row_ptr = grad_ptr + _row_start(row, grad_row_stride)
     target = tl.load(targets_ptr + row)
     if target == ignore_index:
         _write_row_zeros(grad_row_ptr, V, BLOCK_V)
@@ -191,14 +191,14 @@ def launch_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
 def launch_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_scale: torch.Tensor,
                     ignore_index: int, grad: torch.Tensor) -> torch.Tensor:
     """grad = grad_scale * (softmax(logits) - onehot(targets)), ignored rows 0. `grad_scale`
-    is one fp32 value for every row or one per row; `grad` is contiguous and may be `logits`."""
+    is one fp32 value for every row or one per row; `grad` (unit column stride) may be `logits`."""
     N, V = logits.shape
     if N == 0:
         return grad
     scale = grad_scale.reshape(-1).contiguous()
     block, num_warps = launch_config(V)
     _cross_entropy_bwd_kernel[(N,)](
-        logits, logits.stride(0), targets, lse, scale, 1 if scale.numel() > 1 else 0, grad, V,
+        logits, logits.stride(0), targets, lse, scale, 1 if scale.numel() > 1 else 0, grad, grad.stride(0), V,
         ignore_index, BLOCK_V=block, num_warps=num_warps)
     return grad
 
@@ -291,6 +291,6 @@ def compile_specs():
             name=f"cross_entropy_bwd[{dtype}]", fn=_cross_entropy_bwd_kernel,
             signature={"logits_ptr": f"*{dtype}", "logits_row_stride": "i32", "targets_ptr": "*i64",
                        "lse_ptr": "*fp32", "grad_scale_ptr": "*fp32", "grad_scale_stride": "i32",
-                       "grad_ptr": f"*{dtype}", "V": "i32", "ignore_index": "i32"},
+                       "grad_ptr": f"*{dtype}", "grad_row_stride": "i32", "V": "i32", "ignore_index": "i32"},
             constexprs={"BLOCK_V": block}, num_warps=num_warps))
     return specs
