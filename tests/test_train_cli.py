@@ -39,6 +39,7 @@ def test_help_lists_every_option(capsys):
     ("indivisible", "--tokens-per-step 1000 is not a multiple of micro_batch x context x processes"),
     ("unknown_key", "unknown key 'n_layers'"),
     ("no_data", "no training data"),
+    ("bad_init", "--init must be gpt2 or pytorch, got 'xavier'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, expected):
     text = word_text(tmp_path / "words.txt")
@@ -61,6 +62,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, expect
         extra = ["--config", str(cfg)]
     elif case == "no_data":
         del options["text"]
+    elif case == "bad_init":
+        options["init"] = "xavier"
     err = _error(capsys, ["pretrain", *as_flags(options), *extra])
     assert expected in err, err
     if case == "unknown_key":

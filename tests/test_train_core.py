@@ -35,6 +35,11 @@ def test_weight_decay_only_on_matrices():
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     # the tied embedding / LM head is one parameter, counted once
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    untied = GPT(TrainConfig(preset="tiny", tie_embeddings=False).model_config())
+    decay, no_decay = parameter_groups(untied, 0.1)
+    ids = [id(p) for group in (decay, no_decay) for p in group["params"]]
+    assert len(ids) == len(set(ids)) == len(list(untied.parameters())) == len(list(model.parameters())) + 1
+    assert any(p is untied.lm_head.weight for p in decay["params"])
 
 
 def test_untrained_loss_is_log_vocab():
@@ -51,6 +56,24 @@ def test_flops_formula_and_cpu_mfu():
     n = 124_439_808 - 1024 * 768
     assert flops_per_token(n, 12, 12, 64, 1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
     assert mfu_text(1e4, 10**9, torch.device("cpu"), torch.float32) == "MFU n/a (CPU)"
+    # an untied head is the same matmul as a tied one; its token embedding is only looked up
+    from fastgpt.model import GPT
+    from fastgpt.train.mfu import model_flops_per_token
+    with torch.device("meta"):
+        tied, untied = (GPT(TrainConfig(preset="gpt2", tie_embeddings=t).model_config()) for t in (True, False))
+    assert model_flops_per_token(untied, 1024) == model_flops_per_token(tied, 1024) == flops_per_token(
+        n, 12, 12, 64, 1024)
+
+
+def test_init_and_tying_options():
+    cfg = resolve({"init": "pytorch", "tie_embeddings": False}).model_config()
+    assert cfg.init == "pytorch" and cfg.tie_embeddings is False
+    default = resolve({}).model_config()
+    assert default.init == "gpt2" and default.tie_embeddings is True  # the preset's
+    with pytest.raises(FastGPTError, match=r"^--init must be gpt2 or pytorch, got 'xavier'$"):
+        resolve({"init": "xavier"})
+    with pytest.raises(FastGPTError, match="--init pytorch: the weights come from --init-from"):
+        resolve({"init": "pytorch", "init_from": "runs/x"})
 
 
 def test_loss_goes_down_and_run_dir(tmp_path):
@@ -157,3 +180,5 @@ def test_init_from_a_saved_model_continues_from_its_weights(tmp_path):
     assert again.losses[0] < first.losses[0] - 2.0  # starts where the first run ended, not at ln(V)
     with pytest.raises(FastGPTError, match="--init-from .*n_embd=32, but --n-embd 64 was given"):
         train(TrainConfig(**tiny_options(text, tmp_path / "c", init_from=str(model_dir), n_embd=64)))
+    with pytest.raises(FastGPTError, match="--init-from .*tie_embeddings=True, but --no-tie-embeddings was given"):
+        train(TrainConfig(**tiny_options(text, tmp_path / "d", init_from=str(model_dir), tie_embeddings=False)))

@@ -102,4 +102,10 @@ def test_resume_with_another_architecture_is_refused(tmp_path, capsys):
     assert main(["pretrain", "--resume", str(run), "--n-layer", "3", "--max-steps", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "n_layer=2" in err and "n_layer=3" in err
+    assert main(["pretrain", "--resume", str(run), "--no-tie-embeddings", "--max-steps", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tie_embeddings=True" in err and "tie_embeddings=False" in err
+    assert main(["pretrain", "--resume", str(run), "--init", "pytorch", "--max-steps", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "init=gpt2" in err and "another initialisation" in err
     assert _tree_digest(run) == before

@@ -14,6 +14,7 @@ Pretrain a GPT on next-token prediction.
   fastgpt pretrain --corpus shakespeare --preset mini --max-steps 2000
   fastgpt pretrain --corpus shakespeare --tokenizer bpe:4096 --n-embd 256 --n-layer 4 --n-head 4
   fastgpt pretrain --text book.txt --preset gpt2 --context-length 256 --sampling epoch --epochs 10
+  fastgpt pretrain --config configs/verdict-gpt2.yaml --text the-verdict.txt   # the book's ch. 5 run
   fastgpt pretrain --data shards/ --config configs/gpt2-124m.toml --tokens-per-step 524288
   fastgpt pretrain --resume runs/run                       # continue the latest checkpoint exactly
   fastgpt pretrain --plot runs/run                         # redraw runs/run/loss.png
@@ -41,6 +42,11 @@ HELP = {
     "context_length": "override the preset's context length (tokens per training sequence)",
     "vocab_size": "override the vocabulary size (default: the tokenizer's; GPT-2's is 50257)",
     "dropout": "dropout probability (embeddings, attention, residual branches)",
+    "tie_embeddings": "the LM head is the token embedding matrix, as in GPT-2 (default: the preset's, tied); "
+                      "--no-tie-embeddings gives the head its own matrix, as the book's chapter-5 model",
+    "init": "random initialisation: gpt2 (N(0, 0.02), residual projections scaled by 1/sqrt(2L); for real "
+            "pretraining) or pytorch (PyTorch's module defaults, N(0, 1) embeddings, as the book's chapter-5 "
+            "model, which memorises a small text in a few epochs) (default: gpt2)",
     "init_from": "start from a saved fastgpt model directory instead of random weights",
     "max_steps": "optimizer steps to train",
     "epochs": "train this many passes over the train split (sets max_steps)",

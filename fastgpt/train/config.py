@@ -13,11 +13,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from ..config import PRESETS, GPTConfig, preset
+from ..config import INIT_SCHEMES, PRESETS, GPTConfig, preset
 from ..errors import FastGPTError
 
 # Keys that define the network's shape: a checkpoint can only resume with the same values.
-ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "context_length", "vocab_size")
+ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "context_length", "vocab_size", "tie_embeddings")
 
 
 @dataclass
@@ -37,6 +37,8 @@ class TrainConfig:
     context_length: int | None = None
     vocab_size: int | None = None
     dropout: float = 0.0
+    tie_embeddings: bool | None = None  # LM head = token embedding (None: the preset's, True as in GPT-2)
+    init: str | None = None          # random init: "gpt2" or "pytorch" (the book's ch. 5 model); None: gpt2
     init_from: str | None = None     # a fastgpt model directory (e.g. a checkpoint's model)
     # --- optimisation
     max_steps: int = 1000
@@ -123,11 +125,16 @@ class TrainConfig:
             raise FastGPTError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.dropout < 1.0:
             raise FastGPTError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.init is not None and self.init not in INIT_SCHEMES:
+            raise FastGPTError(f"--init must be {' or '.join(INIT_SCHEMES)}, got {self.init!r}")
+        if self.init is not None and self.init_from:
+            raise FastGPTError(f"--init {self.init}: the weights come from --init-from {self.init_from}; "
+                               f"--init chooses random weights only")
         return self
 
     def model_config(self) -> GPTConfig:
-        """The GPTConfig this run trains: the preset with any explicit dims/dropout replaced."""
-        overrides = {k: getattr(self, k) for k in ARCHITECTURE_KEYS if getattr(self, k) is not None}
+        """The GPTConfig this run trains: the preset with any explicit dims/tying/init/dropout replaced."""
+        overrides = {k: getattr(self, k) for k in (*ARCHITECTURE_KEYS, "init") if getattr(self, k) is not None}
         return preset(self.preset, dropout=self.dropout, **overrides)
 
     def to_dict(self) -> dict:

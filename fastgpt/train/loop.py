@@ -106,6 +106,7 @@ def merge_for_resume(saved: dict, cfg: TrainConfig, explicit: set[str], ckpt: Pa
     """The checkpoint's config, with what this invocation explicitly asked for on top.
 
     Anything that changes the network's shape is refused: the weights would not fit.
+    So is another `init`: the checkpoint's weights were not made with it.
     """
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     merged = TrainConfig(**{k: v for k, v in saved.items() if k in known})
@@ -113,10 +114,11 @@ def merge_for_resume(saved: dict, cfg: TrainConfig, explicit: set[str], ckpt: Pa
         setattr(merged, key, getattr(cfg, key))
     merged.validate()
     old, new = TrainConfig(**{k: v for k, v in saved.items() if k in known}).model_config(), merged.model_config()
-    for key in ARCHITECTURE_KEYS:
+    for key in (*ARCHITECTURE_KEYS, "init"):
         if getattr(old, key) != getattr(new, key):
+            why = "another initialisation" if key == "init" else "a different architecture"
             raise FastGPTError(f"--resume {ckpt}: the checkpoint has {key}={getattr(old, key)} but this run "
-                               f"asks for {key}={getattr(new, key)} (a different architecture)")
+                               f"asks for {key}={getattr(new, key)} ({why})")
     return merged
 
 
@@ -140,8 +142,10 @@ def build_model(cfg: TrainConfig):
         asked = {k: getattr(cfg, k) for k in ARCHITECTURE_KEYS if getattr(cfg, k) is not None}
         for key, value in asked.items():
             if getattr(config, key) != value:
+                flag = f"--{'' if value else 'no-'}{key.replace('_', '-')}" if isinstance(value, bool) \
+                    else f"--{key.replace('_', '-')} {value}"
                 raise FastGPTError(f"--init-from {path}: the model has {key}={getattr(config, key)}, "
-                                   f"but --{key.replace('_', '-')} {value} was given")
+                                   f"but {flag} was given")
         model = GPT(config.replace(dropout=cfg.dropout))
         model.load_state_dict(weights)
         return model
