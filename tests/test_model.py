@@ -105,3 +105,52 @@ def test_dropout_is_active_only_in_training():
     torch.testing.assert_close(model(idx), model(idx))
     model.train()
     assert not torch.allclose(model(idx), model(idx))
+
+
+def test_untied_head_is_its_own_parameter():
+    tied, untied = GPT("tiny"), GPT(preset("tiny", tie_embeddings=False))
+    assert untied.lm_head.weight is not untied.tok_emb.weight and not untied.tied and tied.tied
+    names = dict(untied.named_parameters())
+    assert "lm_head.weight" in names and "lm_head.weight" not in dict(tied.named_parameters())
+    head = 50257 * 64
+    assert untied.num_parameters() == untied.num_parameters(tied=False) == tied.num_parameters() + head
+    assert tied.num_parameters(tied=False) == untied.num_parameters()
+    idx, targets = torch.randint(0, 50257, (2, 1, 9))
+    untied(idx, targets).backward()  # the loss reaches both matrices, separately
+    assert untied.lm_head.weight.grad.abs().sum() > 0 and untied.tok_emb.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_pytorch_init_keeps_the_module_defaults(tie):
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", init="pytorch", tie_embeddings=tie))
+    # nn.Embedding's N(0, 1), also when the head is tied to it (not overwritten by Linear's init)
+    assert abs(model.tok_emb.weight.std().item() - 1.0) < 0.01
+    assert abs(model.pos_emb.weight.std().item() - 1.0) < 0.1
+    bound = 1 / math.sqrt(64)  # nn.Linear: kaiming-uniform weights and uniform biases within 1/sqrt(fan_in)
+    for linear in (model.blocks[0].attn.qkv, model.blocks[1].mlp.fc):
+        assert linear.weight.abs().max() <= bound and linear.bias.abs().max() <= bound
+        assert linear.bias.abs().max() > 0.5 * bound
+    if not tie:
+        assert model.lm_head.weight.abs().max() <= bound
+    assert torch.equal(model.ln_f.weight, torch.ones(64)) and torch.equal(model.ln_f.bias, torch.zeros(64))
+    gpt2 = GPT("tiny")
+    assert abs(gpt2.tok_emb.weight.std().item() - 0.02) < 0.001
+    assert abs(gpt2.blocks[0].attn.proj.weight.std().item() - 0.02 / math.sqrt(4)) < 0.002
+    model.reset_parameters()  # re-initialising keeps the config's scheme
+    assert abs(model.tok_emb.weight.std().item() - 1.0) < 0.01
+
+
+def test_old_config_dicts_load_and_new_fields_are_checked():
+    old = {"vocab_size": 101, "context_length": 32, "n_layer": 2, "n_head": 2, "n_embd": 16,
+           "dropout": 0.0, "layer_norm_eps": 1e-5}  # saved before tie_embeddings / init existed
+    cfg = GPTConfig.from_dict(old)
+    assert cfg.tie_embeddings is True and cfg.init == "gpt2"
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(FastGPTError) as err:
+        GPTConfig.from_dict({**old, "init": "xavier"}, source="run/config.json")
+    assert str(err.value) == "run/config.json: init must be one of 'gpt2', 'pytorch', got 'xavier'"
+    with pytest.raises(FastGPTError, match="^config: tie_embeddings must be true or false, got 'no'$"):
+        GPTConfig(tie_embeddings="no")
+    from fastgpt.config import PRESETS
+    assert all(p.tie_embeddings and p.init == "gpt2" for p in PRESETS.values())  # the presets are GPT-2's

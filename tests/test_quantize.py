@@ -111,3 +111,14 @@ def test_generation_benchmark_takes_one_size_as_a_string_and_measures_int4(tmp_p
         ("transformers", "float32"), ("fastgpt", "int4"), ("bound (bandwidth)", "int4")}
     assert "teacher_forced_top1_agree" in next(r.extra for r in rows if r.backend == "fastgpt")
     assert "| fastgpt | int4 |" in (tmp_path / "generate.md").read_text()
+
+
+def test_untied_head_is_read_once_per_token_and_quantizes():
+    from fastgpt.config import preset
+    tied, untied = GPT("tiny").eval(), GPT(preset("tiny", tie_embeddings=False)).eval()
+    # either way a decode step reads one embedding row and the whole head matrix
+    assert weight_bytes_per_token(untied) == weight_bytes_per_token(tied)
+    exact = untied(torch.tensor([PROMPTS[2]]))
+    quantized = quantize_int8(copy.deepcopy(untied), torch.float32)
+    err = (quantized(torch.tensor([PROMPTS[2]])) - exact).norm() / exact.norm()
+    assert err < 0.03  # the untied head was quantized from its own matrix (measured ~0.01)

@@ -146,6 +146,57 @@ def test_fastgpt_directory_roundtrip_keeps_metadata(tmp_path):
         save_fastgpt(model, tmp_path / "bad", metadata={"x": object()})
 
 
+def untied_model() -> GPT:
+    """A small model with its own LM head (the book's ch. 5 model: PyTorch's default initialisation)."""
+    from fastgpt.config import GPTConfig
+    torch.manual_seed(7)
+    return GPT(GPTConfig(vocab_size=101, context_length=32, n_layer=2, n_head=4, n_embd=32,
+                         tie_embeddings=False, init="pytorch")).eval()
+
+
+def test_untied_model_roundtrips_in_fastgpt_format(tmp_path):
+    from safetensors import safe_open
+    model = untied_model()
+    save_fastgpt(model, tmp_path / "ckpt")
+    with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as f:
+        assert {"lm_head.weight", "tok_emb.weight"} <= set(f.keys())
+    loaded, _ = load_fastgpt(tmp_path / "ckpt")
+    assert loaded.config == model.config and not loaded.tied
+    idx = torch.randint(0, 101, (2, 8))
+    assert torch.equal(logits(loaded, idx), logits(model, idx))
+    # an untied config whose file lacks the head is refused, not filled with random numbers
+    from safetensors.torch import load_file, save_file
+    state = load_file(tmp_path / "ckpt" / "model.safetensors")
+    del state["lm_head.weight"]
+    save_file(state, tmp_path / "ckpt" / "model.safetensors")
+    with pytest.raises(FastGPTError, match="missing tensor 'lm_head.weight'"):
+        load_fastgpt(tmp_path / "ckpt")
+
+
+def test_untied_model_exports_to_transformers(tmp_path):
+    model = untied_model()
+    model.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert back.lm_head.weight.data_ptr() != back.transformer.wte.weight.data_ptr()
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight)
+    idx = torch.randint(0, 101, (2, 8))
+    with torch.no_grad():
+        hf_logits = back(idx).logits
+    torch.testing.assert_close(logits(model, idx), hf_logits, atol=1e-5, rtol=0)
+    again = GPT.from_pretrained(tmp_path / "hf")  # and fastgpt reads the untied directory back
+    assert not again.tied and torch.equal(logits(again, idx), logits(model, idx))
+    edit_json(tmp_path / "hf" / "config.json", tie_word_embeddings=True)
+    with pytest.raises(FastGPTError, match="differs from the token embedding, but config.json ties them"):
+        GPT.from_pretrained(tmp_path / "hf")
+    from safetensors.torch import load_file, save_file
+    edit_json(tmp_path / "hf" / "config.json", tie_word_embeddings=False)
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    save_file({k: v for k, v in state.items() if k != "lm_head.weight"}, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(FastGPTError, match="missing tensor 'lm_head.weight'"):
+        GPT.from_pretrained(tmp_path / "hf")
+
+
 def test_dtype_and_device(references):
     model = GPT.from_pretrained(references("tiny").directory("safetensors"), device="cpu", dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
