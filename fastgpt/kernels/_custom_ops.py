@@ -94,12 +94,19 @@ class KernelOp:
         self._function = Function
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling():
+        if _being_traced(args):
             return self.custom(*args)
         if self._function is not None and torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return self._function.apply(*args)
         return self.fn(*args)
+
+
+def _being_traced(args) -> bool:
+    """torch.compile is tracing this call: Dynamo runs it, or AOTAutograd traces a backward
+    with fake/functional tensors (tensor subclasses a Triton launch cannot read)."""
+    return torch.compiler.is_compiling() or any(
+        isinstance(a, torch.Tensor) and type(a) not in (torch.Tensor, torch.nn.Parameter) for a in args)
 
 
 def kernel_op(name: str) -> Callable[[Callable], KernelOp]:
