@@ -127,10 +127,20 @@ class BatchPlan:
         return out
 
     def eval_batches(self, split: str, count: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The same `count` batches every time it is called (seeded by the split, not the step)."""
+        """The same `count` batches every time it is called (seeded by the split, not the step).
+
+        They are drawn the way training draws: windows starting anywhere for "random"
+        sampling; for "epoch" sampling the split's own non-overlapping windows (at
+        offsets 0, T, 2T, ..., repeated when fewer than asked), as a data loader over
+        fixed chunks would evaluate. With a tiny text this matters: a model that has
+        memorised its 18 training windows still fails on windows shifted by a few tokens.
+        """
         data = self.train if split == "train" else self.val
-        g = _generator(_EVAL_SEED, 0 if split == "train" else 1)
-        offsets = data.random_offsets(count * batch_size, self.context_length, g)
+        T, wanted = self.context_length, count * batch_size
+        if self.sampling == "epoch" and data.n_windows(T) > 0:
+            offsets = torch.arange(wanted) % data.n_windows(T) * T
+        else:
+            offsets = data.random_offsets(wanted, T, _generator(_EVAL_SEED, 0 if split == "train" else 1))
         return [data.windows(offsets[i * batch_size:(i + 1) * batch_size], self.context_length)
                 for i in range(count)]
 
