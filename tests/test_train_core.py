@@ -182,3 +182,23 @@ def test_init_from_a_saved_model_continues_from_its_weights(tmp_path):
         train(TrainConfig(**tiny_options(text, tmp_path / "c", init_from=str(model_dir), n_embd=64)))
     with pytest.raises(FastGPTError, match="--init-from .*tie_embeddings=True, but --no-tie-embeddings was given"):
         train(TrainConfig(**tiny_options(text, tmp_path / "d", init_from=str(model_dir), tie_embeddings=False)))
+
+
+def test_eval_batches_follow_the_sampling_mode():
+    """Epoch sampling evaluates on the split's own non-overlapping windows (what it trains on);
+    random sampling on windows starting anywhere."""
+    import numpy as np
+    from fastgpt.train.batches import BatchPlan, TokenSplit
+    train_split = TokenSplit(np.arange(100, dtype=np.uint16), "train")  # token i at position i
+    val_split = TokenSplit(np.arange(1000, 1030, dtype=np.uint16), "val")
+    epoch = BatchPlan(train_split, val_split, 8, 2, 1, 1, 0, seed=0, sampling="epoch")
+    batches = epoch.eval_batches("train", count=7, batch_size=2)
+    starts = [int(x[row, 0]) for x, _ in batches for row in range(2)]
+    assert starts == [(i % 12) * 8 for i in range(14)]  # 12 windows of 8 (+1 target) in 100 tokens
+    x, y = batches[0]
+    assert torch.equal(y, x + 1)
+    assert [int(x[0, 0]) for x, _ in epoch.eval_batches("val", 2, 1)] == [1000, 1008]
+    random = BatchPlan(train_split, val_split, 8, 2, 1, 1, 0, seed=0, sampling="random")
+    starts = [int(x[row, 0]) for x, _ in random.eval_batches("train", 7, 2) for row in range(2)]
+    assert any(s % 8 for s in starts) and starts == [int(x[row, 0]) for x, _ in
+                                                     random.eval_batches("train", 7, 2) for row in range(2)]
