@@ -6,6 +6,7 @@ given with --config sets any of them, and flags given on the command line win.
 from __future__ import annotations
 
 import argparse
+import json
 
 DESCRIPTION = """\
 Pretrain a GPT on next-token prediction.
@@ -142,7 +143,8 @@ def run(args) -> int:
     if result.checkpoint is not None and result.rank == 0:
         model_dir = result.checkpoint / "model"
         print(f"\ncheckpoint: {result.checkpoint}  (model weights: {model_dir})")
-        print(f'generate more:  fastgpt generate --model {model_dir} --prompt "ROMEO:" --max-new-tokens 200')
+        prompt = json.dumps(cfg.sample_prompt.strip() or "The")  # the run's own sample prompt, quoted
+        print(f"generate more:  fastgpt generate --model {model_dir} --prompt {prompt} --max-new-tokens 200")
         if result.val_loss is not None:
             print(f"final val loss {result.val_loss:.4f} after {result.step} steps, "
                   f"{result.tokens_seen:,} tokens, {result.elapsed_s:.0f} s")
