@@ -61,6 +61,24 @@ def test_a_model_without_a_tokenizer_folder_keeps_gpt2s(tmp_path):
     assert isinstance(load_tokenizer(None), Tokenizer)
 
 
+def test_init_from_a_bpe_model_keeps_its_vocabulary(bpe_run, tmp_path, capsys):
+    """Continuing from a model with its own BPE tokenizes the new text with that BPE; asking
+    for GPT-2's tokenizer on that 300-id model is a one-line error, not an index crash."""
+    text, result = bpe_run
+    model_dir = result.checkpoint / "model"
+    options = tiny_options(text, tmp_path / "more", max_steps=2, init_from=str(model_dir))
+    for key in ("preset", "n_embd", "n_head", "n_layer", "context_length"):
+        del options[key]  # the architecture comes from the starting model
+    assert main(["pretrain", *as_flags(options)]) == 0
+    continued = tmp_path / "more" / "ckpt_000002" / "model"
+    assert load_tokenizer(continued).merges == load_tokenizer(model_dir).merges
+    capsys.readouterr()
+    assert main(["pretrain", *as_flags({**options, "out_dir": str(tmp_path / "gpt2")}), "--tokenizer", "gpt2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fewer than the 50257" in err and "--init-from" in err
+    assert not (tmp_path / "gpt2").exists()
+
+
 def test_resume_with_own_bpe_is_bit_exact(tmp_path):
     text = word_text(tmp_path / "words.txt")
     options = tiny_options(text, tmp_path / "reference", tokenizer="bpe:300", max_steps=8, ckpt_interval=4,

@@ -38,6 +38,8 @@ from .optim import make_optimizer
 from .recompute import enable_activation_checkpointing
 from .schedule import learning_rate
 
+GPT2_VOCAB_SIZE = 50257  # ids of GPT-2's tokenizer (tiktoken's gpt2 encoding)
+
 
 @dataclass
 class TrainResult:
@@ -256,6 +258,11 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
     dtype = resolve_dtype(cfg.dtype, device)
     autocast = autocast_factory(device, dtype)
 
+    asked = explicit if explicit is not None else explicit_fields(cfg)
+    if cfg.init_from and resume_from is None and not cfg.data and "tokenizer" not in asked:
+        starting_vocabulary = Path(cfg.init_from) / TOKENIZER_DIR
+        if starting_vocabulary.is_dir():  # keep training in the starting model's own BPE
+            cfg.tokenizer = str(starting_vocabulary)
     saved_tokenizer = None
     if resume_from is not None and (resume_from / "model" / TOKENIZER_DIR).is_dir():
         saved_tokenizer = resume_from / "model" / TOKENIZER_DIR  # resume reads it, never relearns it
@@ -268,6 +275,10 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
                 f"({time.perf_counter() - t_data:.1f} s with tokenizing)")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    if tokenizer is None and model.config.vocab_size < GPT2_VOCAB_SIZE:
+        where = f"--init-from {cfg.init_from}: the model" if cfg.init_from else "--vocab-size: the model"
+        raise FastGPTError(f"{where} has {model.config.vocab_size} token ids, fewer than the {GPT2_VOCAB_SIZE} "
+                           "of GPT-2's tokenizer the data uses; give the model's own tokenizer (--tokenizer DIR)")
     T = model.config.context_length
     train_split.check_context(T, "context length")
     val_split.check_context(T, "context length")
