@@ -48,7 +48,8 @@ HELP = {
     "init": "random initialisation: gpt2 (N(0, 0.02), residual projections scaled by 1/sqrt(2L); for real "
             "pretraining) or pytorch (PyTorch's module defaults, N(0, 1) embeddings, as the book's chapter-5 "
             "model, which memorises a small text in a few epochs) (default: gpt2)",
-    "init_from": "start from a saved fastgpt model directory instead of random weights",
+    "init_from": "start from a saved fastgpt model directory instead of random weights (its own BPE "
+                 "tokenizer, if it has one, is used unless --tokenizer says otherwise)",
     "max_steps": "optimizer steps to train",
     "epochs": "train this many passes over the train split (sets max_steps)",
     "time_budget": "seconds for the whole run: after 3 timed steps, lower max_steps to what fits",

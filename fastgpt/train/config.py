@@ -39,7 +39,7 @@ class TrainConfig:
     dropout: float = 0.0
     tie_embeddings: bool | None = None  # LM head = token embedding (None: the preset's, True as in GPT-2)
     init: str | None = None          # random init: "gpt2" or "pytorch" (the book's ch. 5 model); None: gpt2
-    init_from: str | None = None     # a fastgpt model directory (e.g. a checkpoint's model)
+    init_from: str | None = None     # a fastgpt model directory (e.g. a checkpoint's model); its BPE, if any, is kept
     # --- optimisation
     max_steps: int = 1000
     epochs: float | None = None      # if set, max_steps = ceil(epochs * train tokens / tokens per step)
