@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 import statistics
 import subprocess
 import time
@@ -40,6 +41,9 @@ def device_name(device: str | None = None) -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash; env FASTGPT_COMMIT wins (a copied tree can carry a stale .git)."""
+    if os.environ.get("FASTGPT_COMMIT"):
+        return os.environ["FASTGPT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=5)
