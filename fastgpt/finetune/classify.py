@@ -23,9 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import FastGPTError
 from .files import read_jsonl, read_text
-from .lora import DEFAULT_TARGETS, apply_lora
-
-TRAINABLE = ("last-n", "all", "lora")
+from .trainable import DEFAULT_LORA_TARGETS, set_trainable
 
 
 # ---------------------------------------------------------------------- data
@@ -212,25 +210,10 @@ class GPTClassifier(nn.Module):
 
 
 def configure_trainable(clf: GPTClassifier, mode: str = "last-n", last_n: int = 1, lora_rank: int = 8,
-                        lora_alpha: float = 16.0, lora_targets=DEFAULT_TARGETS, lora_dropout: float = 0.0) -> None:
-    """What learns: the last N blocks + final LayerNorm + head, everything, or LoRA adapters + head."""
-    gpt = clf.gpt
-    if mode == "all":
-        for p in clf.parameters():
-            p.requires_grad_(True)
-        return
-    if mode == "lora":
-        apply_lora(gpt, lora_rank, lora_alpha, lora_targets, lora_dropout)  # freezes the body
-    elif mode == "last-n":
-        if not 0 <= last_n <= len(gpt.blocks):
-            raise FastGPTError(f"--last-n: must be between 0 and {len(gpt.blocks)} (the model's blocks), got {last_n}")
-        for p in gpt.parameters():
-            p.requires_grad_(False)
-        for module in [*gpt.blocks[len(gpt.blocks) - last_n:], gpt.ln_f]:
-            for p in module.parameters():
-                p.requires_grad_(True)
-    else:
-        raise FastGPTError(f"--trainable: unknown mode {mode!r} (choose from: {', '.join(TRAINABLE)})")
+                        lora_alpha: float = 16.0, lora_targets=DEFAULT_LORA_TARGETS, lora_dropout: float = 0.0) -> None:
+    """What learns: the body as `fastgpt.finetune.trainable.set_trainable` says (last N blocks +
+    final LayerNorm, everything, or LoRA adapters), and always the new head."""
+    set_trainable(clf.gpt, mode, last_n, lora_rank, lora_alpha, lora_targets, lora_dropout)
     for p in clf.head.parameters():
         p.requires_grad_(True)
 
@@ -359,7 +342,7 @@ def finetune_classifier(model: str, data: str, out: str, *, text_column: str = "
                         labels: list[str] | None = None, balance_classes: bool = False,
                         split_fractions=(0.7, 0.1, 0.2), seed: int = 123, max_length: int | None = None,
                         trainable: str = "last-n", last_n: int = 1, lora_rank: int = 8, lora_alpha: float = 16.0,
-                        lora_targets=DEFAULT_TARGETS, epochs: int = 5, lr: float = 5e-5, weight_decay: float = 0.1,
+                        lora_targets=DEFAULT_LORA_TARGETS, epochs: int = 5, lr: float = 5e-5, weight_decay: float = 0.1,
                         batch_size: int = 8, device: str = "auto", dtype: str = "auto", log=print) -> dict:
     """Read, balance, split, tokenize, train, evaluate and save; returns the report (also in report.json)."""
     from ..train.loop import autocast_factory, resolve_dtype

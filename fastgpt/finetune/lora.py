@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from ..errors import FastGPTError
 from .files import write_atomic
+from .trainable import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS
 
-DEFAULT_TARGETS = ("qkv", "proj", "fc")
 CONFIG_KEY = "lora_config"
 
 
