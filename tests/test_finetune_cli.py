@@ -117,3 +117,49 @@ def test_model_with_its_own_bpe_keeps_it_through_finetuning(tmp_path, capsys):
     capsys.readouterr()
     assert main(["classify", "--model", str(out), "Claim your cash prize"]) == 0
     assert capsys.readouterr().out.split("\t")[0] in ("ham", "spam")
+
+
+@pytest.mark.parametrize("rank", ["0", "-3"])
+def test_instruct_bad_lora_rank_is_one_line(tmp_path, capsys, rank):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"instruction": "a", "output": "b"}] * 4))
+    assert main(["finetune", "instruct", "--model", "tiny", "--data", str(data), "--trainable", "lora",
+                 "--lora-rank", rank, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--lora-rank: must be positive, got {rank}" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_instruct_help_lists_the_trainable_choices(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["finetune", "instruct", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--trainable {last-n,all,lora}", "--lora-rank", "--lora-alpha", "--lora-targets", "(default: all)",
+                   "lora_adapters.safetensors"):
+        assert option in text
+
+
+def test_instruct_with_lora_then_chat_loads_the_saved_model(tmp_path, capsys, monkeypatch):
+    """The LoRA run's output is an ordinary model directory: `fastgpt chat` uses it and its template."""
+    import io
+    import sys
+
+    from fastgpt import GPT, preset
+    from fastgpt.bpe import BPETokenizer
+    from fastgpt.finetune.checkpoint import save_model
+
+    records = [{"instruction": "Name the color.", "input": f"item {k}", "output": "It is red."} for k in range(16)]
+    data, base, out = tmp_path / "d.json", tmp_path / "base", tmp_path / "chatbot"
+    data.write_text(json.dumps(records))
+    tokenizer = BPETokenizer.train(data.read_text() * 3, vocab_size=300)
+    save_model(GPT(preset("tiny", vocab_size=tokenizer.vocab_size)), base, {}, tokenizer)
+    assert main(["finetune", "instruct", "--model", str(base), "--data", str(data), "--trainable", "lora",
+                 "--lora-rank", "2", "--template", "phi3", "--max-steps", "2", "--batch-size", "4", "--no-responses",
+                 "--out", str(out)]) == 0
+    # only the adapters train: 2 blocks x rank 2 x (in + out) of qkv, attn.proj, fc, mlp.proj = 2 * 2 * 16 * 64
+    assert "trainable: 4,096 / " in capsys.readouterr().out
+    assert (out / "lora_adapters.safetensors").is_file()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Name the color.\n"))
+    assert main(["chat", "--model", str(out), "--max-new-tokens", "3", "--temperature", "0", "--threads", "1"]) == 0
+    assert "prompt template 'phi3'" in capsys.readouterr().err

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-LORA_TARGETS = "qkv,proj,fc"
-
+from ..finetune.trainable import DEFAULT_LORA_TARGETS, TRAINABLE  # torch-free: --help stays fast
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -48,10 +47,7 @@ def register(subparsers) -> None:
     cls.add_argument("--seed", type=int, default=123, help="seed for balancing, splitting, shuffling and init")
     cls.add_argument("--max-length", type=int, default=None,
                      help="truncate texts to this many tokens (default: the longest training text)")
-    cls.add_argument("--trainable", choices=["last-n", "all", "lora"], default="last-n",
-                     help="what trains: the last N blocks + final LayerNorm + head, all weights, or LoRA + head")
-    cls.add_argument("--last-n", type=int, default=1, help="blocks trained with --trainable last-n")
-    _add_lora_args(cls)
+    _add_trainable_args(cls, default="last-n", extra=" + the new head")
     cls.add_argument("--epochs", type=int, default=5)
     cls.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
     cls.add_argument("--weight-decay", type=float, default=0.1)
@@ -80,6 +76,9 @@ def register(subparsers) -> None:
                      help="truncate examples to this many tokens (default: the model's context length)")
     ins.add_argument("--split", type=float, nargs=3, default=[0.85, 0.10, 0.05], metavar=("TRAIN", "VAL", "TEST"),
                      help="train/validation/test fractions, in file order")
+    _add_trainable_args(ins, default="all",
+                        extra="; with lora the adapters are merged into the saved model (and also saved alone "
+                              "in lora_adapters.safetensors)")
     ins.add_argument("--epochs", type=float, default=2.0)
     ins.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
     ins.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
@@ -108,10 +107,15 @@ def register(subparsers) -> None:
     ins.set_defaults(func=_instruct)
 
 
-def _add_lora_args(parser) -> None:
-    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r")
+def _add_trainable_args(parser, default: str, extra: str = "") -> None:
+    """--trainable and its options, the same for every fine-tuning task (fastgpt.finetune.trainable)."""
+    parser.add_argument("--trainable", choices=TRAINABLE, default=default,
+                        help="what trains: last-n (the last N blocks + final LayerNorm), all (every weight) or "
+                             f"lora (low-rank adapters, the rest frozen){extra}")
+    parser.add_argument("--last-n", type=int, default=1, help="blocks trained with --trainable last-n")
+    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (--trainable lora)")
     parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha/r)")
-    parser.add_argument("--lora-targets", type=_comma_list, default=_comma_list(LORA_TARGETS),
+    parser.add_argument("--lora-targets", type=_comma_list, default=",".join(DEFAULT_LORA_TARGETS),
                         help="comma-separated names of the linear layers that get adapters")
 
 
@@ -141,12 +145,15 @@ def _instruct(args) -> int:
 
     _check_positive(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                     max_length=args.max_length, max_new_tokens=args.max_new_tokens, eval_batches=args.eval_batches,
-                    test_limit=args.test_limit)
+                    test_limit=args.test_limit, lora_rank=args.lora_rank)
     finetune_instruct(
         args.model, args.data, args.out, template=args.template, mask_prompt=args.mask_prompt,
+        trainable=args.trainable, last_n=args.last_n, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_targets=tuple(args.lora_targets),
         max_length=args.max_length, split_fractions=tuple(args.split), epochs=args.epochs, max_steps=args.max_steps,
         lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         batch_size=args.batch_size, eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval,
         eval_batches=args.eval_batches, dtype=args.dtype, device=args.device, seed=args.seed,
-        max_new_tokens=args.max_new_tokens, generate_responses=not args.no_responses, test_limit=args.test_limit, judge=command_judge(args.judge) if args.judge else None)
+        max_new_tokens=args.max_new_tokens, generate_responses=not args.no_responses, test_limit=args.test_limit,
+        judge=command_judge(args.judge) if args.judge else None)
     return 0

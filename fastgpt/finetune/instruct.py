@@ -22,6 +22,7 @@ from ..errors import FastGPTError
 from ..tokenizer import EOT_ID
 from .files import read_jsonl, read_text
 from .templates import extract_response, format_prompt, get_template
+from .trainable import DEFAULT_LORA_TARGETS, set_trainable
 
 IGNORE_INDEX = -100
 FIELDS = ("instruction", "input", "output")
@@ -202,7 +203,17 @@ def _has_targets(y: torch.Tensor) -> bool:
     return bool((y != IGNORE_INDEX).any())
 
 
+def _plain_copy(gpt):
+    """The model as `fastgpt chat` loads it: adapters merged into a copy, the trained model untouched."""
+    import copy
+
+    from .lora import lora_layers, merge_lora
+    return merge_lora(copy.deepcopy(gpt)) if lora_layers(gpt) else gpt
+
+
 def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpaca", mask_prompt: bool = False,
+                      trainable: str = "all", last_n: int = 1, lora_rank: int = 8, lora_alpha: float = 16.0,
+                      lora_targets=DEFAULT_LORA_TARGETS,
                       max_length: int | None = None, split_fractions=(0.85, 0.10, 0.05), epochs: float = 2,
                       max_steps: int | None = None, lr: float = 5e-5, min_lr: float | None = None,
                       warmup_steps: int | None = None, weight_decay: float = 0.1, batch_size: int = 8,
@@ -214,6 +225,9 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
     cosine, autocast + GradScaler, metrics.jsonl, atomic checkpoints, loss plot); answer the
     test split; score; save the model with its template. Returns the report (report.json).
 
+    `trainable` (`fastgpt.finetune.trainable`): all weights, the last `last_n` blocks, or LoRA
+    adapters; with LoRA the adapters are saved alone (lora_adapters.safetensors) and merged
+    into the saved model, an ordinary fastgpt model directory.
     `eval_batches` caps the validation batches per evaluation (the first ones: always the
     same records); `test_limit` answers only the first records of the test split."""
     from ..train import checkpoint as ckpt_io
@@ -224,6 +238,7 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
     from ..train.schedule import learning_rate
     from .checkpoint import load_model, model_tokenizer, save_model
     from .files import write_json
+    from .lora import count_parameters, merge_lora, save_adapters, trainable_summary
 
     get_template(template)
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -239,6 +254,8 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
     log(f"{len(records)} records: {len(train_records)} train / {len(val_records)} val / {len(test_records)} test")
 
     gpt, base_meta = load_model(model, device)
+    set_trainable(gpt, trainable, last_n, lora_rank, lora_alpha, lora_targets)
+    lora_config = dict(getattr(gpt, "lora_config", None) or {}) or None
     context = gpt.config.context_length
     if max_length is None:
         max_length = context
@@ -265,7 +282,7 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
     gpt.train()
     optimizer = make_optimizer(gpt, lr, weight_decay, (0.9, 0.999), 1e-8, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    log(f"model {gpt.config} | {gpt.num_parameters() / 1e6:.2f}M parameters | device {device} | "
+    log(f"model {gpt.config} | {trainable_summary(gpt)} ({trainable}) | device {device} | "
         f"dtype {str(dtype).removeprefix('torch.')} | template {template} | max length {max_length} | "
         f"{max_steps} steps ({max_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch})")
 
@@ -318,18 +335,25 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
         if step % eval_interval == 0 or step == max_steps:
             evals.append(evaluate(step, tokens_seen))
         if (ckpt_interval and step % ckpt_interval == 0) or step == max_steps:
-            ckpt_io.save_checkpoint(out / f"ckpt_{step:06d}", gpt, optimizer, scaler,
+            ckpt_io.save_checkpoint(out / f"ckpt_{step:06d}", _plain_copy(gpt), optimizer.state_dict(), scaler,
                                     {"step": step, "tokens_seen": tokens_seen,
-                                     "finetune": {"data": str(data), "template": template}})
+                                     "finetune": {"data": str(data), "template": template, "trainable": trainable}})
             ckpt_io.prune(out, 1)
     plot_losses(out)
 
+    trainable_parameters, total_parameters = count_parameters(gpt)
+    if lora_config:
+        save_adapters(gpt, out / "lora_adapters.safetensors")  # the adapters alone, to reuse or share
+        merge_lora(gpt)  # the saved model is a plain GPT: `fastgpt chat` needs to know nothing about LoRA
     save_model(gpt, out, {"template": template, "base_model": str(model), "finetune": "instruct",
+                          "trainable": trainable, **({"lora": lora_config} if lora_config else {}),
                           **({"base": base_meta} if base_meta else {})}, tokenizer)
     log(f"saved the fine-tuned model to {out} (metadata template={template!r})")
 
     report = {"data": str(data), "model": str(model), "template": template, "mask_prompt": mask_prompt,
-              "max_length": max_length, "steps": step,
+              "max_length": max_length, "steps": step, "trainable": trainable,
+              "trainable_parameters": trainable_parameters, "total_parameters": total_parameters,
+              **({"lora": lora_config} if lora_config else {}),
               "split_sizes": {"train": len(train_records), "val": len(val_records), "test": len(test_records)},
               "val_loss_before": evals[0]["val_loss"], "val_loss_after": evals[-1]["val_loss"],
               "val_perplexity_after": evals[-1]["val_perplexity"]}
