@@ -104,15 +104,36 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put plain nn.Linear layers back."""
+def _replace_lora_layers(model: nn.Module, make_linear) -> nn.Module:
+    """Put `make_linear(layer)`, a plain nn.Linear, in place of every LoRALinear."""
     for name, layer in lora_layers(model).items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, layer.merged_linear())
+        setattr(parent, attr, make_linear(layer))
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put plain nn.Linear layers back."""
+    return _replace_lora_layers(model, LoRALinear.merged_linear)
+
+
+def unmerged_base(model: nn.Module) -> nn.Module:
+    """A plain copy of `model` without its adapters (not merged into it): the frozen weights
+    that LoRA trains around, which a resumable checkpoint must store exactly. The copy
+    shares every parameter and buffer with `model`, so it costs no memory."""
+    import copy
+
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    base = copy.deepcopy(model, memo=shared)
+
+    def plain(layer: LoRALinear) -> nn.Linear:
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight, linear.bias = layer.weight, layer.bias
+        return linear
+    return _replace_lora_layers(base, plain)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -110,12 +110,15 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(directory: Path, model, optimizer_state: dict, scaler, state: dict, tokenizer=None) -> Path:
+def save_checkpoint(directory: Path, model, optimizer_state: dict, scaler, state: dict, tokenizer=None,
+                    extra=None) -> Path:
     """Write a complete checkpoint atomically to `directory` (replacing an older one of that name).
 
     `optimizer_state`: `optimizer.state_dict()`, or under FSDP the gathered full state.
     `tokenizer`: a run's own `BPETokenizer`, saved in `model/tokenizer/` so that the
     model directory alone is enough to generate text (None: GPT-2's, nothing saved).
+    `extra(tmp_dir)`: writes a caller's own files (e.g. LoRA adapters) into the checkpoint
+    before it is published, so they are part of the same atomic rename.
     """
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
@@ -134,6 +137,8 @@ def save_checkpoint(directory: Path, model, optimizer_state: dict, scaler, state
     plain, tensors = rng_state()
     torch.save(tensors, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "rng": plain}, indent=1))
+    if extra is not None:
+        extra(tmp)
     _fsync_tree(tmp)
     if os.environ.get(CRASH_IN_SAVE_ENV) == str(state["step"]):
         os._exit(17)  # simulate a kill between writing and publishing the checkpoint
