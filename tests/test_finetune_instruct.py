@@ -233,3 +233,89 @@ def test_lora_on_real_instruction_data_lowers_validation_loss(tmp_path):
     assert report["split_sizes"] == {"train": 935, "val": 110, "test": 55}
     assert report["val_loss_after"] < report["val_loss_before"] - 0.2  # measured: 5.64 -> 5.28
     assert (tmp_path / "out" / "lora_adapters.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------- resume
+def _resumable_run(tmp_path, **options):
+    """A 9-step run (3 steps per epoch) on a dropout-0.1 tiny base, with a checkpoint every 2 steps, all kept."""
+    from fastgpt import GPT, preset
+    from fastgpt.bpe import BPETokenizer
+    from fastgpt.finetune.checkpoint import save_model
+
+    data = tmp_path / "toy.json"
+    data.write_text(json.dumps(_toy_records()))
+    tokenizer = BPETokenizer.train(data.read_text() * 4, vocab_size=300)
+    torch.manual_seed(0)  # dropout makes the restored RNG state matter
+    save_model(GPT(preset("tiny", vocab_size=tokenizer.vocab_size, dropout=0.1)), tmp_path / "base", {}, tokenizer)
+    run_options = dict(template="phi3", split_fractions=(0.75, 0.125, 0.125), max_steps=9, batch_size=6, lr=3e-3,
+                       warmup_steps=1, eval_interval=3, ckpt_interval=2, keep_last=0, max_new_tokens=3,
+                       log=lambda *_: None, **options)
+    report = finetune_instruct(str(tmp_path / "base"), str(data), str(tmp_path / "reference"), **run_options)
+    return data, run_options, report
+
+
+def _as_if_killed_after(reference, run, step: int):
+    """A copy of the finished run as it was when the process died just after checkpoint `step`."""
+    import shutil
+    shutil.copytree(reference, run)
+    for path in run.iterdir():
+        if path.name.startswith("ckpt_") and int(path.name[5:]) > step or path.suffix in (".safetensors", ".png") \
+                or path.name in ("config.json", "report.json", "test_responses.json"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _rows(run):
+    """Every metrics record without its timings (ms, tok/s)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("ms", "tok_s")} for row in rows]
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("resume_at", [4, 6])  # mid-epoch (epoch 2, batch 1) and an epoch's end
+def test_resume_is_bit_exact(tmp_path, resume_at):
+    data, options, report = _resumable_run(tmp_path)
+    reference, run = tmp_path / "reference", tmp_path / "killed"
+    _as_if_killed_after(reference, run, resume_at)
+    resumed = finetune_instruct(resume=str(run), **options)  # the run dir: its latest checkpoint
+    assert resumed == report
+    assert _rows(run) == _rows(reference) and sum(r["kind"] == "train" for r in _rows(run)) == 9
+    final, expected = _weights(run / "model.safetensors"), _weights(reference / "model.safetensors")
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
+    assert json.loads((run / "test_responses.json").read_text()) == json.loads(
+        (reference / "test_responses.json").read_text())
+
+
+def test_lora_resume_is_bit_exact_and_checkpoints_keep_base_and_adapters(tmp_path):
+    from fastgpt.weights import load_fastgpt
+
+    data, options, report = _resumable_run(tmp_path, trainable="lora", lora_rank=2, lora_alpha=4.0)
+    reference, run = tmp_path / "reference", tmp_path / "killed"
+    base, _ = load_fastgpt(tmp_path / "base")
+    stored, _ = load_fastgpt(reference / "ckpt_000004" / "model")  # the frozen base, not a merged model
+    assert all(torch.equal(stored.state_dict()[k], v) for k, v in base.state_dict().items())
+    assert (reference / "ckpt_000004" / "lora_adapters.safetensors").is_file()
+
+    _as_if_killed_after(reference, run, 4)
+    resumed = finetune_instruct(resume=str(run / "ckpt_000004"), **options)
+    assert resumed == report and _rows(run) == _rows(reference)
+    for name in ("model.safetensors", "lora_adapters.safetensors"):
+        final, expected = _weights(run / name), _weights(reference / name)
+        assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected), name
+
+
+def test_resume_refuses_another_template_or_trainable_and_writes_nothing(tmp_path):
+    data, options, _ = _resumable_run(tmp_path)
+    run = tmp_path / "reference"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for changed, message in ((dict(template="alpaca", explicit={"template"}), "--template phi3 .* --template alpaca"),
+                             (dict(trainable="lora"), "--trainable all .* --trainable lora")):
+        with pytest.raises(FastGPTError, match=f"^--resume {run / 'ckpt_000009'}: the run was made with {message}; "
+                                               "start a new --out to change it$"):
+            finetune_instruct(resume=str(run), **{**options, **changed})
+    with pytest.raises(FastGPTError, match=r"already holds checkpoints \(ckpt_000009\); continue it with --resume"):
+        finetune_instruct(str(tmp_path / "base"), str(data), str(run), **options)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -8,9 +8,11 @@ optionally, the prompt itself is ignored so the loss is only on the answer.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shlex
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -192,9 +194,20 @@ def response_text(template: str, generated: str) -> str:
 
 
 # ---------------------------------------------------------------------- training
+ADAPTER_FILE = "lora_adapters.safetensors"
+# What a run was asked for: saved in every checkpoint, so that `--resume` alone continues it.
+RUN_OPTIONS = ("model", "data", "template", "mask_prompt", "trainable", "last_n", "lora_rank", "lora_alpha",
+               "lora_targets", "max_length", "split_fractions", "epochs", "max_steps", "lr", "min_lr", "warmup_steps",
+               "weight_decay", "batch_size", "grad_clip", "eval_interval", "ckpt_interval", "keep_last",
+               "eval_batches", "dtype", "device", "seed", "max_new_tokens", "generate_responses", "test_limit")
+
+
+def _order(n: int, generator) -> list[int]:
+    return torch.randperm(n, generator=generator).tolist()
+
+
 def _batches(examples: list[EncodedExample], batch_size: int, generator=None, **collate_args):
-    order = torch.randperm(len(examples), generator=generator).tolist() if generator else range(len(examples))
-    order = list(order)
+    order = _order(len(examples), generator) if generator else list(range(len(examples)))
     return [collate([examples[i] for i in order[s:s + batch_size]], **collate_args)
             for s in range(0, len(order), batch_size)]
 
@@ -203,24 +216,54 @@ def _has_targets(y: torch.Tensor) -> bool:
     return bool((y != IGNORE_INDEX).any())
 
 
-def _plain_copy(gpt):
-    """The model as `fastgpt chat` loads it: adapters merged into a copy, the trained model untouched."""
-    import copy
-
-    from .lora import lora_layers, merge_lora
-    return merge_lora(copy.deepcopy(gpt)) if lora_layers(gpt) else gpt
+def _json_options(options: dict) -> dict:
+    """Sequences as lists, so that saved (JSON) and given options compare equal."""
+    return {**options, "lora_targets": list(options["lora_targets"]),
+            "split_fractions": list(options["split_fractions"])}
 
 
-def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpaca", mask_prompt: bool = False,
+def _must_match(options: dict) -> tuple[str, ...]:
+    """Options a resumed run cannot change: they decide which weights exist and what the model learns to read."""
+    mode = options["trainable"]
+    return ("template", "trainable", *(("last_n",) if mode == "last-n" else ()),
+            *(("lora_rank", "lora_alpha", "lora_targets") if mode == "lora" else ()))
+
+
+def resume_options(resume, options: dict, explicit: set[str], out=None):
+    """(checkpoint dir, its state.json, the options to continue with): the checkpoint's own
+    options with the `explicit` ones on top; a change of template or of what trains is refused."""
+    from ..train import checkpoint as ckpt_io
+
+    ckpt = ckpt_io.find_checkpoint(resume)
+    state = ckpt_io.read_state(ckpt)
+    saved = (state.get("finetune") or {}).get("options")
+    if not isinstance(saved, dict) or set(saved) != set(RUN_OPTIONS):
+        raise FastGPTError(f"--resume {ckpt}: not a resumable `fastgpt finetune instruct` checkpoint "
+                           "(no saved run options)")
+    if out is not None and Path(out).resolve() != ckpt.parent.resolve():
+        raise FastGPTError(f"--out {out}: a resumed run continues in its own directory {ckpt.parent}")
+    merged = {**saved, **{key: options[key] for key in explicit if key in RUN_OPTIONS}}
+    merged = _json_options(merged)
+    for key in _must_match(saved) + _must_match(merged):
+        if saved[key] != merged[key]:
+            flag = "--" + key.replace("_", "-")
+            raise FastGPTError(f"--resume {ckpt}: the run was made with {flag} {saved[key]} but this run asks "
+                               f"for {flag} {merged[key]}; start a new --out to change it")
+    return ckpt, state, merged
+
+
+def finetune_instruct(model: str | None = None, data: str | None = None, out: str | None = None, *,
+                      template: str = "alpaca", mask_prompt: bool = False,
                       trainable: str = "all", last_n: int = 1, lora_rank: int = 8, lora_alpha: float = 16.0,
                       lora_targets=DEFAULT_LORA_TARGETS,
                       max_length: int | None = None, split_fractions=(0.85, 0.10, 0.05), epochs: float = 2,
                       max_steps: int | None = None, lr: float = 5e-5, min_lr: float | None = None,
                       warmup_steps: int | None = None, weight_decay: float = 0.1, batch_size: int = 8,
                       grad_clip: float = 1.0, eval_interval: int | None = None, ckpt_interval: int = 0,
-                      eval_batches: int | None = None, dtype: str = "auto", device: str = "auto", seed: int = 123,
-                      max_new_tokens: int = 256, generate_responses: bool = True, test_limit: int | None = None,
-                      judge=None, log=print) -> dict:
+                      keep_last: int = 1, eval_batches: int | None = None, dtype: str = "auto", device: str = "auto",
+                      seed: int = 123, max_new_tokens: int = 256, generate_responses: bool = True,
+                      test_limit: int | None = None, resume=None, explicit: set[str] | None = None,
+                      overwrite: bool = False, judge=None, log=print) -> dict:
     """Fine-tune on instruction records with the trainer's pieces (AdamW groups, warmup +
     cosine, autocast + GradScaler, metrics.jsonl, atomic checkpoints, loss plot); answer the
     test split; score; save the model with its template. Returns the report (report.json).
@@ -229,7 +272,34 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
     adapters; with LoRA the adapters are saved alone (lora_adapters.safetensors) and merged
     into the saved model, an ordinary fastgpt model directory.
     `eval_batches` caps the validation batches per evaluation (the first ones: always the
-    same records); `test_limit` answers only the first records of the test split."""
+    same records); `test_limit` answers only the first records of the test split.
+    Checkpoints (every `ckpt_interval` steps and at the end; the newest `keep_last` kept, 0: all)
+    hold everything a run needs to go on: `resume` (a run dir or one of its checkpoints)
+    continues it bit for bit with the saved options, overridden by those in `explicit`
+    (default: the arguments that differ from their defaults). A fresh run refuses an `out`
+    that holds checkpoints unless `overwrite`."""
+    options = _json_options({name: value for name, value in locals().items() if name in RUN_OPTIONS})
+    checkpoint = None
+    if resume is not None:
+        if explicit is None:
+            defaults = inspect.signature(finetune_instruct).parameters
+            explicit = {name for name in RUN_OPTIONS
+                        if _json_options({**options, name: defaults[name].default})[name] != options[name]}
+        *checkpoint, options = resume_options(resume, options, explicit, out)
+        out = checkpoint[0].parent
+    else:
+        for name, value in (("--model", model), ("--data", data), ("--out", out)):
+            if value is None:
+                raise FastGPTError(f"{name} is required (unless continuing a run with --resume)")
+    return _train(Path(out), checkpoint, overwrite, judge, log, **options)
+
+
+def _train(out: Path, checkpoint, overwrite: bool, judge, log, *, model, data, template, mask_prompt, trainable,
+           last_n, lora_rank, lora_alpha, lora_targets, max_length, split_fractions, epochs, max_steps, lr, min_lr,
+           warmup_steps, weight_decay, batch_size, grad_clip, eval_interval, ckpt_interval, keep_last, eval_batches,
+           dtype, device, seed, max_new_tokens, generate_responses, test_limit) -> dict:
+    """The run itself; `checkpoint`: None, or (checkpoint dir, its state.json) to continue from."""
+    from ..tokenizer import Tokenizer
     from ..train import checkpoint as ckpt_io
     from ..train.evaluate import mean_loss
     from ..train.loop import autocast_factory, resolve_dtype
@@ -238,14 +308,19 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
     from ..train.schedule import learning_rate
     from .checkpoint import load_model, model_tokenizer, save_model
     from .files import write_json
-    from .lora import count_parameters, merge_lora, save_adapters, trainable_summary
+    from .lora import count_parameters, load_adapters, merge_lora, save_adapters, trainable_summary, unmerged_base
 
+    options = {name: value for name, value in locals().items() if name in RUN_OPTIONS}
+    ckpt, state = checkpoint or (None, None)
     get_template(template)
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
     dtype = resolve_dtype(dtype, device)
     autocast = autocast_factory(device, dtype)
     torch.manual_seed(seed)
+    if ckpt is None and ckpt_io.list_checkpoints(out) and not overwrite:
+        raise FastGPTError(f"--out {out} already holds checkpoints ({ckpt_io.list_checkpoints(out)[-1].name}); "
+                           f"continue it with --resume {out} or start over with --overwrite")
 
     records = load_records(data)
     train_records, val_records, test_records = split_in_order(records, split_fractions)
@@ -254,14 +329,21 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
     log(f"{len(records)} records: {len(train_records)} train / {len(val_records)} val / {len(test_records)} test")
 
     gpt, base_meta = load_model(model, device)
-    set_trainable(gpt, trainable, last_n, lora_rank, lora_alpha, lora_targets)
+    if ckpt is not None:  # all weights, or LoRA's frozen base; and the RNG states
+        ckpt_io.load_weights_and_rng(ckpt, gpt)
+    # LoRA's random adapter init is overwritten on resume: it must not draw from the restored generators.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=ckpt is not None):
+        set_trainable(gpt, trainable, last_n, lora_rank, lora_alpha, lora_targets)
     lora_config = dict(getattr(gpt, "lora_config", None) or {}) or None
+    if ckpt is not None and lora_config:
+        load_adapters(gpt, ckpt / ADAPTER_FILE)
     context = gpt.config.context_length
     if max_length is None:
         max_length = context
     elif not 2 <= max_length <= context:
         raise FastGPTError(f"--max-length: must be between 2 and the model's context length {context}, got {max_length}")
     tokenizer = model_tokenizer(model)
+    own_tokenizer = None if isinstance(tokenizer, Tokenizer) else tokenizer  # saved with each checkpoint's model
     collate_args = {"max_length": max_length, "mask_prompt": mask_prompt, "pad_id": tokenizer.eot_id}
     train_set = encode_records(train_records, tokenizer, template)
     val_batches = [b for b in _batches(encode_records(val_records, tokenizer, template), batch_size, **collate_args)
@@ -275,13 +357,41 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
     min_lr = lr / 10 if min_lr is None else min_lr
     eval_interval = eval_interval or max(1, steps_per_epoch // 2)
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    metrics = MetricsLog(out)
+    # The data order: one seeded permutation per epoch. A resumed run replays the
+    # generator up to its epoch and skips the batches that epoch already gave.
+    generator = torch.Generator().manual_seed(seed)
+    progress = state["finetune"] if state else {"step": 0, "tokens_seen": 0, "epoch": 1, "position": 0}
+    epoch, position = progress["epoch"], progress["position"]
+    for _ in range(epoch - 1):
+        _order(len(train_set), generator)
+    epoch_batches = _batches(train_set, batch_size, generator, **collate_args)
+    if not any(_has_targets(y) for _, y in epoch_batches):
+        raise FastGPTError(f"--max-length {max_length}{' with --mask-prompt' if mask_prompt else ''} leaves no "
+                           "response token to learn in any training example")
+
     gpt.train()
     optimizer = make_optimizer(gpt, lr, weight_decay, (0.9, 0.999), 1e-8, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if ckpt is not None:
+        saved = ckpt_io.load_optimizer_file(ckpt, device)
+        try:
+            optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as err:
+            raise FastGPTError(f"{ckpt / 'optimizer.pt'}: does not fit this run's trainable weights ({err})") from None
+        if saved.get("scaler") is not None and scaler.is_enabled():
+            scaler.load_state_dict(saved["scaler"])
+
+    # Everything is validated: only now is the run directory written.
+    out.mkdir(parents=True, exist_ok=True)
+    for partial in ckpt_io.clean_partial(out):
+        log(f"removed a half-written checkpoint: {partial}")
+    metrics = MetricsLog(out)
+    if ckpt is None:
+        for old in ckpt_io.list_checkpoints(out):  # only here with overwrite
+            shutil.rmtree(old)
+        metrics.path.unlink(missing_ok=True)
+    else:
+        metrics.truncate_after(state["step"])  # records of steps after the checkpoint are redone
     log(f"model {gpt.config} | {trainable_summary(gpt)} ({trainable}) | device {device} | "
         f"dtype {str(dtype).removeprefix('torch.')} | template {template} | max length {max_length} | "
         f"{max_steps} steps ({max_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch})")
@@ -295,17 +405,28 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
         log(eval_line(step, train_loss, val_loss))
         return row
 
-    generator = torch.Generator().manual_seed(seed)
-    epoch_batches = _batches(train_set, batch_size, generator, **collate_args)
-    if not any(_has_targets(y) for _, y in epoch_batches):
-        raise FastGPTError(f"--max-length {max_length}{' with --mask-prompt' if mask_prompt else ''} leaves no "
-                           "response token to learn in any training example")
-    step, tokens_seen = 0, 0
-    evals = [evaluate(0, 0)]
+    def save_checkpoint() -> None:
+        """Atomic (`fastgpt.train.checkpoint`); a LoRA run stores its frozen base and the adapters
+        (lora_adapters.safetensors), not a merged model: merging cannot be undone exactly."""
+        ckpt_io.save_checkpoint(
+            out / f"ckpt_{step:06d}", unmerged_base(gpt) if lora_config else gpt, optimizer.state_dict(), scaler,
+            {"step": step, "tokens_seen": tokens_seen,
+             "finetune": {"step": step, "tokens_seen": tokens_seen, "epoch": epoch, "position": position,
+                          "first_eval": evals[0], "last_eval": evals[-1], "options": options}},
+            own_tokenizer, extra=(lambda tmp: save_adapters(gpt, tmp / ADAPTER_FILE)) if lora_config else None)
+        ckpt_io.prune(out, keep_last)
+
+    step, tokens_seen = progress["step"], progress["tokens_seen"]
+    if ckpt is None:
+        evals = [evaluate(0, 0)]
+    else:
+        evals = [progress["first_eval"], progress["last_eval"]]
+        log(f"resumed from {ckpt} at step {step} (epoch {epoch}, batch {position})")
     while step < max_steps:
-        if not epoch_batches:
-            epoch_batches = _batches(train_set, batch_size, generator, **collate_args)
-        x, y = epoch_batches.pop(0)
+        if position == len(epoch_batches):
+            epoch_batches, epoch, position = _batches(train_set, batch_size, generator, **collate_args), epoch + 1, 0
+        x, y = epoch_batches[position]
+        position += 1
         if not _has_targets(y):  # a fully masked batch (prompt longer than max_length) teaches nothing
             continue
         t0 = time.perf_counter()
@@ -335,15 +456,12 @@ def finetune_instruct(model: str, data: str, out: str, *, template: str = "alpac
         if step % eval_interval == 0 or step == max_steps:
             evals.append(evaluate(step, tokens_seen))
         if (ckpt_interval and step % ckpt_interval == 0) or step == max_steps:
-            ckpt_io.save_checkpoint(out / f"ckpt_{step:06d}", _plain_copy(gpt), optimizer.state_dict(), scaler,
-                                    {"step": step, "tokens_seen": tokens_seen,
-                                     "finetune": {"data": str(data), "template": template, "trainable": trainable}})
-            ckpt_io.prune(out, 1)
+            save_checkpoint()
     plot_losses(out)
 
     trainable_parameters, total_parameters = count_parameters(gpt)
     if lora_config:
-        save_adapters(gpt, out / "lora_adapters.safetensors")  # the adapters alone, to reuse or share
+        save_adapters(gpt, out / ADAPTER_FILE)  # the adapters alone, to reuse or share
         merge_lora(gpt)  # the saved model is a plain GPT: `fastgpt chat` needs to know nothing about LoRA
     save_model(gpt, out, {"template": template, "base_model": str(model), "finetune": "instruct",
                           "trainable": trainable, **({"lora": lora_config} if lora_config else {}),
