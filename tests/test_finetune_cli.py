@@ -163,3 +163,35 @@ def test_instruct_with_lora_then_chat_loads_the_saved_model(tmp_path, capsys, mo
     monkeypatch.setattr(sys, "stdin", io.StringIO("Name the color.\n"))
     assert main(["chat", "--model", str(out), "--max-new-tokens", "3", "--temperature", "0", "--threads", "1"]) == 0
     assert "prompt template 'phi3'" in capsys.readouterr().err
+
+
+def test_instruct_resume_from_the_command_line(tmp_path, capsys):
+    """`--resume RUN` alone continues with the saved options; a flag that changes the template is one line."""
+    import shutil
+
+    from fastgpt import GPT, preset
+    from fastgpt.bpe import BPETokenizer
+    from fastgpt.finetune.checkpoint import save_model
+
+    records = [{"instruction": "Name the color.", "input": f"item {k}", "output": "It is red."} for k in range(16)]
+    data, base, run = tmp_path / "d.json", tmp_path / "base", tmp_path / "run"
+    data.write_text(json.dumps(records))
+    tokenizer = BPETokenizer.train(data.read_text() * 3, vocab_size=300)
+    save_model(GPT(preset("tiny", vocab_size=tokenizer.vocab_size)), base, {}, tokenizer)
+    assert main(["finetune", "instruct", "--model", str(base), "--data", str(data), "--template", "phi3",
+                 "--max-steps", "4", "--batch-size", "4", "--ckpt-interval", "2", "--keep-last", "0",
+                 "--no-responses", "--out", str(run)]) == 0
+    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    shutil.rmtree(run / "ckpt_000004")
+    capsys.readouterr()
+    # the default value given explicitly still counts as asking for it
+    assert main(["finetune", "instruct", "--resume", str(run), "--template", "alpaca"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the run was made with --template phi3 but this run asks for --template " \
+                                          "alpaca" in err
+    assert main(["finetune", "instruct", "--resume", str(run)]) == 0
+    assert "resumed from" in capsys.readouterr().out and (run / "ckpt_000004").is_dir()
+    assert [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"] == losses
+    assert main(["finetune", "instruct", "--data", str(data), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip().endswith("--model is required (unless continuing a run with --resume)")

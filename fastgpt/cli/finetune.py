@@ -14,6 +14,39 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return action.help
         return super()._get_help_string(action)
 
+class _Default:
+    """A value argparse filled in (not typed by the user): a resumed run keeps its own instead."""
+
+    def __init__(self, value, shown=None):
+        self.value, self.shown = value, value if shown is None else shown
+
+    def __str__(self) -> str:
+        return str(self.shown)
+
+
+def _mark_defaults(parser) -> None:
+    """Wrap the parser's informative defaults in _Default (help still shows them)."""
+    for action in parser._actions:
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS:
+            continue  # a value other than None / False is the user's own
+        value = parser._get_value(action, default) if isinstance(default, str) and action.type else default
+        action.default = _Default(value, default)
+
+
+def _given(args) -> tuple[dict, set[str]]:
+    """(every option's value, the names of those the user gave)."""
+    values, explicit = {}, set()
+    for name, value in vars(args).items():
+        if isinstance(value, _Default):
+            values[name] = value.value
+        else:
+            values[name] = value
+            if value is not None and value is not False:
+                explicit.add(name)
+    return values, explicit
+
+
 def _comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -63,13 +96,17 @@ def register(subparsers) -> None:
         description="Fine-tune on {instruction, input, output} records written in a prompt template, with "
                     "the pretraining loop's pieces (AdamW, warmup + cosine, AMP, checkpoints, metrics); then "
                     "answer the test split (test_responses.json), score it (ROUGE-L F1, exact match, optional "
-                    "judge) and save the model with metadata['template'] for `fastgpt chat`.",
+                    "judge) and save the model with metadata['template'] for `fastgpt chat`. An interrupted run "
+                    "continues exactly where its last checkpoint left it with --resume RUN_DIR (its saved options; "
+                    "flags given beside it override them, except the template and what trains).",
         formatter_class=_HelpFormatter)
-    ins.add_argument("--model", required=True,
+    ins.add_argument("--model",
                      help="model to start from: a fastgpt / Hugging Face / OpenAI GPT-2 directory, a name "
-                          "fetched by `fastgpt download` (gpt2, ...), or tiny / mini for a random initialisation")
-    ins.add_argument("--data", required=True,
-                     help="a JSON list (or .jsonl) of records with 'instruction', 'output' and optional 'input'")
+                          "fetched by `fastgpt download` (gpt2, ...), or tiny / mini for a random initialisation "
+                          "(required unless --resume)")
+    ins.add_argument("--data",
+                     help="a JSON list (or .jsonl) of records with 'instruction', 'output' and optional 'input' "
+                          "(required unless --resume)")
     ins.add_argument("--template", default="alpaca", help="prompt template: alpaca or phi3")
     ins.add_argument("--mask-prompt", action="store_true", help="no loss on the prompt tokens, only on the response")
     ins.add_argument("--max-length", type=int, default=None,
@@ -90,7 +127,16 @@ def register(subparsers) -> None:
                      help="validation loss every N steps (default: twice per epoch)")
     ins.add_argument("--eval-batches", type=int, default=None,
                      help="validation batches per evaluation (default: the whole validation split)")
-    ins.add_argument("--ckpt-interval", type=int, default=0, help="checkpoint every K steps (0: at the end only)")
+    ins.add_argument("--ckpt-interval", type=int, default=0,
+                     help="checkpoint every K steps (0: at the end only); a checkpoint holds the weights (with "
+                          "lora: the frozen base plus lora_adapters.safetensors), optimizer, data position, RNG "
+                          "states and the run's options")
+    ins.add_argument("--keep-last", type=int, default=1, help="how many checkpoints to keep (0: all)")
+    ins.add_argument("--resume", metavar="RUN_DIR|CKPT",
+                     help="continue an interrupted run from a checkpoint, or a run dir's latest, bit for bit; "
+                          "changing --template, --trainable or its LoRA / last-n settings is refused")
+    ins.add_argument("--overwrite", action="store_true",
+                     help="start over in an --out that already holds checkpoints (they are deleted)")
     ins.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                      help="autocast dtype (auto: bf16/fp16 on GPUs, bf16 on CPUs that have it, else fp32)")
     ins.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -101,10 +147,11 @@ def register(subparsers) -> None:
     ins.add_argument("--judge", default=None, metavar="CMD",
                      help="a command that reads one record (with 'model_response') as JSON on stdin and prints a "
                           "score; its mean is reported beside ROUGE-L")
-    ins.add_argument("--out", required=True,
+    ins.add_argument("--out",
                      help="directory for the model, checkpoints, metrics.jsonl, loss.png, test_responses.json, "
-                          "report.json")
+                          "report.json (required unless --resume, which continues in the run's own directory)")
     ins.set_defaults(func=_instruct)
+    _mark_defaults(ins)
 
 
 def _add_trainable_args(parser, default: str, extra: str = "") -> None:
@@ -143,17 +190,26 @@ def _classify(args) -> int:
 def _instruct(args) -> int:
     from ..finetune.instruct import command_judge, finetune_instruct
 
-    _check_positive(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                    max_length=args.max_length, max_new_tokens=args.max_new_tokens, eval_batches=args.eval_batches,
-                    test_limit=args.test_limit, lora_rank=args.lora_rank)
+    values, explicit = _given(args)
+    renamed = {"split": "split_fractions", "no_responses": "generate_responses"}  # flag -> function argument
+    explicit = {renamed.get(name, name) for name in explicit}
+    _check_positive(epochs=values["epochs"], max_steps=values["max_steps"], batch_size=values["batch_size"],
+                    max_length=values["max_length"], max_new_tokens=values["max_new_tokens"],
+                    eval_batches=values["eval_batches"], test_limit=values["test_limit"],
+                    lora_rank=values["lora_rank"])
+    if values["keep_last"] < 0:
+        from ..errors import FastGPTError
+        raise FastGPTError(f"--keep-last: must be 0 (keep all) or more, got {values['keep_last']}")
     finetune_instruct(
-        args.model, args.data, args.out, template=args.template, mask_prompt=args.mask_prompt,
-        trainable=args.trainable, last_n=args.last_n, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        lora_targets=tuple(args.lora_targets),
-        max_length=args.max_length, split_fractions=tuple(args.split), epochs=args.epochs, max_steps=args.max_steps,
-        lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        batch_size=args.batch_size, eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval,
-        eval_batches=args.eval_batches, dtype=args.dtype, device=args.device, seed=args.seed,
-        max_new_tokens=args.max_new_tokens, generate_responses=not args.no_responses, test_limit=args.test_limit,
-        judge=command_judge(args.judge) if args.judge else None)
+        values["model"], values["data"], values["out"], template=values["template"],
+        mask_prompt=values["mask_prompt"], trainable=values["trainable"], last_n=values["last_n"],
+        lora_rank=values["lora_rank"], lora_alpha=values["lora_alpha"], lora_targets=tuple(values["lora_targets"]),
+        max_length=values["max_length"], split_fractions=tuple(values["split"]), epochs=values["epochs"],
+        max_steps=values["max_steps"], lr=values["lr"], min_lr=values["min_lr"], warmup_steps=values["warmup_steps"],
+        weight_decay=values["weight_decay"], batch_size=values["batch_size"], eval_interval=values["eval_interval"],
+        ckpt_interval=values["ckpt_interval"], keep_last=values["keep_last"], eval_batches=values["eval_batches"],
+        dtype=values["dtype"], device=values["device"], seed=values["seed"], max_new_tokens=values["max_new_tokens"],
+        generate_responses=not values["no_responses"], test_limit=values["test_limit"], resume=values["resume"],
+        explicit=explicit, overwrite=values["overwrite"],
+        judge=command_judge(values["judge"]) if values["judge"] else None)
     return 0
