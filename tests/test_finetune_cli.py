@@ -140,20 +140,27 @@ def test_instruct_help_lists_the_trainable_choices(capsys):
         assert option in text
 
 
-def test_instruct_with_lora_then_chat_loads_the_saved_model(tmp_path, capsys, monkeypatch):
-    """The LoRA run's output is an ordinary model directory: `fastgpt chat` uses it and its template."""
-    import io
-    import sys
-
+def _tiny_instruction_set_and_model(tmp_path):
+    """16 instruction records (d.json) and a random tiny model with its own 300-token BPE (base/)."""
     from fastgpt import GPT, preset
     from fastgpt.bpe import BPETokenizer
     from fastgpt.finetune.checkpoint import save_model
 
     records = [{"instruction": "Name the color.", "input": f"item {k}", "output": "It is red."} for k in range(16)]
-    data, base, out = tmp_path / "d.json", tmp_path / "base", tmp_path / "chatbot"
+    data, base = tmp_path / "d.json", tmp_path / "base"
     data.write_text(json.dumps(records))
     tokenizer = BPETokenizer.train(data.read_text() * 3, vocab_size=300)
     save_model(GPT(preset("tiny", vocab_size=tokenizer.vocab_size)), base, {}, tokenizer)
+    return data, base
+
+
+def test_instruct_with_lora_then_chat_loads_the_saved_model(tmp_path, capsys, monkeypatch):
+    """The LoRA run's output is an ordinary model directory: `fastgpt chat` uses it and its template."""
+    import io
+    import sys
+
+    data, base = _tiny_instruction_set_and_model(tmp_path)
+    out = tmp_path / "chatbot"
     assert main(["finetune", "instruct", "--model", str(base), "--data", str(data), "--trainable", "lora",
                  "--lora-rank", "2", "--template", "phi3", "--max-steps", "2", "--batch-size", "4", "--no-responses",
                  "--out", str(out)]) == 0
@@ -169,15 +176,8 @@ def test_instruct_resume_from_the_command_line(tmp_path, capsys):
     """`--resume RUN` alone continues with the saved options; a flag that changes the template is one line."""
     import shutil
 
-    from fastgpt import GPT, preset
-    from fastgpt.bpe import BPETokenizer
-    from fastgpt.finetune.checkpoint import save_model
-
-    records = [{"instruction": "Name the color.", "input": f"item {k}", "output": "It is red."} for k in range(16)]
-    data, base, run = tmp_path / "d.json", tmp_path / "base", tmp_path / "run"
-    data.write_text(json.dumps(records))
-    tokenizer = BPETokenizer.train(data.read_text() * 3, vocab_size=300)
-    save_model(GPT(preset("tiny", vocab_size=tokenizer.vocab_size)), base, {}, tokenizer)
+    data, base = _tiny_instruction_set_and_model(tmp_path)
+    run = tmp_path / "run"
     assert main(["finetune", "instruct", "--model", str(base), "--data", str(data), "--template", "phi3",
                  "--max-steps", "4", "--batch-size", "4", "--ckpt-interval", "2", "--keep-last", "0",
                  "--no-responses", "--out", str(run)]) == 0
