@@ -143,10 +143,28 @@ def require_device(suite: str, device: str) -> bool:
     return on_cuda
 
 
+def runnable_backends(suite: str, requested, known, on_cuda: bool) -> list[str]:
+    """The requested eager/compile/triton backends that can run here, in order. An unknown
+    name is a one-line error; on CPU, compile (inductor's C++ build is too slow for a smoke
+    run) and triton without TRITON_INTERPRET=1 are skipped with a message."""
+    unknown = set(requested) - set(known)
+    if unknown:
+        from ..errors import FastGPTError
+        raise FastGPTError(f"{suite}: unknown backend {sorted(unknown)[0]!r} (choose from: {', '.join(known)})")
+    backends = list(requested)
+    if not on_cuda:
+        if "compile" in backends:
+            print(f"{suite}: compile backend skipped on CPU (inductor's C++ build is too slow for a smoke run)")
+            backends.remove("compile")
+        if "triton" in backends and os.environ.get("TRITON_INTERPRET") != "1":
+            print(f"{suite}: triton backend skipped on CPU (set TRITON_INTERPRET=1 before starting Python)")
+            backends.remove("triton")
+    return backends
+
+
 def write_results(rows: list[Row], out_dir: str | Path, stem: str, markdown: str) -> None:
     """Append rows to `<stem>.csv` and replace `<stem>.md` atomically with `markdown`,
     headed by the device, date and commit of the run."""
-    import os
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / f"{stem}.csv")

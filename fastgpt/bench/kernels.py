@@ -24,7 +24,6 @@ like the cross-entropy benchmark (fastgpt.bench.kernels_ce), through their own
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastGPTError
-from .common import Row, device_name, markdown_table, measure_ms, peak_memory_mib, require_device, suite_main, write_results
+from .common import (Row, device_name, markdown_table, measure_ms, peak_memory_mib, require_device,
+                     runnable_backends, suite_main, write_results)
 
 BACKENDS = ("eager", "compile", "triton")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -177,23 +177,13 @@ def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = 
     skipped with a message on CPU, as are compile (CPU) and triton (CPU without TRITON_INTERPRET=1)."""
     if sizes not in SIZE_SETS:
         raise FastGPTError(f"kernels: unknown sizes {sizes!r} (choose from: {', '.join(SIZE_SETS)})")
-    unknown = set(backends) - set(BACKENDS)
-    if unknown:
-        raise FastGPTError(f"kernels: unknown backend {sorted(unknown)[0]!r} (choose from: {', '.join(BACKENDS)})")
     requested = tuple(backends)
     on_cuda = require_device("kernels", device)
     rows: list[Row] = []
     if SIZE_SETS[sizes]["device"] == "cuda" and not on_cuda:
         print(f"kernels: sizes={sizes!r} needs a CUDA GPU; skipped on {device}")
     else:
-        backends = list(backends)
-        if not on_cuda:
-            if "compile" in backends:
-                print("kernels: compile backend skipped on CPU (inductor's C++ build is too slow for a smoke run)")
-                backends.remove("compile")
-            if "triton" in backends and os.environ.get("TRITON_INTERPRET") != "1":
-                print("kernels: triton backend skipped on CPU (set TRITON_INTERPRET=1 before starting Python)")
-                backends.remove("triton")
+        backends = runnable_backends("kernels", requested, BACKENDS, on_cuda)
         warmup, repeats = (10, 50) if on_cuda else (1, 3)
         for make_case in KERNEL_CASES:
             case = make_case()

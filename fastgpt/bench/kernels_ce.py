@@ -15,14 +15,14 @@ least as fast as eager with at least 4x less peak memory.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import FastGPTError
-from .common import Row, markdown_table, measure_ms, peak_memory_mib, require_device, suite_main, write_results
+from .common import (Row, markdown_table, measure_ms, peak_memory_mib, require_device, runnable_backends,
+                     suite_main, write_results)
 
 # (N, V) for cross-entropy; (N, C, V) for the fused op. dtype per size set.
 SIZES = {
@@ -126,22 +126,12 @@ def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = 
     """Benchmark both ops at the named size set; write kernels_ce.csv / kernels_ce.md into out_dir."""
     if sizes not in SIZES:
         raise FastGPTError(f"kernels_ce: unknown sizes {sizes!r} (choose from: {', '.join(SIZES)})")
-    unknown = set(backends) - set(BACKENDS)
-    if unknown:
-        raise FastGPTError(f"kernels_ce: unknown backend {sorted(unknown)[0]!r} (choose from: {', '.join(BACKENDS)})")
     spec = SIZES[sizes]
     on_cuda = require_device("kernels_ce", device)
     if spec["device"] == "cuda" and not on_cuda:
         print(f"kernels_ce: sizes={sizes!r} needs a CUDA GPU; skipped on {device}")
         return []
-    backends = list(backends)
-    if not on_cuda:
-        if "compile" in backends:
-            print("kernels_ce: compile backend skipped on CPU (inductor's C++ build is too slow for a smoke run)")
-            backends.remove("compile")
-        if "triton" in backends and os.environ.get("TRITON_INTERPRET") != "1":
-            print("kernels_ce: triton backend skipped on CPU (set TRITON_INTERPRET=1 before starting Python)")
-            backends.remove("triton")
+    backends = runnable_backends("kernels_ce", backends, BACKENDS, on_cuda)
     warmup, repeats = (10, 50) if on_cuda else (0, 2)
 
     rows: list[Row] = []
