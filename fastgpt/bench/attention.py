@@ -31,8 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import FastGPTError
-from .common import Row, markdown_table, measure_ms, peak_memory_mib, require_device, suite_main, write_results
+from .common import Row, markdown_table, measure_ms, peak_memory_mib, start_suite, suite_main, write_results
 
 BACKENDS = ("eager", "sdpa_math", "sdpa_flash", "triton")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -143,16 +142,10 @@ def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = 
         backends: tuple[str, ...] = BACKENDS) -> list[Row]:
     """Run the named size set; write attention.csv / attention.md into out_dir; return the rows.
     A GPU-only size set on CPU, or a backend this device cannot run, is skipped with a message."""
-    if sizes not in SIZE_SETS:
-        raise FastGPTError(f"attention: unknown sizes {sizes!r} (choose from: {', '.join(SIZE_SETS)})")
-    unknown = set(backends) - set(BACKENDS)
-    if unknown:
-        raise FastGPTError(f"attention: unknown backend {sorted(unknown)[0]!r} (choose from: {', '.join(BACKENDS)})")
-    on_cuda = require_device("attention", device)
-    spec = SIZE_SETS[sizes]
-    if spec["device"] == "cuda" and not on_cuda:
-        print(f"attention: sizes={sizes!r} needs a CUDA GPU; skipped on {device}")
+    on_cuda = start_suite("attention", device, sizes, SIZE_SETS, backends, BACKENDS)
+    if on_cuda is None:
         return []
+    spec = SIZE_SETS[sizes]
     dtype = spec["dtype"]
     usable = []
     for backend in backends:

@@ -143,15 +143,30 @@ def require_device(suite: str, device: str) -> bool:
     return on_cuda
 
 
-def runnable_backends(suite: str, requested, known, on_cuda: bool) -> list[str]:
-    """The requested eager/compile/triton backends that can run here, in order. An unknown
-    name is a one-line error; on CPU, compile (inductor's C++ build is too slow for a smoke
-    run) and triton without TRITON_INTERPRET=1 are skipped with a message."""
+def start_suite(suite: str, device: str, sizes: str, size_sets: dict, requested, known,
+                what: str = "backend") -> bool | None:
+    """Check a suite's request: a known size set, known backend (or variant) names, and a
+    CUDA device only where a GPU is visible (each a one-line error otherwise). Returns
+    whether the run is on CUDA, or None when the size set needs a GPU this run lacks
+    (said in one message: the suite then has nothing to measure)."""
+    from ..errors import FastGPTError
+    if sizes not in size_sets:
+        raise FastGPTError(f"{suite}: unknown sizes {sizes!r} (choose from: {', '.join(size_sets)})")
     unknown = set(requested) - set(known)
     if unknown:
-        from ..errors import FastGPTError
-        raise FastGPTError(f"{suite}: unknown backend {sorted(unknown)[0]!r} (choose from: {', '.join(known)})")
-    backends = list(requested)
+        raise FastGPTError(f"{suite}: unknown {what} {sorted(unknown)[0]!r} (choose from: {', '.join(known)})")
+    on_cuda = require_device(suite, device)
+    if size_sets[sizes]["device"] == "cuda" and not on_cuda:
+        print(f"{suite}: sizes={sizes!r} needs a CUDA GPU; skipped on {device}")
+        return None
+    return on_cuda
+
+
+def runnable_backends(suite: str, backends, on_cuda: bool) -> list[str]:
+    """The eager/compile/triton backends that can run here, in order: on CPU, compile
+    (inductor's C++ build is too slow for a smoke run) and triton without
+    TRITON_INTERPRET=1 are skipped with a message."""
+    backends = list(backends)
     if not on_cuda:
         if "compile" in backends:
             print(f"{suite}: compile backend skipped on CPU (inductor's C++ build is too slow for a smoke run)")

@@ -31,9 +31,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import FastGPTError
-from .common import (Row, device_name, markdown_table, measure_ms, peak_memory_mib, require_device,
-                     runnable_backends, suite_main, write_results)
+from .common import (Row, device_name, markdown_table, measure_ms, peak_memory_mib,
+                     runnable_backends, start_suite, suite_main, write_results)
 
 BACKENDS = ("eager", "compile", "triton")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -175,15 +174,11 @@ def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = 
     """Benchmark every KERNEL_CASES entry (then, if present, fastgpt.bench.kernels_ce) at the
     named size set; write kernels.csv / kernels.md into out_dir. GPU-only size sets are
     skipped with a message on CPU, as are compile (CPU) and triton (CPU without TRITON_INTERPRET=1)."""
-    if sizes not in SIZE_SETS:
-        raise FastGPTError(f"kernels: unknown sizes {sizes!r} (choose from: {', '.join(SIZE_SETS)})")
     requested = tuple(backends)
-    on_cuda = require_device("kernels", device)
+    on_cuda = start_suite("kernels", device, sizes, SIZE_SETS, requested, BACKENDS)
     rows: list[Row] = []
-    if SIZE_SETS[sizes]["device"] == "cuda" and not on_cuda:
-        print(f"kernels: sizes={sizes!r} needs a CUDA GPU; skipped on {device}")
-    else:
-        backends = runnable_backends("kernels", requested, BACKENDS, on_cuda)
+    if on_cuda is not None:
+        backends = runnable_backends("kernels", requested, on_cuda)
         warmup, repeats = (10, 50) if on_cuda else (1, 3)
         for make_case in KERNEL_CASES:
             case = make_case()

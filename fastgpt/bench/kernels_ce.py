@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import FastGPTError
-from .common import (Row, markdown_table, measure_ms, peak_memory_mib, require_device, runnable_backends,
+from .common import (Row, markdown_table, measure_ms, peak_memory_mib, runnable_backends, start_suite,
                      suite_main, write_results)
 
 # (N, V) for cross-entropy; (N, C, V) for the fused op. dtype per size set.
@@ -124,14 +123,11 @@ def _bench_one(op, backend, shape, dtype, device, warmup, repeats) -> list[Row]:
 def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = None,
         backends: tuple[str, ...] = BACKENDS) -> list[Row]:
     """Benchmark both ops at the named size set; write kernels_ce.csv / kernels_ce.md into out_dir."""
-    if sizes not in SIZES:
-        raise FastGPTError(f"kernels_ce: unknown sizes {sizes!r} (choose from: {', '.join(SIZES)})")
-    spec = SIZES[sizes]
-    on_cuda = require_device("kernels_ce", device)
-    if spec["device"] == "cuda" and not on_cuda:
-        print(f"kernels_ce: sizes={sizes!r} needs a CUDA GPU; skipped on {device}")
+    on_cuda = start_suite("kernels_ce", device, sizes, SIZES, backends, BACKENDS)
+    if on_cuda is None:
         return []
-    backends = runnable_backends("kernels_ce", backends, BACKENDS, on_cuda)
+    spec = SIZES[sizes]
+    backends = runnable_backends("kernels_ce", backends, on_cuda)
     warmup, repeats = (10, 50) if on_cuda else (0, 2)
 
     rows: list[Row] = []

@@ -27,7 +27,7 @@ import torch
 from .. import ops
 from ..config import preset
 from ..errors import FastGPTError
-from .common import Row, markdown_table, measure_ms, peak_memory_mib, require_device, write_results
+from .common import Row, markdown_table, measure_ms, peak_memory_mib, start_suite, write_results
 
 VARIANTS = ("torch", "torch+compile", "triton")
 SIZE_SETS = {
@@ -153,16 +153,10 @@ def _device_label(device: str) -> str:
 def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = None,
         variants: tuple[str, ...] = VARIANTS, repeats: int | None = None) -> list[Row]:
     """Run the named size set; write train.csv / train.md into out_dir; return the rows."""
-    if sizes not in SIZE_SETS:
-        raise FastGPTError(f"train: unknown sizes {sizes!r} (choose from: {', '.join(SIZE_SETS)})")
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise FastGPTError(f"train: unknown variant {sorted(unknown)[0]!r} (choose from: {', '.join(VARIANTS)})")
-    on_cuda = require_device("train", device)
-    spec = SIZE_SETS[sizes]
-    if spec["device"] == "cuda" and not on_cuda:
-        print(f"train: sizes={sizes!r} needs a CUDA GPU; skipped on {device}")
+    on_cuda = start_suite("train", device, sizes, SIZE_SETS, variants, VARIANTS, what="variant")
+    if on_cuda is None:
         return []
+    spec = SIZE_SETS[sizes]
     usable = []
     for variant in variants:
         reason = _usable(variant, device)

@@ -121,7 +121,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..errors import FastGPTError
     from ..train.config import DEMO, load_config_file, option_names, resolve
     from ..train.metrics import plot_losses
 

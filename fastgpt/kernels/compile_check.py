@@ -190,7 +190,7 @@ def check(arches=ARCHES, only: list[str] | None = None) -> list[CompileResult]:
 
 def markdown_report(results: list[CompileResult], command: str = "") -> str:
     import triton
-    lines = [f"# Compile-only check of the Triton kernels",
+    lines = ["# Compile-only check of the Triton kernels",
              "",
              f"- date: {datetime.date.today().isoformat()}",
              f"- triton: {triton.__version__}",

@@ -8,7 +8,6 @@ projection weight is a 1x1 convolution kernel of shape (1, in, out).
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
