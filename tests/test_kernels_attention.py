@@ -12,18 +12,13 @@ import torch
 
 from conftest import DEVICE, GPU, requires_gpu
 from fastgpt import ops
-from fastgpt.kernels import _custom_ops
 from fastgpt.kernels.attention import attention_reference, attention_triton
+from kernel_checks import poison_outputs  # noqa: F401  (autouse fixture: outputs start as NaN)
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
 # (output, gradient) absolute tolerances against float64; values and grads are O(1).
 # fp32 dots are exact in the interpreter and IEEE on GPU unless TF32 is switched on.
 TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 1.5e-2), torch.bfloat16: (3e-2, 8e-2)}
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(_custom_ops, "POISON_OUTPUTS", True)
 
 
 def fused_qkv(B, H, T, D, dtype, requires_grad=True):
@@ -43,6 +38,17 @@ def reference_fp64(qkv, H, grad_out):
     out = attention_reference(*split_heads(x, H))
     out.backward(grad_out.double())
     return out, x.grad
+
+
+def check_triton_against_fp64(B, H, T, D, dtype, atol_out, atol_grad):
+    """attention_triton forward and backward on fresh strided q/k/v, within atol of float64."""
+    qkv, (q, k, v) = fused_qkv(B, H, T, D, dtype)
+    out = attention_triton(q, k, v)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    expected, expected_grad = reference_fp64(qkv, H, grad_out)
+    torch.testing.assert_close(out.double(), expected, atol=atol_out, rtol=0)
+    torch.testing.assert_close(qkv.grad.double(), expected_grad, atol=atol_grad, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -66,13 +72,7 @@ def test_forward_and_backward_match_float64_reference(B, H, T, D, dtype):
 
 @pytest.mark.parametrize("D", [8, 48])
 def test_head_dim_that_is_not_a_power_of_two_is_padded(D):
-    qkv, (q, k, v) = fused_qkv(2, 2, 33, D, torch.float32)
-    out = attention_triton(q, k, v)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    expected, expected_grad = reference_fp64(qkv, 2, grad_out)
-    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=0)
-    torch.testing.assert_close(qkv.grad.double(), expected_grad, atol=1e-4, rtol=0)
+    check_triton_against_fp64(2, 2, 33, D, torch.float32, atol_out=2e-5, atol_grad=1e-4)
 
 
 def test_saved_log_sum_exp_is_that_of_the_scaled_causal_scores():
@@ -151,13 +151,7 @@ def test_torch_compile_keeps_the_kernels_in_one_graph():
 @requires_gpu
 @pytest.mark.parametrize("D", [64, 128])
 def test_bf16_at_gpt2_length_on_gpu(D):
-    qkv, (q, k, v) = fused_qkv(2, 12, 1024, D, torch.bfloat16)
-    out = attention_triton(q, k, v)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    expected, expected_grad = reference_fp64(qkv, 12, grad_out)
-    torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=0)
-    torch.testing.assert_close(qkv.grad.double(), expected_grad, atol=1e-1, rtol=0)
+    check_triton_against_fp64(2, 12, 1024, D, torch.bfloat16, atol_out=3e-2, atol_grad=1e-1)
 
 
 @requires_gpu

@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 from conftest import DEVICE, GPU, requires_gpu
+from kernel_checks import poison_outputs  # noqa: F401  (autouse fixture: outputs start as NaN)
 from fastgpt.errors import FastGPTError
-from fastgpt.kernels import _custom_ops
 from fastgpt.kernels import cross_entropy
 from fastgpt.kernels.cross_entropy import (_row_start, cross_entropy_triton, launch_backward,
                                            launch_forward)
@@ -15,12 +15,6 @@ from fastgpt.kernels.cross_entropy import (_row_start, cross_entropy_triton, lau
 # Relative precision of the gradient's storage dtype (the math is fp32 in every case).
 EPS = {torch.float32: 2e-6 if not GPU else 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 IGNORE = -100
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_outputs(monkeypatch):
-    """Every buffer a kernel must fill starts as NaN: an element it forgets fails the test."""
-    monkeypatch.setattr(_custom_ops, "POISON_OUTPUTS", True)
 
 
 def make_case(N, V, dtype, seed=0, spread=4.0):

@@ -4,20 +4,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, GPU, requires_gpu
+from kernel_checks import poison_outputs  # noqa: F401  (autouse fixture: outputs start as NaN)
 from fastgpt.errors import FastGPTError
-from fastgpt.kernels import _custom_ops
 from fastgpt.kernels.linear_cross_entropy import default_chunk_rows, linear_cross_entropy_triton
 
 IGNORE = -100
 # fp32: the matmuls are TF32 on GPU. fp16/bf16: the logits chunk and the gradients are stored
 # in that dtype, so errors scale with its precision.
 TOL = {torch.float32: 1e-5 if not GPU else 2e-3, torch.float16: 5e-3, torch.bfloat16: 4e-2}
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_outputs(monkeypatch):
-    """Every buffer a kernel must fill starts as NaN: an element it forgets fails the test."""
-    monkeypatch.setattr(_custom_ops, "POISON_OUTPUTS", True)
 
 
 def make_case(N, C, V, dtype, seed=0):
