@@ -50,6 +50,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def varied_tiny_model():
+    """A tiny GPT (context 64, eval mode) whose matrices are drawn with std 0.2 instead of
+    GPT-2's 0.02: at the small init a random model repeats one token forever, which would
+    make equalities between decoding paths trivially true."""
+    from fastgpt.model import GPT
+    torch.manual_seed(1234)
+    model = GPT("tiny").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    return model
+
+
 @pytest.fixture
 def one_thread():
     """Tiny matmuls gain nothing from a second thread, and on a busy CPU the OpenMP

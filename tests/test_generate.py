@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import requires_gpu
+from conftest import requires_gpu, varied_tiny_model
 from fastgpt.config import preset
 from fastgpt.errors import FastGPTError
 from fastgpt.generate import TextStream, generate
@@ -22,16 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest
 
 @pytest.fixture(scope="module")
 def model():
-    """A tiny GPT (context 64) whose matrices are drawn with std 0.2 instead of GPT-2's 0.02:
-    at the small init a random model repeats one token forever, which would make
-    every equality below trivially true."""
-    torch.manual_seed(1234)
-    model = GPT("tiny").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.2)
-    return model
+    return varied_tiny_model()
 
 
 def test_the_test_model_does_not_repeat_itself(model):

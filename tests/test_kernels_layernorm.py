@@ -55,19 +55,27 @@ def test_layer_norm_forward_backward(rows, width, dtype):
     assert_close(bt.grad, br.grad, dtype, "dbias")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows,width", [(1, 1), (7, 31), (333, 768), (3, 1000)])
-def test_add_layer_norm_both_outputs_used(rows, width, dtype):
-    """The new residual feeds the next add *and* this LayerNorm: its gradient is the sum."""
-    x, w, b, dy = make(rows, width, dtype)
-    residual = make(rows, width, dtype, seed=1)[0]
-    dres = make(rows, width, dtype, seed=2)[3]
+def add_layer_norm_both_ways(x, w, b, dy, dres):
+    """add_layer_norm on x and a fresh residual, forward and backward (gradients dres for the
+    new residual, dy for the normed output), by the kernel and by the fp64 reference.
+    Returns (new_residual, y, (residual, x, weight, bias) leaves) for each."""
+    residual = make(x.shape[0], x.shape[1], x.dtype, seed=1)[0]
     rt, xt, wt, bt = leaf(residual), leaf(x), leaf(w), leaf(b)
     new_res, y = add_layer_norm_triton(rt, xt, wt, bt, EPS)
     torch.autograd.backward([new_res, y], [dres, dy])
     rr, xr, wr, br = fp64_leaf(residual), fp64_leaf(x), fp64_leaf(w), fp64_leaf(b)
     new_res_ref, yr = add_layer_norm_reference(rr, xr, wr, br, EPS)
     torch.autograd.backward([new_res_ref, yr], [dres.double(), dy.double()])
+    return (new_res, y, (rt, xt, wt, bt)), (new_res_ref, yr, (rr, xr, wr, br))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,width", [(1, 1), (7, 31), (333, 768), (3, 1000)])
+def test_add_layer_norm_both_outputs_used(rows, width, dtype):
+    """The new residual feeds the next add *and* this LayerNorm: its gradient is the sum."""
+    x, w, b, dy = make(rows, width, dtype)
+    dres = make(rows, width, dtype, seed=2)[3]
+    (new_res, y, (rt, xt, wt, bt)), (new_res_ref, yr, (rr, xr, wr, br)) = add_layer_norm_both_ways(x, w, b, dy, dres)
     assert_close(new_res, new_res_ref, dtype, "new_residual")
     assert_close(y, yr, dtype, "y")
     assert_close(rt.grad, rr.grad, dtype, "dresidual")
@@ -209,13 +217,7 @@ def test_poisoned_outputs_start_as_nan():
 @requires_gpu
 def test_gpt2_shape_bf16_on_gpu():
     x, w, b, dy = make(8 * 1024, 768, torch.bfloat16)
-    residual = make(8 * 1024, 768, torch.bfloat16, seed=1)[0]
-    rt, xt, wt, bt = leaf(residual), leaf(x), leaf(w), leaf(b)
-    new_res, y = add_layer_norm_triton(rt, xt, wt, bt, EPS)
-    torch.autograd.backward([new_res, y], [dy, dy])
-    rr, xr, wr, br = fp64_leaf(residual), fp64_leaf(x), fp64_leaf(w), fp64_leaf(b)
-    new_res_ref, yr = add_layer_norm_reference(rr, xr, wr, br, EPS)
-    torch.autograd.backward([new_res_ref, yr], [dy.double(), dy.double()])
+    (_, y, (_, xt, wt, _)), (_, yr, (_, xr, wr, _)) = add_layer_norm_both_ways(x, w, b, dy, dy)
     assert_close(y, yr, torch.bfloat16, "y")
     assert_close(xt.grad, xr.grad, torch.bfloat16, "dx")
     assert_close(wt.grad, wr.grad, torch.bfloat16, "dweight")

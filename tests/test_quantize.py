@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from conftest import varied_tiny_model
 from fastgpt.errors import FastGPTError
 from fastgpt.generate import generate
 from fastgpt.kv_cache import KVCache
@@ -21,14 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest
 
 @pytest.fixture(scope="module")
 def model():
-    """A tiny GPT with std-0.2 matrices, so that greedy decoding does not repeat one token."""
-    torch.manual_seed(1234)
-    model = GPT("tiny").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.2)
-    return model
+    return varied_tiny_model()
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])

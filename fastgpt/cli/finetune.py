@@ -24,6 +24,9 @@ class _Default:
         return str(self.shown)
 
 
+MODEL_HELP = ("model to start from: a fastgpt / Hugging Face / OpenAI GPT-2 directory, a name fetched by "
+              "`fastgpt download` (gpt2, ...), or tiny / mini for a random initialisation")
+
 def _mark_defaults(parser) -> None:
     """Wrap the parser's informative defaults in _Default (help still shows them)."""
     for action in parser._actions:
@@ -63,9 +66,7 @@ def register(subparsers) -> None:
         description="Replace the LM head with an n-class head read from the last real token, train, "
                     "report accuracy / precision / recall / F1 and save the best model by validation accuracy.",
         formatter_class=_HelpFormatter)
-    cls.add_argument("--model", required=True,
-                     help="model to start from: a fastgpt / Hugging Face / OpenAI GPT-2 directory, a name "
-                          "fetched by `fastgpt download` (gpt2, ...), or tiny / mini for a random initialisation")
+    cls.add_argument("--model", required=True, help=MODEL_HELP)
     cls.add_argument("--data", required=True,
                      help="labelled texts: .tsv 'label<TAB>text' without header (SMS Spam Collection), "
                           ".csv with a header, or .jsonl objects")
@@ -100,10 +101,7 @@ def register(subparsers) -> None:
                     "continues exactly where its last checkpoint left it with --resume RUN_DIR (its saved options; "
                     "flags given beside it override them, except the template and what trains).",
         formatter_class=_HelpFormatter)
-    ins.add_argument("--model",
-                     help="model to start from: a fastgpt / Hugging Face / OpenAI GPT-2 directory, a name "
-                          "fetched by `fastgpt download` (gpt2, ...), or tiny / mini for a random initialisation "
-                          "(required unless --resume)")
+    ins.add_argument("--model", help=MODEL_HELP + " (required unless --resume)")
     ins.add_argument("--data",
                      help="a JSON list (or .jsonl) of records with 'instruction', 'output' and optional 'input' "
                           "(required unless --resume)")
