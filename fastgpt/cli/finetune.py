@@ -27,6 +27,7 @@ class _Default:
 MODEL_HELP = ("model to start from: a fastgpt / Hugging Face / OpenAI GPT-2 directory, a name fetched by "
               "`fastgpt download` (gpt2, ...), or tiny / mini for a random initialisation")
 
+
 def _mark_defaults(parser) -> None:
     """Wrap the parser's informative defaults in _Default (help still shows them)."""
     for action in parser._actions:

@@ -15,6 +15,9 @@ Triton design (one row = one GPT-2 token's C features):
   dweight and dbias are sums over all rows, so each program accumulates its rows'
   contributions in fp32 registers and writes one partial row into a (programs, C)
   buffer, summed afterwards by torch.
+* means are sums times 1/C (computed once on the host), not sums / C: Triton's fp32
+  division on a GPU is approximate (2 ulp), even by 1, and at width 1 the backward
+  multiplies that rounding by rstd = 1/sqrt(eps) ~ 316 (an H100 showed 1.3e-5 there).
   No atomics or locks: programs never wait on each other.
 
 Strides: the kernels take a row stride and need unit stride along C. The wrappers
@@ -57,7 +60,7 @@ if triton is not None:
     @triton.jit
     def _layer_norm_fwd_kernel(X, RESIDUAL, W, B, Y, RESIDUAL_OUT, MEAN, RSTD,
                                stride_x, stride_residual, stride_y, stride_residual_out,
-                               C, eps,
+                               C, inv_C, eps,
                                HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr):
         """One row: [new residual = residual + x;] y = LayerNorm(row)."""
         row = tl.program_id(0).to(tl.int64)
@@ -69,9 +72,9 @@ if triton is not None:
             x = x.to(RESIDUAL_OUT.dtype.element_ty)
             tl.store(RESIDUAL_OUT + row * stride_residual_out + cols, x, mask=mask)
             x = x.to(tl.float32)  # normalize exactly the residual that was stored
-        mean = tl.sum(x, axis=0) / C
+        mean = tl.sum(x, axis=0) * inv_C
         centered = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(centered * centered, axis=0) / C
+        var = tl.sum(centered * centered, axis=0) * inv_C
         rstd = tl.rsqrt(var + eps)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
@@ -83,7 +86,7 @@ if triton is not None:
     @triton.jit
     def _layer_norm_bwd_kernel(X, W, MEAN, RSTD, DY, DRESIDUAL, DX, DW_PARTIAL, DB_PARTIAL,
                                stride_x, stride_dy, stride_dresidual, stride_dx,
-                               N, C, tiles_per_program,
+                               N, C, inv_C, tiles_per_program,
                                HAS_DRESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         """Row tiles [pid * tiles_per_program, ...) of BLOCK_M rows each: dx for every row,
         and this program's share of dweight and dbias.
@@ -109,8 +112,8 @@ if triton is not None:
             rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
             xhat = tl.where(mask, (x - mean) * rstd, 0.0)
             g = dy * w
-            mean_g = tl.sum(g, axis=1)[:, None] / C
-            mean_gx = tl.sum(g * xhat, axis=1)[:, None] / C
+            mean_g = tl.sum(g, axis=1)[:, None] * inv_C
+            mean_gx = tl.sum(g * xhat, axis=1)[:, None] * inv_C
             dx = (g - mean_g - xhat * mean_gx) * rstd
             if HAS_DRESIDUAL:
                 dx += tl.load(DRESIDUAL + rows64 * stride_dresidual + cols[None, :], mask=mask,
@@ -168,7 +171,7 @@ def _forward(x, residual, weight, bias, eps):
             x2, res2 if residual is not None else x2, weight, bias, y, new_residual if residual is not None else y,
             mean, rstd,
             x2.stride(0), res2.stride(0) if residual is not None else 0, C, C,
-            C, eps,
+            C, 1.0 / C, eps,
             HAS_RESIDUAL=residual is not None, BLOCK_C=BLOCK_C, num_warps=num_warps)
     return y, new_residual, mean, rstd
 
@@ -200,7 +203,7 @@ def _backward(dy, x, weight, mean, rstd, dresidual):
             _layer_norm_bwd_kernel[(programs,)](
                 x2, weight, mean, rstd, dy2, dres2, dx, dw_partial, db_partial,
                 x2.stride(0), dy2.stride(0), dres2.stride(0), C,
-                N, C, tiles_per_program,
+                N, C, 1.0 / C, tiles_per_program,
                 HAS_DRESIDUAL=dresidual is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=num_warps)
     return dx, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
 
@@ -322,14 +325,15 @@ def compile_specs():
                     "X": f"*{dt}", "RESIDUAL": f"*{dt}", "W": "*fp32", "B": "*fp32", "Y": f"*{dt}",
                     "RESIDUAL_OUT": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32",
                     "stride_x": "i32", "stride_residual": "i32", "stride_y": "i32", "stride_residual_out": "i32",
-                    "C": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK_C": "constexpr"},
+                    "C": "i32", "inv_C": "fp32", "eps": "fp32", "HAS_RESIDUAL": "constexpr",
+                    "BLOCK_C": "constexpr"},
                     {"HAS_RESIDUAL": fused, "BLOCK_C": block}, num_warps=warps))
                 name = f"layer_norm_bwd{'_add' if fused else ''}[C={C},{dt}]"
                 specs.append(KernelSpec(name, _layer_norm_bwd_kernel, {
                     "X": f"*{dt}", "W": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "DY": f"*{dt}",
                     "DRESIDUAL": f"*{dt}", "DX": f"*{dt}", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
                     "stride_x": "i32", "stride_dy": "i32", "stride_dresidual": "i32", "stride_dx": "i32",
-                    "N": "i32", "C": "i32", "tiles_per_program": "i32",
+                    "N": "i32", "C": "i32", "inv_C": "fp32", "tiles_per_program": "i32",
                     "HAS_DRESIDUAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr"},
                     {"HAS_DRESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_C": block}, num_warps=bwd_warps))
     return specs
