@@ -5,6 +5,7 @@
 - `config.json` with `"format": "fastgpt"`     -> fastgpt's own checkpoint (`native`)
 - `config.json` with `"model_type": "gpt2"`     -> a Hugging Face GPT-2 directory (`hf`)
 - `hparams.json`                                -> OpenAI's original TensorFlow release (`openai_tf`)
+- a `.pth` / `.pt` file, or a directory holding one -> the book's GPTModel state dict (`book`)
 
 A bare preset name (`"gpt2"`, ...) that is not a directory means the copy
 `fastgpt download` keeps in its cache. Every reader checks each tensor's name and
@@ -50,9 +51,12 @@ def _read_json(path: Path) -> dict:
 
 def _load(path, device, dtype):
     # The readers import torch, so they are imported here: `fastgpt --help` stays fast.
+    from .book import find_book_file, is_book_file, load_book
     from .hf import load_hf
     from .native import load_fastgpt_dir
     from .openai_tf import load_openai_tf
+    if is_book_file(Path(path).expanduser()):
+        return load_book(Path(path).expanduser(), device=device, dtype=dtype)
     directory = resolve(path)
     config, hparams = directory / "config.json", directory / "hparams.json"
     if config.is_file():
@@ -66,6 +70,8 @@ def _load(path, device, dtype):
         raise FastGPTError(f"{config}: unknown config format (neither 'format': 'fastgpt' nor 'model_type': 'gpt2')")
     if hparams.is_file():
         return load_openai_tf(directory, _read_json(hparams), device, dtype), {}
+    if (book_file := find_book_file(directory)) is not None:
+        return load_book(book_file, device=device, dtype=dtype)
     raise FastGPTError(f"{directory}: not a model directory (no config.json or hparams.json)")
 
 
