@@ -218,23 +218,24 @@ def book_metadata(path: Path, layout: BookLayout) -> dict:
             "qkv_bias": layout.qkv_bias}
 
 
+def build_book(path: str | Path, n_head: int | None = None, device="cpu", dtype=None):
+    """(GPT in eval mode, classifier head {"weight", "bias"} or None, metadata) from a book checkpoint file.
+
+    A chapter-6 classifier has no LM head: its body is returned tied (see `book_config`) with its head apart."""
+    cfg, tensors, layout = read_book(path, n_head)
+    head = None
+    if layout.num_classes is not None:
+        head = {"weight": tensors.pop("classifier.weight"), "bias": tensors.pop("classifier.bias")}
+    return build_model(cfg, tensors, device, dtype), head, book_metadata(Path(path), layout)
+
+
 def load_book(path: str | Path, n_head: int | None = None, device="cpu", dtype=None):
     """(GPT in eval mode, metadata) from a book language-model checkpoint file.
 
     A chapter-6 classifier is refused here: it has no LM head; `fastgpt convert` turns it
     into a classifier directory for `fastgpt classify`."""
-    cfg, tensors, layout = read_book(path, n_head)
-    if layout.num_classes is not None:
-        raise FastGPTError(f"{path}: a chapter-6 classifier ({layout.num_classes} classes), not a language model; "
-                           f"make it a fastgpt classifier with: fastgpt convert {path} --out DIR")
-    return build_model(cfg, tensors, device, dtype), book_metadata(Path(path), layout)
-
-
-def load_book_classifier_parts(path: str | Path, n_head: int | None = None, device="cpu", dtype=None):
-    """(GPT body, head weight, head bias, layout) of a chapter-6 classifier file."""
-    cfg, tensors, layout = read_book(path, n_head)
-    if layout.num_classes is None:
-        raise FastGPTError(f"{path}: a language model (out_head has the vocabulary's {layout.vocab_size} rows), "
-                           "not a chapter-6 classifier")
-    head_weight, head_bias = tensors.pop("classifier.weight"), tensors.pop("classifier.bias")
-    return build_model(cfg, tensors, device, dtype), head_weight, head_bias, layout
+    model, head, metadata = build_book(path, n_head, device, dtype)
+    if head is not None:
+        raise FastGPTError(f"{path}: a chapter-6 classifier ({head['weight'].shape[0]} classes), not a language "
+                           f"model; make it a fastgpt classifier with: fastgpt convert {path} --out DIR")
+    return model, metadata
