@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import csv
 import datetime
+import gc
 import os
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass, field, asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -73,6 +74,40 @@ def measure_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10,
     return quantiles(times)
 
 
+def measure_steps_ms(step: Callable[[], object], steps_per_sample: int, samples: int, warmup: int = 1,
+                     device: str = "cpu") -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds per call of `step`, each sample timing `steps_per_sample`
+    calls back to back (host time included, one device sync per sample).
+
+    For a training step: one step per sample would put the host/device overlap between
+    steps, and any one-off stall, into every number; several per sample is what a run sees.
+    """
+    on_cuda = str(device).startswith("cuda")
+
+    def sync():
+        if on_cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        for _ in range(steps_per_sample):
+            step()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3 / steps_per_sample)
+    return quantiles(times)
+
+
+def free_memory(device: str) -> None:
+    """Release what the last measurement left, so the next one starts from the same state."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def quantiles(values: list[float]) -> tuple[float, float, float]:
     """(median, p20, p80) of a list of samples."""
     if len(values) == 1:
@@ -91,6 +126,18 @@ def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def cuda_peak_mib(fn: Callable[[], object], device: str) -> float | None:
+    """Peak CUDA memory allocated in total (resident tensors included) while `fn` runs, MiB;
+    None on CPU."""
+    if not str(device).startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def write_csv(rows: list[Row], path: str | Path) -> Path:

@@ -1,196 +1,288 @@
-"""Benchmark: one full training step (forward, backward, AdamW) of a whole GPT.
+"""Benchmark: one full training step of a whole GPT against what a user would otherwise run.
 
-Variants, on the same model and batch in the same run:
-  torch          - every op on its PyTorch reference (fastgpt.ops backend "torch");
-  torch+compile  - the same under torch.compile;
-  triton         - fastgpt's Triton kernels (backend "triton").
-Reported: tokens/s (median over steps) with MFU in `extra` (FLOPs per token
-6N + 12*L*H*Q*T, see fastgpt.train.mfu), then on CUDA the peak memory of one
-step at B=8, T=1024 with and without the fused kernels, and the largest batch
-that fits in memory for each backend (binary search over B; one step per probe).
+A step = forward + backward + gradient clipping at norm 1 + AdamW, on a fixed batch.
+Contenders, on the same shapes in the same run:
+  fastgpt          - fastgpt's GPT as `fastgpt pretrain` runs it: backend "auto" (the
+                     Triton kernels on CUDA; on CPU the ops' PyTorch paths), its fused AdamW;
+  nanogpt          - THE BASELINE: the nanoGPT / llm.c-PyTorch recipe (fastgpt/bench/nanogpt.py):
+                     SDPA flash attention, tanh GELU, vocabulary padded to 50304, fused AdamW,
+                     whole-model torch.compile on CUDA (on CPU eager: see README/results),
+                     TF32 on, bf16 autocast on CUDA;
+  nanogpt+compile  - the same with torch.compile on any device (to measure compile on CPU);
+  nanogpt-eager    - the same without torch.compile on any device;
+  textbook         - second baseline: fastgpt's own textbook reference (backend "torch":
+                     T x T attention scores, written-out GELU, unpadded 50257-wide head);
+                     on CPU it is the same code as `fastgpt` and is skipped;
+  textbook+compile - that reference under torch.compile (CUDA; on request).
+Ratios are against nanogpt. Timing: samples of several steps each (so p20/p80 describe
+steps, not single stalls), samples interleaved across contenders so a shared machine's
+load changes hit all of them alike. Reported per batch size: tokens/s (MFU in `extra`,
+FLOPs per token 6N + 12*L*H*Q*T of the unpadded model, see fastgpt.train.mfu), and on
+CUDA the peak memory of a steady-state step (weights, gradients and optimizer state
+included) and the largest batch that fits (doubling, then bisection; one step per probe).
 
-Size sets: "gpt2" (CUDA, bf16 autocast): GPT-2 124M, B=8, T=1024;
-"cpu" (any device, fp32 and bf16 autocast): a 4-layer 256-wide model, B=8, T=128;
-"tiny": a smoke run for tests.
+Size sets:
+  gpt2       (CUDA, bf16 autocast): GPT-2 124M, T=1024, B=8 and B=32;
+  cpu        (CPU, fp32): GPT-2 124M at B=4, T=256, and 6 layers x 384 at B=4, T=256;
+  tiny       (any device, fp32): a 2-layer model, seconds on a CPU (CI).
 
     python3 -m fastgpt.bench.train --device cuda --sizes gpt2 --out benchmarks/results/train
+    python3 -m fastgpt.bench.train --device cpu --sizes cpu --variants fastgpt,nanogpt,nanogpt+compile
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import ops
-from ..config import preset
+from ..config import GPTConfig, preset
 from ..errors import FastGPTError
-from .common import Row, markdown_table, measure_ms, peak_memory_mib, start_suite, write_results
+from ..model import GPT
+from ..runtime import dtype_name
+from ..train.mfu import model_flops_per_token, peak_flops
+from ..train.optim import make_optimizer
+from .common import (
+    Row,
+    cuda_peak_mib,
+    device_name,
+    free_memory,
+    markdown_table,
+    measure_steps_ms,
+    quantiles,
+    start_suite,
+    write_results,
+)
+from .nanogpt import NanoGPT
+from .nanogpt import make_optimizer as nanogpt_optimizer
 
-VARIANTS = ("torch", "torch+compile", "triton")
+VARIANTS = ("fastgpt", "nanogpt", "nanogpt+compile", "nanogpt-eager", "textbook", "textbook+compile")
+DEFAULT_VARIANTS = ("fastgpt", "nanogpt", "textbook")
+BASELINE = "nanogpt"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model shape and the batch sizes it is timed at."""
+    model: str
+    overrides: dict
+    batches: tuple[int, ...]
+
+    def config(self) -> GPTConfig:
+        return preset(self.model, **self.overrides)
+
+
 SIZE_SETS = {
-    "gpt2": dict(device="cuda", model=("gpt2", {}), batch=8, context=1024, dtypes=(torch.bfloat16,),
-                 memory=True),
-    "cpu": dict(device="any", model=("mini", dict(context_length=128)), batch=8, context=128,
-                dtypes=(torch.float32, torch.bfloat16), memory=False),
-    "tiny": dict(device="any", model=("tiny", dict(context_length=32)), batch=2, context=32,
-                 dtypes=(torch.float32,), memory=False),
+    "gpt2": dict(device="cuda", cases=(Case("gpt2", {}, (8, 32)),), dtype=torch.bfloat16,
+                 warmup=3, samples=10, steps=5, memory=True),
+    "cpu": dict(device="cpu", cases=(Case("gpt2", dict(context_length=256), (4,)),
+                                     Case("gpt2", dict(n_layer=6, n_head=6, n_embd=384, context_length=256), (4,))),
+                dtype=torch.float32, warmup=1, samples=3, steps=2, memory=False),
+    "tiny": dict(device="any", cases=(Case("tiny", dict(context_length=32), (2,)),), dtype=torch.float32,
+                 warmup=1, samples=3, steps=2, memory=False),
 }
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _usable(variant: str, device: str) -> str | None:
-    """Why `variant` cannot run on `device` (None if it can)."""
-    on_cuda = str(device).startswith("cuda")
-    if variant == "triton" and not on_cuda:
-        return "Triton kernels need CUDA (the CPU interpreter is for correctness, not speed)"
-    if variant == "torch+compile" and not on_cuda:
-        return "torch.compile on CPU is not what this benchmark is about (and slow to build)"
+def _skip_reason(variant: str, on_cuda: bool) -> str | None:
+    """Why `variant` is not run on this device (None if it is)."""
+    if not on_cuda and variant == "textbook":
+        return "on CPU fastgpt runs the same PyTorch reference; the fastgpt row is it"
+    if not on_cuda and variant == "textbook+compile":
+        return "the compiled textbook reference is a CUDA comparison"
     return None
 
 
-class _Step:
-    """One model + AdamW + fixed batch; calling it runs one training step."""
+def _compiles(variant: str, on_cuda: bool) -> bool:
+    return variant.endswith("+compile") or (variant == "nanogpt" and on_cuda)
 
-    def __init__(self, cfg, batch: int, device: str, dtype: torch.dtype, variant: str):
-        from ..model import GPT
-        from ..train.optim import make_optimizer
+
+class TrainStep:
+    """One contender's model + optimizer + a fixed random batch; calling it runs one step."""
+
+    def __init__(self, variant: str, cfg: GPTConfig, batch: int, device: str, dtype: torch.dtype):
+        self.variant, self.cfg, self.device = variant, cfg, device
+        on_cuda = str(device).startswith("cuda")
         torch.manual_seed(0)
-        self.backend = "triton" if variant == "triton" else "torch"
-        self.model = GPT(cfg).to(device)
-        self.optimizer = make_optimizer(self.model, 3e-4, 0.1, (0.9, 0.95), 1e-8, torch.device(device))
-        self.forward = torch.compile(self.model) if variant.endswith("+compile") else self.model
-        self.x = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length), device=device)
-        self.y = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length), device=device)
+        if variant.startswith("nanogpt"):
+            self.model = NanoGPT(cfg).to(device)
+            self.optimizer = nanogpt_optimizer(self.model)
+            self.backend = None
+        else:
+            self.model = GPT(cfg).to(device)
+            self.optimizer = make_optimizer(self.model, 6e-4, 0.1, (0.9, 0.95), 1e-8, torch.device(device))
+            self.backend = "auto" if variant == "fastgpt" else "torch"
+        self.forward = torch.compile(self.model) if _compiles(variant, on_cuda) else self.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.device_type, self.dtype = torch.device(device).type, dtype
+        self.set_batch(batch)
 
-    def __call__(self):
-        autocast = (contextlib.nullcontext() if self.dtype == torch.float32
-                    else torch.autocast(device_type=self.device_type, dtype=self.dtype))
-        with ops.use_backend(self.backend), autocast:
+    def set_batch(self, batch: int) -> None:
+        gen = torch.Generator().manual_seed(batch)
+        shape = (batch, self.cfg.context_length)
+        self.batch = batch
+        self.x = torch.randint(0, self.cfg.vocab_size, shape, generator=gen).to(self.device)
+        self.y = torch.randint(0, self.cfg.vocab_size, shape, generator=gen).to(self.device)
+
+    def _context(self):
+        stack = contextlib.ExitStack()
+        if self.backend is not None:
+            stack.enter_context(ops.use_backend(self.backend))
+        if self.dtype != torch.float32:
+            stack.enter_context(torch.autocast(device_type=self.device_type, dtype=self.dtype))
+        return stack
+
+    def __call__(self) -> torch.Tensor:
+        with self._context():
             loss = self.forward(self.x, self.y)
-        with ops.use_backend(self.backend):
+        with ops.use_backend(self.backend) if self.backend else contextlib.nullcontext():
             loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
 
-def _free(device: str) -> None:
-    gc.collect()
-    if str(device).startswith("cuda"):
-        torch.cuda.empty_cache()
+def flops_per_token(cfg: GPTConfig) -> int:
+    """Model FLOPs per trained token of fastgpt's (unpadded) GPT for `cfg`: every contender
+    is credited with the same work, so MFU ratios equal tokens/s ratios."""
+    with torch.device("meta"):
+        return model_flops_per_token(GPT(cfg), cfg.context_length)
 
 
-def _throughput(cfg, batch, device, dtype, variant, warmup, repeats) -> Row:
-    from ..train.mfu import model_flops_per_token, peak_flops
-    step = _Step(cfg, batch, device, dtype, variant)
-    med, p20, p80 = measure_ms(step, warmup=warmup, repeats=repeats, device=device)
+def _model_name(cfg: GPTConfig) -> str:
+    return f"L{cfg.n_layer}-C{cfg.n_embd}"
+
+
+def _throughput_rows(steps: dict[str, TrainStep], cfg, batch, device, dtype, spec) -> list[Row]:
+    """Tokens/s of every contender at `batch`, samples interleaved across contenders."""
+    for step in steps.values():
+        step.set_batch(batch)
+        measure_steps_ms(step, 1, 1, warmup=spec["warmup"], device=device)  # compiles / allocates
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(spec["samples"]):
+        for name, step in steps.items():
+            times[name].append(measure_steps_ms(step, spec["steps"], 1, warmup=0, device=device)[0])
     tokens = batch * cfg.context_length
-    per_token = model_flops_per_token(step.model, cfg.context_length)
+    per_token = flops_per_token(cfg)
     peak = peak_flops(torch.device(device), dtype)
-    mfu = f"{100 * tokens / (med / 1e3) * per_token / peak:.1f}%" if peak else "n/a"
-    del step
-    _free(device)
-    return Row(name="train_step", backend=variant, shape=f"{_model_name(cfg)} B={batch} T={cfg.context_length}",
-               dtype=DTYPE_NAMES[dtype], median=tokens / (med / 1e3), p20=tokens / (p80 / 1e3),
-               p80=tokens / (p20 / 1e3), unit="tokens/s", device=_device_label(device),
-               extra=f"ms={med:.2f};mfu={mfu};flops_per_token={per_token}")
+    rows = []
+    for name, samples in times.items():
+        med, p20, p80 = quantiles(samples)
+        mfu = f"{100 * tokens / (med / 1e3) * per_token / peak:.1f}%" if peak else "n/a"
+        extra = (f"ms={med:.2f};mfu={mfu};flops_per_token={per_token};steps_per_sample={spec['steps']};"
+                 f"samples={spec['samples']};compiled={_compiles(name, str(device).startswith('cuda'))}")
+        rows.append(Row(name="train_step", backend=name, shape=f"{_model_name(cfg)} B={batch} T={cfg.context_length}",
+                        dtype=dtype_name(dtype), median=tokens / (med / 1e3), p20=tokens / (p80 / 1e3),
+                        p80=tokens / (p20 / 1e3), unit="tokens/s", device=device_name(device), extra=extra))
+    return rows
 
 
-def _peak_memory(cfg, batch, device, dtype, variant) -> Row:
-    step = _Step(cfg, batch, device, dtype, variant)
-    step()  # optimizer state allocated: measure a steady-state step
-    mib = peak_memory_mib(step, device)
-    del step
-    _free(device)
-    return Row(name="train_step_peak_memory", backend=variant,
-               shape=f"{_model_name(cfg)} B={batch} T={cfg.context_length}", dtype=DTYPE_NAMES[dtype],
-               median=mib, p20=mib, p80=mib, unit="MiB", device=_device_label(device))
+def _peak_memory_row(step: TrainStep, cfg, device, dtype) -> Row:
+    """Total peak CUDA memory of one steady-state step of this contender alone."""
+    mib = cuda_peak_mib(step, device)
+    return Row(name="train_step_peak_memory", backend=step.variant,
+               shape=f"{_model_name(cfg)} B={step.batch} T={cfg.context_length}", dtype=dtype_name(dtype),
+               median=mib, p20=mib, p80=mib, unit="MiB", device=device_name(device),
+               extra="max_memory_allocated: weights, gradients, optimizer state and activations")
 
 
-def _fits(cfg, batch, device, dtype, variant) -> bool:
-    step = None
+def _fits(step: TrainStep, batch: int) -> bool:
     try:
-        step = _Step(cfg, batch, device, dtype, variant)
+        step.set_batch(batch)
         step()
         torch.cuda.synchronize()
         return True
     except torch.cuda.OutOfMemoryError:
+        step.optimizer.zero_grad(set_to_none=True)
         return False
     finally:
-        del step
-        _free(device)
+        free_memory(step.device)
 
 
-def _largest_batch(cfg, device, dtype, variant, limit: int = 512) -> Row:
+def _largest_batch_row(step: TrainStep, cfg, device, dtype, limit: int = 1024) -> Row:
     """Largest B (<= limit) whose training step fits: doubling, then bisection."""
-    good, bad = 0, None
-    b = 1
-    while b <= limit and _fits(cfg, b, device, dtype, variant):
+    good, b = 0, 1
+    while b <= limit and _fits(step, b):
         good, b = b, b * 2
     bad = b if b <= limit else None
     if bad is not None:
         while bad - good > 1:
             mid = (good + bad) // 2
-            good, bad = (mid, bad) if _fits(cfg, mid, device, dtype, variant) else (good, mid)
-    return Row(name="train_largest_batch", backend=variant, shape=f"{_model_name(cfg)} T={cfg.context_length}",
-               dtype=DTYPE_NAMES[dtype], median=good, p20=good, p80=good, unit="sequences",
-               device=_device_label(device), extra=f"limit={limit}")
+            good, bad = (mid, bad) if _fits(step, mid) else (good, mid)
+    return Row(name="train_largest_batch", backend=step.variant, shape=f"{_model_name(cfg)} T={cfg.context_length}",
+               dtype=dtype_name(dtype), median=good, p20=good, p80=good, unit="sequences",
+               device=device_name(device), extra=f"limit={limit}")
 
 
-def _model_name(cfg) -> str:
-    return f"L{cfg.n_layer}-C{cfg.n_embd}"
-
-
-def _device_label(device: str) -> str:
-    from .common import device_name
-    return device_name(device)
+def _print(row: Row) -> None:
+    print(f"train: {row.backend:16s} {row.shape:24s} {row.dtype} {row.median:,.1f} {row.unit} ({row.extra})",
+          flush=True)
 
 
 def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = None,
-        variants: tuple[str, ...] = VARIANTS, repeats: int | None = None) -> list[Row]:
+        variants: tuple[str, ...] = DEFAULT_VARIANTS, samples: int | None = None,
+        steps: int | None = None) -> list[Row]:
     """Run the named size set; write train.csv / train.md into out_dir; return the rows."""
     on_cuda = start_suite("train", device, sizes, SIZE_SETS, variants, VARIANTS, what="variant")
     if on_cuda is None:
         return []
-    spec = SIZE_SETS[sizes]
+    spec = dict(SIZE_SETS[sizes])
+    if spec["device"] == "cpu" and on_cuda:
+        print(f"train: sizes={sizes!r} is the CPU case; skipped on {device}")
+        return []
+    spec.update({k: v for k, v in (("samples", samples), ("steps", steps)) if v})
     usable = []
     for variant in variants:
-        reason = _usable(variant, device)
+        reason = _skip_reason(variant, on_cuda)
         if reason:
             print(f"train: {variant} skipped ({reason})")
         else:
             usable.append(variant)
-    name, overrides = spec["model"]
-    cfg = preset(name, **overrides)
-    warmup, repeats = (5, 50) if on_cuda else (1, repeats or 3)
+    dtype = spec["dtype"]
+    previous_precision = torch.get_float32_matmul_precision()
+    if on_cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 on, as the recipe sets it (for every contender)
     rows: list[Row] = []
-    for dtype in spec["dtypes"]:
-        for variant in usable:
-            rows.append(_throughput(cfg, spec["batch"], device, dtype, variant, warmup, repeats))
-            print(f"train: {rows[-1].backend} {rows[-1].dtype} {rows[-1].median:,.0f} tokens/s ({rows[-1].extra})")
-    if spec["memory"] and on_cuda:
-        dtype = spec["dtypes"][0]
-        for variant in [v for v in ("torch", "triton") if v in usable]:
-            rows.append(_peak_memory(cfg, 8, device, dtype, variant))
-            rows.append(_largest_batch(cfg, device, dtype, variant))
-            print(f"train: {variant} peak {rows[-2].median:,.0f} MiB at B=8; largest batch {rows[-1].median:.0f}")
+    try:
+        for case in spec["cases"]:
+            cfg = case.config()
+            steps_by_name = {v: TrainStep(v, cfg, case.batches[0], device, dtype) for v in usable}
+            for batch in case.batches:
+                for row in _throughput_rows(steps_by_name, cfg, batch, device, dtype, spec):
+                    rows.append(row)
+                    _print(row)
+                if spec["memory"] and on_cuda:
+                    for step in steps_by_name.values():
+                        rows.append(_peak_memory_row(step, cfg, device, dtype))
+                        _print(rows[-1])
+            del steps_by_name
+            free_memory(device)
+            if spec["memory"] and on_cuda:
+                for variant in usable:
+                    step = TrainStep(variant, cfg, 1, device, dtype)
+                    rows.append(_largest_batch_row(step, cfg, device, dtype))
+                    _print(rows[-1])
+                    del step
+                    free_memory(device)
+    finally:
+        torch.set_float32_matmul_precision(previous_precision)
     if out_dir is not None and rows:
         _write(rows, Path(out_dir))
     return rows
 
 
 def _write(rows: list[Row], out_dir: Path) -> None:
-    sections = ["# Training-step benchmarks\n\nOne step = forward + backward + AdamW. Ratios against the "
-                "torch reference backend, measured in the same run (>1 is better; for memory, lower "
-                "is better and the ratio is reference / variant).\n"]
+    sections = ["# Training-step benchmarks\n\nOne step = forward + backward + clip + AdamW. Ratios against "
+                "the nanoGPT-style contender (`nanogpt`), measured in the same run (>1 is better; for memory, "
+                "lower is better and the ratio is nanogpt / contender). `textbook` is fastgpt's own PyTorch "
+                "reference, a second baseline. Per-step times come from samples of several steps each.\n"]
     for name in ("train_step", "train_step_peak_memory", "train_largest_batch"):
         group = [r for r in rows if r.name == name]
         if group:
-            sections.append(f"\n## {name}\n\n" + markdown_table(group, baseline="torch"))
+            sections.append(f"\n## {name}\n\n" + markdown_table(group, baseline=BASELINE))
     write_results(rows, out_dir, "train", "".join(sections))
 
 
@@ -200,15 +292,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default="gpt2" if torch.cuda.is_available() else "cpu", choices=list(SIZE_SETS))
     parser.add_argument("--out", default=None, help="directory for train.csv / train.md")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated subset of {', '.join(VARIANTS)} (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=None, help="timed samples per contender and batch")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per timed sample")
     args = parser.parse_args(argv)
     try:
-        rows = run(args.device, args.sizes, args.out, tuple(v for v in args.variants.split(",") if v))
+        rows = run(args.device, args.sizes, args.out, tuple(v for v in args.variants.split(",") if v),
+                   samples=args.samples, steps=args.steps)
     except FastGPTError as err:
         print(f"fastgpt.bench.train: error: {err}")
         return 2
     if rows:
-        print(markdown_table([r for r in rows if r.name == "train_step"], baseline="torch"))
+        print(markdown_table([r for r in rows if r.name == "train_step"], baseline=BASELINE))
     return 0
 
 

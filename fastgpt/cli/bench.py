@@ -11,7 +11,7 @@ SUITES = {
     "kernels": "kernels",      # LayerNorm, bias+GELU, cross-entropy, fused linear+CE vs eager / torch.compile
     "attention": "attention",  # flash attention fwd/bwd, decode attention vs eager / SDPA
     "generate": "generate",    # tokens/s at batch 1 vs transformers.generate, bandwidth bound
-    "train": "train",          # training step tokens/s, MFU, peak memory per backend
+    "train": "train",          # training step tokens/s, MFU, peak memory: fastgpt vs the nanoGPT recipe
 }
 
 
@@ -24,8 +24,9 @@ def register(subparsers) -> None:
     p.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "all"],
                    help="which suite to run (default: all)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--sizes", default=None, choices=["tiny", "gpt2"],
-                   help="tiny: seconds on a CPU (smoke run); gpt2: GPT-2 124M shapes "
+    p.add_argument("--sizes", default=None, choices=["tiny", "cpu", "gpt2"],
+                   help="tiny: seconds on a CPU (smoke run); cpu: the CPU training case (GPT-2 124M at B=4, "
+                        "T=256; suites without a cpu set skip it); gpt2: GPT-2 124M shapes "
                         "(default: gpt2 on CUDA, tiny on CPU)")
     p.add_argument("--out", default="benchmarks/results/latest", help="output folder (default: %(default)s)")
     p.set_defaults(func=run)
@@ -42,6 +43,9 @@ def run(args) -> int:
     failed = []
     for suite in suites:
         module = importlib.import_module(f"fastgpt.bench.{SUITES[suite]}")
+        if sizes not in getattr(module, "SIZE_SETS", {sizes: None}):
+            print(f"bench {suite}: no {sizes!r} size set; skipped", flush=True)
+            continue
         print(f"== bench {suite} (device={device}, sizes={sizes}) -> {args.out}", flush=True)
         start = time.perf_counter()
         try:
