@@ -1,9 +1,11 @@
 """The one dispatch point between the model and its hot ops.
 
 The model calls `ops.layer_norm`, `ops.attention`, ... and never a kernel
-directly. Each op has a PyTorch reference and a Triton implementation living
-side by side in `fastgpt.kernels.<module>`, named `<op>_reference` and
-`<op>_triton`; `_implementation` below is the only place that chooses.
+directly. Each op has a PyTorch reference, `<op>_reference` in
+`fastgpt.kernels.reference` (which needs no Triton), and a Triton implementation,
+`<op>_triton` in `fastgpt.kernels.<module>`; `_implementation` below is the only
+place that chooses. The choice is plain Python over module-level dicts, so
+`torch.compile(model, fullgraph=True)` traces through it without a graph break.
 
 Backends:
   "torch"  - always the PyTorch reference (CPU, debugging, ground truth);
@@ -13,34 +15,60 @@ Backends:
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib
+import importlib.util
 import os
 
 import torch
 
 from .errors import FastGPTError
+from .kernels import reference
 
 BACKENDS = ("auto", "torch", "triton")
 
-# op name -> module under fastgpt.kernels that implements it
-_OP_MODULES = {
-    "layer_norm": "layernorm",
-    "add_layer_norm": "layernorm",
-    "bias_gelu": "gelu",
-    "cross_entropy": "cross_entropy",
-    "linear_cross_entropy": "linear_cross_entropy",
-    "attention": "attention",
-    "decode_attention": "decode_attention",
-}
+# Triton kernels are loaded only where they can run: on a CUDA machine, or on a CPU with
+# TRITON_INTERPRET=1 set before fastgpt is imported (the interpreter is chosen when a
+# kernel is defined). Elsewhere, and without Triton installed, only the references exist.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None and (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+if TRITON_AVAILABLE:
+    from .kernels import attention as _attention
+    from .kernels import cross_entropy as _cross_entropy
+    from .kernels import decode_attention as _decode_attention
+    from .kernels import gelu as _gelu
+    from .kernels import layernorm as _layernorm
+    from .kernels import linear_cross_entropy as _linear_cross_entropy
 
-_backend = os.environ.get("FASTGPT_BACKEND", "auto")
+# Plain dicts of functions, filled at import: torch.compile traces a lookup in them (an
+# import at call time is where Dynamo used to break the graph).
+_REFERENCE = {
+    "layer_norm": reference.layer_norm_reference,
+    "add_layer_norm": reference.add_layer_norm_reference,
+    "bias_gelu": reference.bias_gelu_reference,
+    "cross_entropy": reference.cross_entropy_reference,
+    "linear_cross_entropy": reference.linear_cross_entropy_reference,
+    "attention": reference.attention_reference,
+    "decode_attention": reference.decode_attention_reference,
+}
+_TRITON = {
+    "layer_norm": _layernorm.layer_norm_triton,
+    "add_layer_norm": _layernorm.add_layer_norm_triton,
+    "bias_gelu": _gelu.bias_gelu_triton,
+    "cross_entropy": _cross_entropy.cross_entropy_triton,
+    "linear_cross_entropy": _linear_cross_entropy.linear_cross_entropy_triton,
+    "attention": _attention.attention_triton,
+    "decode_attention": _decode_attention.decode_attention_triton,
+} if TRITON_AVAILABLE else {}
+
+_backend = "auto"
 
 
 def set_backend(name: str) -> None:
     global _backend
     if name not in BACKENDS:
         raise FastGPTError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")
+    if name == "triton" and not TRITON_AVAILABLE:
+        raise FastGPTError("backend 'triton' needs Triton and a CUDA GPU, or TRITON_INTERPRET=1 set before "
+                           "fastgpt is imported (CPU interpreter)")
     _backend = name
 
 
@@ -64,15 +92,12 @@ def uses_triton(x: torch.Tensor) -> bool:
     return _backend == "triton" or (_backend == "auto" and x.is_cuda)
 
 
-@functools.lru_cache(maxsize=None)
-def _lookup(op: str, kind: str):
-    module = importlib.import_module(f"fastgpt.kernels.{_OP_MODULES[op]}")
-    return getattr(module, f"{op}_{kind}")
-
-
-def _implementation(op: str, x: torch.Tensor):
-    """The one place where the reference and the Triton path part ways."""
-    return _lookup(op, "triton" if uses_triton(x) else "reference")
+def _implementation(op: str, x: torch.Tensor, triton_supported: bool = True):
+    """The one place where the reference and the Triton path part ways. `triton_supported`
+    is False for a call the kernel does not cover (attention with dropout)."""
+    if triton_supported and uses_triton(x):
+        return _TRITON[op]
+    return _REFERENCE[op]
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5):
@@ -88,6 +113,19 @@ def bias_gelu(x, bias):
     return _implementation("bias_gelu", x)(x, bias)
 
 
+def check_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int = -100) -> None:
+    """Every target is in [0, vocab_size) or ignore_index, else a one-line FastGPTError.
+
+    Call it once on the host batch (a CPU tensor: no device sync), before the batch goes
+    to the device. The ops do not check: a Triton kernel turns a bad target's loss into
+    nan, and a check inside the op would read a value back from the GPU on every call."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if targets.numel() and bool(bad.any()):
+        value = int(targets[bad][0])
+        raise FastGPTError(f"target {value} is outside the vocabulary [0, {vocab_size}) "
+                           f"and is not ignore_index ({ignore_index})")
+
+
 def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "mean"):
     return _implementation("cross_entropy", logits)(logits, targets, ignore_index, reduction)
 
@@ -101,11 +139,13 @@ def attention(q, k, v, dropout_p: float = 0.0):
     """Causal attention over (B, H, T, D). Attention dropout (training only) runs on the
     reference path: the Triton kernel has no in-kernel dropout."""
     if dropout_p > 0.0:
-        from .kernels.attention import attention_reference
-        return attention_reference(q, k, v, dropout_p)
+        return _implementation("attention", q, triton_supported=False)(q, k, v, dropout_p)
     return _implementation("attention", q)(q, k, v)
 
 
 def decode_attention(q, k_cache, v_cache, lengths):
     """One query per sequence (B, H, D) against caches (B, H, T_max, D) holding `lengths` entries."""
     return _implementation("decode_attention", q)(q, k_cache, v_cache, lengths)
+
+
+set_backend(os.environ.get("FASTGPT_BACKEND", "auto"))

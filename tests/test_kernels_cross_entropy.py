@@ -4,13 +4,13 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
 from conftest import DEVICE, GPU, requires_gpu
 from kernel_checks import poison_outputs  # noqa: F401  (autouse fixture: outputs start as NaN)
+
+from fastgpt import ops
 from fastgpt.errors import FastGPTError
 from fastgpt.kernels import cross_entropy
-from fastgpt.kernels.cross_entropy import (_row_start, cross_entropy_triton, launch_backward,
-                                           launch_forward)
+from fastgpt.kernels.cross_entropy import _row_start, cross_entropy_triton, launch_backward, launch_forward
 
 # Relative precision of the gradient's storage dtype (the math is fp32 in every case).
 EPS = {torch.float32: 2e-6 if not GPU else 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -170,21 +170,29 @@ def test_compiles_without_graph_break():
 
 
 def test_kernel_never_reads_an_out_of_range_target():
-    """Past the wrapper's check (e.g. inside a captured CUDA graph) a bad target gives nan, not
-    a read outside the row."""
+    """A bad target gives nan, not a read outside the row (the ops do not check targets:
+    callers run ops.check_targets on the host batch)."""
     logits, targets = make_case(4, 10, torch.float32)
     targets[:] = torch.tensor([3, 10, -5, IGNORE])
     loss, _ = launch_forward(logits, targets, IGNORE)
     assert loss[0] > 0 and torch.isnan(loss[1]) and torch.isnan(loss[2]) and loss[3] == 0
 
 
-@pytest.mark.parametrize("bad", ["target", "reduction", "shape"])
+@pytest.mark.parametrize("bad", [10, -1])
+def test_check_targets_names_the_bad_target_in_one_line(bad):
+    _, targets = make_case(5, 10, torch.float32)
+    ops.check_targets(targets.cpu(), 10, IGNORE)  # valid targets (ignored ones included) pass
+    targets[1] = bad
+    with pytest.raises(FastGPTError, match=f"target {bad} is outside the vocabulary") as info:
+        ops.check_targets(targets.cpu(), 10, IGNORE)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["reduction", "shape"])
 def test_bad_input_raises_one_line_error(bad):
     logits, targets = make_case(5, 10, torch.float32)
     kwargs = {"ignore_index": IGNORE, "reduction": "mean"}
-    if bad == "target":
-        targets[1] = 10
-    elif bad == "reduction":
+    if bad == "reduction":
         kwargs["reduction"] = "avg"
     else:
         targets = targets[:4]

@@ -40,26 +40,10 @@ import triton.language as tl
 
 from ..errors import FastGPTError
 from ._custom_ops import kernel_op, new_output
+from .reference import attention_reference  # noqa: F401  (re-exported beside its kernels)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
 LN2 = tl.constexpr(0.6931471805599453)  # ln(x) = log2(x) * ln(2)
-
-
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        dropout_p: float = 0.0) -> torch.Tensor:
-    """q, k, v: (B, H, T, D) -> (B, H, T, D). Written out step by step, as the textbooks do.
-
-    Query i may attend to keys 0..i only (the causal mask), so a token never sees
-    the future it is trained to predict.
-    """
-    T = q.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
-    scores = scores.masked_fill(future, float("-inf"))
-    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
-    return weights @ v
 
 
 # ----------------------------------------------------------------------------- forward

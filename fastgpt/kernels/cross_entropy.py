@@ -22,20 +22,14 @@ Math is fp32 whatever the logits dtype; row offsets are 64-bit so N * V >= 2**31
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from ..errors import FastGPTError
 from ._custom_ops import kernel_op, new_output
+from .reference import cross_entropy_reference  # noqa: F401  (re-exported beside its kernels)
 
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                            reduction: str = "mean") -> torch.Tensor:
-    """Mean (over non-ignored rows) or summed negative log-likelihood, computed in fp32."""
-    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction=reduction)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -96,8 +90,9 @@ def _cross_entropy_fwd_kernel(logits_ptr, logits_row_stride, targets_ptr, loss_p
             _write_row_zeros(row_ptr, V, BLOCK_V)
     else:
         lse = _row_logsumexp(row_ptr, V, BLOCK_V)
-        # A target outside [0, V) is never read: its row's loss becomes nan (the wrappers
-        # reject such targets before launching; this guards graph-captured launches).
+        # A target outside [0, V) is never read: its row's loss becomes nan. Checking targets
+        # here would cost a host sync per call; callers check the host batch once instead
+        # (fastgpt.ops.check_targets).
         in_vocab = (target >= 0) & (target < V)
         target_logit = tl.load(row_ptr + target, mask=in_vocab, other=float("nan")).to(tl.float32)
         tl.store(loss_ptr + row, lse - target_logit)
@@ -154,20 +149,6 @@ def check_inputs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
         raise FastGPTError(f"cross_entropy: targets dtype {targets.dtype} is not an integer type")
 
 
-def check_targets(targets: torch.Tensor, V: int, ignore_index: int) -> None:
-    """Every target is in [0, V) or ignore_index, else a one-line error (the kernel alone
-    would only turn that row's loss into nan). One host sync; it runs inside the custom ops,
-    so torch.compile sees no data-dependent branch, and is skipped while a CUDA graph is
-    being captured (no sync is allowed there)."""
-    if targets.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
-    if targets.numel() and bool(bad.any()):
-        value = int(targets[bad][0])
-        raise FastGPTError(f"cross_entropy: target {value} is outside the vocabulary [0, {V}) "
-                           f"and is not ignore_index ({ignore_index})")
-
-
 def launch_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                    grad_scale: torch.Tensor | None = None,
                    loss: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +201,6 @@ def count_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
 def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                        reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse): the reduced loss and the per-row logsumexp that backward recomputes from."""
-    check_targets(targets, logits.shape[1], ignore_index)
     row_loss, lse = launch_forward(logits, targets, ignore_index)
     return reduce_rows(row_loss, count_valid(targets, ignore_index), reduction), lse
 

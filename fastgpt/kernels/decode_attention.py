@@ -29,23 +29,9 @@ import triton
 import triton.language as tl
 
 from ._custom_ops import kernel_op, new_output
+from .reference import decode_attention_reference  # noqa: F401  (re-exported beside its kernels)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
-
-
-def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               lengths: torch.Tensor) -> torch.Tensor:
-    """q: (B, H, D); caches: (B, H, T_max, D); lengths: (B,) valid cache entries per sequence
-    (the new token's own key included). Returns (B, H, D).
-
-    Sequences of a batch may hold different numbers of tokens: entries at or past
-    `lengths[b]` are masked out.
-    """
-    scores = torch.einsum("bhd,bhtd->bht", q.float(), k_cache.float()) / math.sqrt(q.shape[-1])
-    positions = torch.arange(k_cache.shape[2], device=q.device)
-    scores = scores.masked_fill(positions[None, None, :] >= lengths[:, None, None], float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    return torch.einsum("bht,bhtd->bhd", weights, v_cache.float()).to(q.dtype)
 
 
 @triton.jit

@@ -20,22 +20,11 @@ copies only when no such (rows, C) view exists). Output in x's dtype, math in fp
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import FastGPTError
 from ._custom_ops import as_rows, kernel_op, new_output, num_sms, on_device_of
-
-SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-GELU_CUBIC = 0.044715
-
-
-def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(x + bias) = 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))), u = x + bias."""
-    u = x + bias
-    return 0.5 * u * (1.0 + torch.tanh(SQRT_2_OVER_PI * (u + GELU_CUBIC * u * u * u)))
-
+from .reference import GELU_CUBIC, SQRT_2_OVER_PI, bias_gelu_reference  # noqa: F401  (re-exported)
 
 # ----------------------------------------------------------------------------- kernels
 try:

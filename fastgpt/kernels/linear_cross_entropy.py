@@ -27,8 +27,8 @@ import torch
 
 from ..errors import FastGPTError
 from ._custom_ops import kernel_op, new_output
-from .cross_entropy import (check_inputs, check_targets, count_valid, cross_entropy_reference, launch_backward,
-                            launch_forward, reduce_rows)
+from .cross_entropy import check_inputs, count_valid, launch_backward, launch_forward, reduce_rows
+from .reference import linear_cross_entropy_reference  # noqa: F401  (re-exported beside its kernels)
 
 # Cost model of one chunk of `rows` rows (bytes moved, bf16 logits):
 #   logits pass (GEMM out, kernel read x2 + write, two GEMMs in): ~6 * rows * V * 2
@@ -37,12 +37,6 @@ from .cross_entropy import (check_inputs, check_targets, count_valid, cross_entr
 # keep it below the first; at rows = 2C the logits chunk holds as many bytes as the
 # fp32 grad_weight itself (154 MB for GPT-2 at C = 768: 1536 rows of 50257).
 CHUNK_ROWS_PER_CHANNEL = 2
-
-
-def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                   ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
-    """cross_entropy(hidden @ weight.T, targets); hidden (N, C), weight (V, C), targets (N,)."""
-    return cross_entropy_reference(hidden @ weight.t(), targets, ignore_index, reduction)
 
 
 def default_chunk_rows(N: int, C: int) -> int:
@@ -104,7 +98,6 @@ def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, target
     """(loss, grad_hidden, grad_weight): the gradients are those of the loss itself (grad_output 1),
     or empty (0,) tensors when not needed or when reduction="none" (recomputed in backward)."""
     N, V = hidden.shape[0], weight.shape[0]
-    check_targets(targets, V, ignore_index)
     write_grad = reduction != "none" and (need_grad_hidden or need_grad_weight)
     n_valid = count_valid(targets, ignore_index)
     row_loss = new_output(N, torch.float32, hidden.device)
@@ -223,7 +216,8 @@ def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targ
     elif hidden.dtype != weight.dtype:
         raise FastGPTError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
     N, V = hidden.shape[0], weight.shape[0]
-    check_inputs(torch.empty((N, V), dtype=hidden.dtype, device="meta"), targets, ignore_index, reduction, name="hidden @ weight.T")
+    check_inputs(torch.empty((N, V), dtype=hidden.dtype, device="meta"), targets, ignore_index, reduction,
+                 name="hidden @ weight.T")
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(N, hidden.shape[1])
     if chunk_rows < 1:
