@@ -31,10 +31,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import Row, markdown_table, measure_ms, peak_memory_mib, start_suite, suite_main, write_results
+from ..runtime import dtype_name
+from .common import (
+    Row,
+    free_memory,
+    markdown_table,
+    measure_ms,
+    peak_memory_mib,
+    start_suite,
+    suite_main,
+    write_results,
+)
 
 BACKENDS = ("eager", "sdpa_math", "sdpa_flash", "triton")
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 TOKENS = 16 * 1024  # B * T of the GPT-2 training shape, kept constant across the T sweep
 SIZE_SETS = {
     "tiny": dict(device="any", dtype=torch.float32, attention=[(1, 2, 64, 32)], decode=[(2, 2, 64, 32)],
@@ -99,12 +108,12 @@ def _bench_attention(shape, backend, dtype, device, warmup, repeats) -> list[Row
         torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
 
     fwd_flops = 4 * B * H * T * T * D / 2
-    label, dtype_name = f"B={B},H={H},T={T},D={D}", DTYPE_NAMES[dtype]
+    label, dtype_text = f"B={B},H={H},T={T},D={D}", dtype_name(dtype)
     rows = []
     for name, call, flops in (("attention.fwd", forward, fwd_flops),
                               ("attention.fwd_bwd", forward_backward, 3.5 * fwd_flops)):
         med, p20, p80 = measure_ms(call, warmup=warmup, repeats=repeats, device=device)
-        rows.append(Row(name, backend, label, dtype_name, *_tflops(flops, med, p20, p80), "TFLOP/s",
+        rows.append(Row(name, backend, label, dtype_text, *_tflops(flops, med, p20, p80), "TFLOP/s",
                         extra=f"ms={med:.4g}"))
     return rows
 
@@ -118,7 +127,7 @@ def _bench_memory(shape, backend, dtype, device) -> Row | None:
     if peak is None:
         return None
     t_by_t = B * H * T * T * q.element_size() / 2**20
-    return Row("attention.fwd_bwd.peak_memory", backend, f"B={B},H={H},T={T},D={D}", DTYPE_NAMES[dtype],
+    return Row("attention.fwd_bwd.peak_memory", backend, f"B={B},H={H},T={T},D={D}", dtype_name(dtype),
                peak, peak, peak, "MiB", extra=f"one_TxT_scores_MiB={t_by_t:.0f};inputs_excluded")
 
 
@@ -134,7 +143,7 @@ def _bench_decode(shape, backend, dtype, device, warmup, repeats) -> Row:
     med, p20, p80 = measure_ms(lambda: fn(q, k, v, lengths), warmup=warmup, repeats=repeats, device=device)
     nbytes = 2 * int(lengths.sum()) * H * D * k.element_size()  # K and V entries that are valid
     gbps = [nbytes / (t * 1e-3) / 1e9 for t in (med, p80, p20)]
-    return Row("decode_attention", backend, f"B={B},H={H},T_max={T_max},D={D},ragged", DTYPE_NAMES[dtype],
+    return Row("decode_attention", backend, f"B={B},H={H},T_max={T_max},D={D},ragged", dtype_name(dtype),
                *gbps, "GB/s", extra=f"us={1e3 * med:.4g};bytes={nbytes}")
 
 
@@ -159,12 +168,12 @@ def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = 
     for shape in spec["attention"]:
         for backend in usable:
             rows += _bench_attention(shape, backend, dtype, device, warmup, repeats)
-            _free(device)
+            free_memory(device)
     for backend in usable:
         row = _bench_memory(spec["memory"], backend, dtype, device)
         if row is not None:
             rows.append(row)
-        _free(device)
+        free_memory(device)
     for shape in spec["decode"]:
         for backend in ("eager", "triton"):
             if backend in usable:
@@ -172,11 +181,6 @@ def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = 
     if out_dir is not None and rows:
         _write(rows, Path(out_dir))
     return rows
-
-
-def _free(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.empty_cache()
 
 
 def _write(rows: list[Row], out_dir: Path) -> None:

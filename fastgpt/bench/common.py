@@ -247,9 +247,11 @@ def suite_main(argv: list[str] | None, suite: str, doc: str, sizes, run: Callabl
 
     from ..errors import FastGPTError
 
-    parser = argparse.ArgumentParser(prog=f"python3 -m fastgpt.bench.{suite}", description=doc.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python3 -m fastgpt.bench.{suite}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", default="gpt2", choices=sorted(sizes))
+    parser.add_argument("--sizes", default="gpt2" if torch.cuda.is_available() else "tiny", choices=sorted(sizes),
+                        help="size set (default: gpt2 with a GPU, else tiny)")
     parser.add_argument("--out", default=None, help=f"folder for {suite}.csv and {suite}.md")
     if add_arguments is not None:
         add_arguments(parser)

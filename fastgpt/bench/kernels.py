@@ -31,11 +31,20 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .common import (Row, device_name, markdown_table, measure_ms, peak_memory_mib,
-                     runnable_backends, start_suite, suite_main, write_results)
+from ..runtime import dtype_name
+from .common import (
+    Row,
+    device_name,
+    markdown_table,
+    measure_ms,
+    peak_memory_mib,
+    runnable_backends,
+    start_suite,
+    suite_main,
+    write_results,
+)
 
 BACKENDS = ("eager", "compile", "triton")
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 SIZE_SETS = {  # rows, and the dtype the set runs in
     "tiny": {"rows": 16, "dtype": torch.float32, "device": "any"},
     "gpt2": {"rows": 8 * 1024, "dtype": torch.bfloat16, "device": "cuda"},
@@ -149,22 +158,22 @@ def _bench_case(case: KernelCase, backend: str, sizes: str, device: str, warmup:
         torch.autograd.grad(_outputs(fn(*tensors)), tensors, grads)
 
     shape = f"{rows_n}x{width}"
-    dtype_name = DTYPE_NAMES[dtype]
+    dtype_text = dtype_name(dtype)
     peak_bw = peak_bandwidth_gbps(device)
     result = []
     for mode, call in (("forward", forward), ("backward", backward), ("full", full)):
         med, p20, p80 = measure_ms(call, warmup=warmup, repeats=repeats, device=device)
-        result.append(Row(f"{case.name}.{mode}", backend, shape, dtype_name, med, p20, p80, "ms"))
+        result.append(Row(f"{case.name}.{mode}", backend, shape, dtype_text, med, p20, p80, "ms"))
         nbytes = case.min_bytes(mode, tensors)
         gbps = nbytes / (med * 1e-3) / 1e9
         extra = f"bytes={nbytes}" + (f";peak_GBps={peak_bw:.0f};pct_of_peak={100 * gbps / peak_bw:.1f}"
                                      if peak_bw else "")
-        result.append(Row(f"{case.name}.{mode}.bandwidth", backend, shape, dtype_name, gbps,
+        result.append(Row(f"{case.name}.{mode}.bandwidth", backend, shape, dtype_text, gbps,
                           nbytes / (p80 * 1e-3) / 1e9, nbytes / (p20 * 1e-3) / 1e9, "GB/s", extra=extra))
-    del outs
+    outs.clear()  # drop the retained graph before the memory measurement
     peak = peak_memory_mib(full, device)
     if peak is not None:
-        result.append(Row(f"{case.name}.full.peak_memory", backend, shape, dtype_name, peak, peak, peak, "MiB",
+        result.append(Row(f"{case.name}.full.peak_memory", backend, shape, dtype_text, peak, peak, peak, "MiB",
                           extra="allocated during forward+backward, inputs excluded"))
     return result
 

@@ -20,17 +20,25 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import (Row, markdown_table, measure_ms, peak_memory_mib, runnable_backends, start_suite,
-                     suite_main, write_results)
+from ..runtime import dtype_name
+from .common import (
+    Row,
+    markdown_table,
+    measure_ms,
+    peak_memory_mib,
+    runnable_backends,
+    start_suite,
+    suite_main,
+    write_results,
+)
 
 # (N, V) for cross-entropy; (N, C, V) for the fused op. dtype per size set.
-SIZES = {
+SIZE_SETS = {
     "tiny": {"device": "any", "ce": [(16, 500)], "lce": [(16, 32, 500)], "dtypes": [torch.float32]},
     "gpt2": {"device": "cuda", "ce": [(8192, 50257)], "lce": [(8192, 768, 50257)],
              "dtypes": [torch.bfloat16]},
 }
 BACKENDS = ("eager", "compile", "triton")
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _eager_ce(logits, targets):
@@ -79,9 +87,9 @@ def _bench_one(op, backend, shape, dtype, device, warmup, repeats) -> list[Row]:
     def full():
         torch.autograd.grad(fn(*tensors, targets), tensors)
 
-    loss = forward()  # also compiles, for the compile backend
+    retained_graph = [forward()]  # also compiles, for the compile backend
     try:
-        torch.autograd.grad(loss, tensors, retain_graph=True)
+        torch.autograd.grad(retained_graph[0], tensors, retain_graph=True)
         retained = True
     except RuntimeError as err:  # a backend whose graph cannot be run twice: derive backward below
         print(f"kernels_ce: {op}/{backend}: backward on a retained graph failed ({str(err).splitlines()[0]}); "
@@ -89,19 +97,19 @@ def _bench_one(op, backend, shape, dtype, device, warmup, repeats) -> list[Row]:
         retained = False
 
     def backward():
-        torch.autograd.grad(loss, tensors, retain_graph=True)
+        torch.autograd.grad(retained_graph[0], tensors, retain_graph=True)
 
     shape_text = "x".join(str(s) for s in shape)
-    dtype_name = DTYPE_NAMES[dtype]
+    dtype_text = dtype_name(dtype)
     modes = [("eval", evaluate), ("forward", forward), ("full", full)] + ([("backward", backward)] if retained else [])
     rows, times = [], {}
     for mode, call in modes:
         med, p20, p80 = measure_ms(call, warmup=warmup, repeats=repeats, device=device)
         times[mode] = med
-        rows.append(Row(f"{op}.{mode}", backend, shape_text, dtype_name, med, p20, p80, "ms"))
+        rows.append(Row(f"{op}.{mode}", backend, shape_text, dtype_text, med, p20, p80, "ms"))
     if not retained:
         med = times["full"] - times["forward"]
-        rows.append(Row(f"{op}.backward", backend, shape_text, dtype_name, med, med, med, "ms",
+        rows.append(Row(f"{op}.backward", backend, shape_text, dtype_text, med, med, med, "ms",
                         extra="derived=full-forward"))
     if op == "cross_entropy":
         # Bytes the logits pass must move: eval reads the logits once; a full step reads them
@@ -110,12 +118,12 @@ def _bench_one(op, backend, shape, dtype, device, warmup, repeats) -> list[Row]:
         nbytes = N * V * tensors[0].element_size()
         for mode, passes in (("eval", 1), ("full", 3)):
             gbps = passes * nbytes / (times[mode] * 1e-3) / 1e9
-            rows.append(Row(f"{op}.{mode}.bandwidth", backend, shape_text, dtype_name, gbps, gbps, gbps, "GB/s",
+            rows.append(Row(f"{op}.{mode}.bandwidth", backend, shape_text, dtype_text, gbps, gbps, gbps, "GB/s",
                             extra=f"bytes={passes * nbytes}"))
-    del loss
+    retained_graph.clear()  # drop it before the memory measurement
     peak = peak_memory_mib(full, device)
     if peak is not None:
-        rows.append(Row(f"{op}.full.peak_memory", backend, shape_text, dtype_name, peak, peak, peak, "MiB",
+        rows.append(Row(f"{op}.full.peak_memory", backend, shape_text, dtype_text, peak, peak, peak, "MiB",
                         extra="allocated during forward+backward, inputs excluded"))
     return rows
 
@@ -123,10 +131,10 @@ def _bench_one(op, backend, shape, dtype, device, warmup, repeats) -> list[Row]:
 def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = None,
         backends: tuple[str, ...] = BACKENDS) -> list[Row]:
     """Benchmark both ops at the named size set; write kernels_ce.csv / kernels_ce.md into out_dir."""
-    on_cuda = start_suite("kernels_ce", device, sizes, SIZES, backends, BACKENDS)
+    on_cuda = start_suite("kernels_ce", device, sizes, SIZE_SETS, backends, BACKENDS)
     if on_cuda is None:
         return []
-    spec = SIZES[sizes]
+    spec = SIZE_SETS[sizes]
     backends = runnable_backends("kernels_ce", backends, on_cuda)
     warmup, repeats = (10, 50) if on_cuda else (0, 2)
 
@@ -148,7 +156,7 @@ def _write(rows: list[Row], out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return suite_main(argv, "kernels_ce", __doc__, SIZES, run, "eager")
+    return suite_main(argv, "kernels_ce", __doc__, SIZE_SETS, run, "eager")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -31,7 +31,6 @@ Size sets:
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,6 @@ import torch
 
 from .. import ops
 from ..config import GPTConfig, preset
-from ..errors import FastGPTError
 from ..model import GPT
 from ..runtime import dtype_name
 from ..train.mfu import model_flops_per_token, peak_flops
@@ -54,6 +52,7 @@ from .common import (
     measure_steps_ms,
     quantiles,
     start_suite,
+    suite_main,
     write_results,
 )
 from .nanogpt import NanoGPT
@@ -287,25 +286,16 @@ def _write(rows: list[Row], out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m fastgpt.bench.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", default="gpt2" if torch.cuda.is_available() else "cpu", choices=list(SIZE_SETS))
-    parser.add_argument("--out", default=None, help="directory for train.csv / train.md")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma-separated subset of {', '.join(VARIANTS)} (default: %(default)s)")
-    parser.add_argument("--samples", type=int, default=None, help="timed samples per contender and batch")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per timed sample")
-    args = parser.parse_args(argv)
-    try:
-        rows = run(args.device, args.sizes, args.out, tuple(v for v in args.variants.split(",") if v),
-                   samples=args.samples, steps=args.steps)
-    except FastGPTError as err:
-        print(f"fastgpt.bench.train: error: {err}")
-        return 2
-    if rows:
-        print(markdown_table([r for r in rows if r.name == "train_step"], baseline=BASELINE))
-    return 0
+    def add(parser):
+        parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                            help=f"comma-separated subset of {', '.join(VARIANTS)} (default: %(default)s)")
+        parser.add_argument("--samples", type=int, default=None, help="timed samples per contender and batch")
+        parser.add_argument("--steps", type=int, default=None, help="training steps per timed sample")
+
+    def run_kwargs(args):
+        return {"variants": tuple(v for v in args.variants.split(",") if v), "samples": args.samples,
+                "steps": args.steps}
+    return suite_main(argv, "train", __doc__, SIZE_SETS, run, BASELINE, add, run_kwargs)
 
 
 if __name__ == "__main__":
