@@ -15,7 +15,6 @@ Backends:
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 
 import torch
@@ -27,16 +26,22 @@ BACKENDS = ("auto", "torch", "triton")
 
 # Triton kernels are loaded only where they can run: on a CUDA machine, or on a CPU with
 # TRITON_INTERPRET=1 set before fastgpt is imported (the interpreter is chosen when a
-# kernel is defined). Elsewhere, and without Triton installed, only the references exist.
-TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None and (
-    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+# kernel is defined). Elsewhere, and without Triton installed (macOS, a CPU-only
+# install), only the references exist. This is the package's one guard against a
+# missing Triton.
+TRITON_AVAILABLE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 if TRITON_AVAILABLE:
-    from .kernels import attention as _attention
-    from .kernels import cross_entropy as _cross_entropy
-    from .kernels import decode_attention as _decode_attention
-    from .kernels import gelu as _gelu
-    from .kernels import layernorm as _layernorm
-    from .kernels import linear_cross_entropy as _linear_cross_entropy
+    try:
+        from .kernels import attention as _attention
+        from .kernels import cross_entropy as _cross_entropy
+        from .kernels import decode_attention as _decode_attention
+        from .kernels import gelu as _gelu
+        from .kernels import layernorm as _layernorm
+        from .kernels import linear_cross_entropy as _linear_cross_entropy
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] != "triton":
+            raise
+        TRITON_AVAILABLE = False
 
 # Plain dicts of functions, filled at import: torch.compile traces a lookup in them (an
 # import at call time is where Dynamo used to break the graph).
