@@ -24,16 +24,26 @@ import codecs
 import numbers
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from .cached_forward import head_logits, hidden_states_at
 from .errors import FastGPTError
+from .gpt2_vocab import EOT_ID
 from .kv_cache import KVCache
-from .sampling import SamplingParams, sample
-
-EOT_ID = 50256
+from .sampling import SamplingParams, sample, sample_with_noise
+from .speculative import (
+    DraftModel,
+    SpeculationStats,
+    accept_greedy,
+    accept_sampling,
+    check_draft,
+    probabilities,
+    prompt_lookup_proposal,
+)
 
 
 @dataclass
@@ -68,13 +78,15 @@ class Generation:
     tokens: list[list[int]]
     finish_reasons: list[str]
     stats: GenerationStats = field(default_factory=GenerationStats)
+    speculation: SpeculationStats | None = None  # set by speculative decoding
 
 
 def generate(model, prompt_ids: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, eos_id: int | None = EOT_ID, stop_strings: Sequence[str] | None = None,
              tokenizer=None, use_cache: bool = True, on_token: Callable[[int, int], None] | None = None,
-             cuda_graph: bool | None = None) -> Generation:
+             cuda_graph: bool | None = None, compile: bool = False, draft=None, speculate_k: int = 4,
+             prompt_lookup: bool = False) -> Generation:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
     prompt_ids: a list of token-id lists (lengths may differ), or a (T,) / (B, T) tensor.
@@ -83,7 +95,12 @@ def generate(model, prompt_ids: Sequence[Sequence[int]] | torch.Tensor, max_new_
     is untouched). A sequence stops at `eos_id` or when its text contains one of
     `stop_strings` (which needs `tokenizer`); the others go on.
     `on_token(b, token_id)` is called as soon as sequence b produces a token (streaming).
-    `cuda_graph`: replay the decode step as a CUDA graph (default: on CUDA).
+    `cuda_graph`: replay the decode step, sampling included, as a CUDA graph (default: on CUDA).
+    `compile`: run the decode step through `torch.compile` (one compilation per cache shape).
+    Speculative decoding (batch 1): `draft` (a smaller model with the same vocabulary) or
+    `prompt_lookup=True` (n-grams of the text itself) proposes `speculate_k` tokens that
+    the model verifies in one pass; greedy output is token-identical to plain greedy, and
+    sampling keeps the model's distribution. `Generation.speculation` holds the counts.
     """
     params = SamplingParams(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -91,14 +108,38 @@ def generate(model, prompt_ids: Sequence[Sequence[int]] | torch.Tensor, max_new_
     if stop_strings and tokenizer is None:
         raise FastGPTError("stop_strings needs a tokenizer to turn tokens into text")
     prompts = _prompt_lists(prompt_ids, model.config.vocab_size, model.config.context_length)
-    was_training = model.training
-    model.eval()
+    speculative = draft is not None or prompt_lookup
+    if speculative:
+        _check_speculation(model, draft, prompt_lookup, speculate_k, len(prompts), use_cache)
+    models = [model] + ([draft] if draft is not None else [])
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
         with torch.inference_mode():
-            return _Run(model, prompts, max_new_tokens, params, seed, eos_id, stop_strings, tokenizer,
-                        use_cache, on_token, cuda_graph).run()
+            run = _Run(model, prompts, max_new_tokens, params, seed, eos_id, stop_strings, tokenizer,
+                       use_cache, on_token, cuda_graph and not speculative, compile)
+            if speculative:
+                return run.run_speculative(draft, speculate_k)
+            return run.run()
     finally:
-        model.train(was_training)
+        for m, training in zip(models, was_training, strict=True):
+            m.train(training)
+
+
+def _check_speculation(model, draft, prompt_lookup: bool, k: int, batch_size: int, use_cache: bool) -> None:
+    if draft is not None and prompt_lookup:
+        raise FastGPTError("choose one proposer: a draft model or prompt lookup, not both")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise FastGPTError(f"speculate_k must be an integer >= 1, got {k!r}")
+    if batch_size != 1:
+        raise FastGPTError(f"speculative decoding runs one sequence at a time, got a batch of {batch_size} prompts")
+    if not use_cache:
+        raise FastGPTError("speculative decoding needs the KV cache (use_cache=True)")
+    if draft is not None:
+        check_draft(model, draft)
+        if draft.device != model.device:
+            raise FastGPTError(f"--draft is on {draft.device}, the model on {model.device}: put both on one device")
 
 
 def _prompt_lists(prompt_ids, vocab_size: int, context_length: int) -> list[list[int]]:
@@ -147,7 +188,7 @@ class _Run:
     """The state of one generate() call: token histories, the cache, the stop rules."""
 
     def __init__(self, model, prompts, max_new_tokens, params, seed, eos_id, stop_strings, tokenizer,
-                 use_cache, on_token, cuda_graph):
+                 use_cache, on_token, cuda_graph, compile=False):
         self.model, self.params, self.eos_id, self.on_token = model, params, eos_id, on_token
         self.max_new_tokens = max_new_tokens
         self.device = model.device
@@ -176,6 +217,7 @@ class _Run:
             raise FastGPTError("cuda_graph needs use_cache=True and a model on a CUDA device")
         self.cuda_graph = cuda_graph
         self.graph_step = None
+        self.step_fn = _compiled_step(model) if compile else _decode_step
         self.stats = GenerationStats(prompt_tokens=sum(map(len, prompts)))
 
     # -------------------------------------------------------------- forward passes
@@ -185,7 +227,7 @@ class _Run:
         valid slot for the dummy token it feeds each decode step."""
         room = self.cache.max_length if self.cache is not None else self.context
         return [h[s:] if active else h[max(s, len(h) - max(room - 1, 1)):]
-                for h, s, active in zip(self.history, self.start, self.active)]
+                for h, s, active in zip(self.history, self.start, self.active, strict=True)]
 
     def prefill(self) -> torch.Tensor:
         """Logits (B, V) after the last real token of each right-padded window.
@@ -204,26 +246,25 @@ class _Run:
         last = hidden[torch.arange(len(windows), device=self.device), lengths - 1]
         if self.cache is not None:
             self.cache.lengths.copy_(lengths)
-        return self.model.lm_head(last)
+        return head_logits(self.model, last)
 
-    def decode(self, tokens: list[int]) -> torch.Tensor:
-        """One new token per sequence, each at its own cache position -> logits (B, V)."""
+    def decode(self, tokens: list[int]) -> list[int]:
+        """One new token per sequence, each at its own cache position -> the next token of each."""
         self.step_tokens.copy_(torch.tensor(tokens)[:, None])
         if self.cuda_graph and self.graph_step is None:
             try:
-                self.graph_step = _CUDAGraphStep(self.model, self.step_tokens, self.cache)
+                self.graph_step = _CUDAGraphStep(self.model, self.step_tokens, self.cache, self.advance, self.params)
             except RuntimeError as err:
                 if not self.graph_by_default:
                     raise
                 # Some op of the step cannot be recorded (a host sync, say): stay eager.
-                warnings.warn(f"CUDA graph capture of the decode step failed, decoding without it: {err}")
+                warnings.warn(f"CUDA graph capture of the decode step failed, decoding without it: {err}", stacklevel=3)
                 self.cuda_graph = False
         if self.cuda_graph:
-            logits = self.graph_step()
-        else:
-            logits = _decode_logits(self.model, self.step_tokens, self.cache)
+            return self.graph_step(self.generator).tolist()
+        logits = self.step_fn(self.model, self.step_tokens, self.cache)
         self.cache.lengths += self.advance  # frozen (finished) sequences stay where they are
-        return logits
+        return sample(logits, self.params, self.generator).tolist()
 
     # -------------------------------------------------------------- bookkeeping
     def accept(self, b: int, token: int) -> None:
@@ -249,7 +290,8 @@ class _Run:
 
     def needs_slide(self) -> bool:
         """Would some active sequence's next token fall outside the context window?"""
-        return any(a and len(h) - s > self.context for a, h, s in zip(self.active, self.history, self.start))
+        return any(a and len(h) - s > self.context
+                   for a, h, s in zip(self.active, self.history, self.start, strict=True))
 
     def slide(self) -> None:
         keep = max(self.context // 2, 1)
@@ -257,30 +299,11 @@ class _Run:
             if self.active[b] and len(h) - self.start[b] > self.context:
                 self.start[b] = len(h) - keep
 
-    # -------------------------------------------------------------- the loop
-    def run(self) -> Generation:
+    # -------------------------------------------------------------- the loops
+    def _timed(self, loop) -> Generation:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
-        logits = self.prefill() if self.max_new_tokens else None
-        sync()
-        t1 = time.perf_counter()
-        self.stats.prefill_s = t1 - t0
-        for step in range(self.max_new_tokens):
-            tokens = sample(logits, self.params, self.generator).tolist()
-            for b, token in enumerate(tokens):
-                if self.active[b]:
-                    self.accept(b, token)
-            if step == 0:
-                self.stats.first_token_s = time.perf_counter() - t0
-            if step == self.max_new_tokens - 1 or not any(self.active):
-                break
-            if self.needs_slide():
-                self.slide()
-                logits = self.prefill()
-            elif self.cache is None:
-                logits = self.prefill()
-            else:
-                logits = self.decode([h[-1] for h in self.history])
+        loop(t0, sync)
         sync()
         if self.max_new_tokens:
             self.stats.decode_s = time.perf_counter() - t0 - self.stats.first_token_s
@@ -288,36 +311,148 @@ class _Run:
             self.stats.decode_tokens = max(self.stats.new_tokens - first_tokens, 0)
         return Generation(self.out, self.finish, self.stats)
 
+    def _first_tokens(self, t0: float, sync) -> list[int] | None:
+        """Prefill and sample each sequence's first token (timed as the time to first token)."""
+        if not self.max_new_tokens:
+            return None
+        logits = self.prefill()
+        sync()
+        self.stats.prefill_s = time.perf_counter() - t0
+        tokens = sample(logits, self.params, self.generator).tolist()
+        for b, token in enumerate(tokens):
+            self.accept(b, token)
+        self.stats.first_token_s = time.perf_counter() - t0
+        return tokens
 
-def _decode_logits(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    return model.lm_head(model.hidden_states(tokens, cache)[:, 0])
+    def run(self) -> Generation:
+        def loop(t0, sync):
+            if self._first_tokens(t0, sync) is None:
+                return
+            for _ in range(self.max_new_tokens - 1):
+                if not any(self.active):
+                    break
+                if self.needs_slide():
+                    self.slide()
+                    tokens = sample(self.prefill(), self.params, self.generator).tolist()
+                elif self.cache is None:
+                    tokens = sample(self.prefill(), self.params, self.generator).tolist()
+                else:
+                    tokens = self.decode([h[-1] for h in self.history])
+                for b, token in enumerate(tokens):
+                    if self.active[b]:
+                        self.accept(b, token)
+        return self._timed(loop)
+
+    def run_speculative(self, draft, k: int) -> Generation:
+        """Batch-1 decoding where a proposer (`draft` model, or prompt lookup when None)
+        drafts up to k tokens and one target pass over K + 1 positions verifies them."""
+        # The window must fit both models' caches: the target's verification writes up to
+        # position len(window) - 1 + K, the draft's proposal up to len(window) - 2 + K.
+        limit = self.cache.max_length if draft is None else min(self.cache.max_length, draft.config.context_length)
+        proposer = DraftModel(draft, limit) if draft is not None else None
+        speculation = SpeculationStats()
+        self.cache = KVCache.for_model(self.model, 1, max_length=limit)
+
+        def loop(t0, sync):
+            if self._first_tokens(t0, sync) is None:
+                return
+            history = self.history[0]
+            while self.active[0] and len(self.out[0]) < self.max_new_tokens:
+                window = history[self.start[0]:]
+                room = limit - len(window)
+                if room < 1:  # slide both caches: keep the last half of the window
+                    self.start[0] = len(history) - max(limit // 2, 1)
+                    window = history[self.start[0]:]
+                    self.cache.lengths.fill_(0)
+                    hidden_states_at(self.model, torch.tensor([window[:-1]], device=self.device), self.cache)
+                    if proposer is not None:
+                        proposer.reset()
+                    room = limit - len(window)
+                want = min(k, room, self.max_new_tokens - len(self.out[0]) - 1)
+                if proposer is not None and want > 0:
+                    drafts, draft_probs = proposer.propose(window, want, self.params, self.generator)
+                else:
+                    drafts, draft_probs = prompt_lookup_proposal(window, want) if want > 0 else [], None
+                self.cache.lengths.fill_(len(window) - 1)
+                idx = torch.tensor([window[-1:] + drafts], device=self.device)
+                logits = head_logits(self.model, hidden_states_at(self.model, idx, self.cache)[0])
+                if self.params.greedy:
+                    n, token = accept_greedy(drafts, logits)
+                else:
+                    n, token = accept_sampling(drafts, draft_probs, probabilities(logits, self.params),
+                                               self.generator)
+                if proposer is not None:
+                    proposer.keep(len(window), n)
+                speculation.proposed += len(drafts)
+                speculation.accepted += n
+                speculation.steps += 1
+                for t in drafts[:n] + [token]:
+                    if self.active[0] and len(self.out[0]) < self.max_new_tokens:
+                        self.accept(0, t)
+
+        result = self._timed(loop)
+        result.speculation = speculation
+        return result
+
+
+def _decode_step(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Logits (B, V) of one new token per sequence at its own position (no host sync)."""
+    return head_logits(model, hidden_states_at(model, tokens, cache)[:, 0])
+
+
+# model -> its compiled decode step (compiled once, reused by later calls)
+_COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_step(model):
+    """`_decode_step` through torch.compile. Static shapes: a new cache size recompiles."""
+    step = _COMPILED_STEPS.get(model)
+    if step is None:
+        step = _COMPILED_STEPS[model] = torch.compile(_decode_step, dynamic=False)
+    return step
 
 
 class _CUDAGraphStep:
-    """One decode step recorded as a CUDA graph and replayed (as gpt-fast does).
+    """One whole decode step, sampling included, recorded as a CUDA graph and replayed.
 
     At batch 1 a decode step is ~100 small kernels; launching them one by one from
-    Python costs more than running them. A graph replays them all with a single
-    launch. Everything the step reads lives in static tensors updated in place (the
-    token ids, the cache and its lengths), so the graph stays valid for the whole run.
+    Python costs more than running them (the H100 decoded GPT-2 at 976 tokens/s against
+    a bandwidth bound of ~10,600). A graph replays them all with a single launch.
+    Everything the step reads lives in static tensors updated in place: the token ids,
+    the cache, its lengths, which the step itself advances, and the sampling noise,
+    refilled before each replay. So the graph stays valid for the whole run, and the
+    host reads back only the B sampled token ids.
     """
 
-    def __init__(self, model, tokens: torch.Tensor, cache: KVCache):
-        # Warm up on a side stream (Triton compiles, allocator pools), then capture.
-        # The warm-up steps write the same key/value slots the real step will write.
+    def __init__(self, model, tokens: torch.Tensor, cache: KVCache, advance: torch.Tensor, params: SamplingParams):
+        self.params = params
+        self.noise = torch.ones(tokens.shape[0], model.config.vocab_size, device=tokens.device)
+        lengths = cache.lengths.clone()
+
+        def step():
+            logits = _decode_step(model, tokens, cache)
+            cache.lengths.add_(advance)
+            return sample_with_noise(logits, params, self.noise)
+
+        # Warm up on a side stream (Triton compiles, allocator pools), then capture. The
+        # warm-up steps write the slots the real step will write; the lengths are restored.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                _decode_logits(model, tokens, cache)
+                step()
+                cache.lengths.copy_(lengths)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = _decode_logits(model, tokens, cache)
+            self.next_tokens = step()
+        cache.lengths.copy_(lengths)  # capture records the kernels without running them
 
-    def __call__(self) -> torch.Tensor:
+    def __call__(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        if not self.params.greedy:
+            self.noise.exponential_(generator=generator)
         self.graph.replay()
-        return self.logits
+        return self.next_tokens
 
 
 class TextStream:

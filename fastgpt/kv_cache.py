@@ -49,3 +49,11 @@ class KVCache:
         rows = torch.arange(self.batch_size, device=k.device)
         self.k[layer, rows, :, self.lengths] = k[:, :, 0]
         self.v[layer, rows, :, self.lengths] = v[:, :, 0]
+
+    def write_at(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store T new keys/values (B, T, H, D) per sequence at positions (B, T): the ones a
+        step over several new tokens (speculative verification) writes. Earlier contents of
+        those slots (a rejected speculation's) are simply overwritten."""
+        rows = torch.arange(self.batch_size, device=k.device)[:, None]
+        self.k[layer, rows, :, positions] = k
+        self.v[layer, rows, :, positions] = v

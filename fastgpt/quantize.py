@@ -1,15 +1,24 @@
-"""Weight-only int8 and int4 quantization, for fast decoding on CPUs.
+"""int8 and int4 weights, for fast decoding on CPUs.
 
 Decoding one sequence reads every weight once per token, so its speed is set by
-memory bandwidth / bytes of weights. Two formats, both converted on the fly
-inside ATen's CPU matmuls (bf16 activations):
+memory bandwidth / bytes of weights. The formats, and the kernels torch ships for them:
 
   int8: each matrix row as int8 plus one scale per row (symmetric, absmax / 127):
-        4x fewer bytes than float32 (`_weight_int8pack_mm`).
+        4x fewer bytes than float32. Two kernels (`INT8_KERNELS`):
+        "weight-only": ATen's `_weight_int8pack_mm`, activations in bf16 (its fp32
+            path measured ~25x slower), exact activations;
+        "dynamic": fbgemm's `quantized::linear_dynamic`, fp32 in and out, each
+            activation row quantized to int8 on the fly (an extra ~1% error per matmul).
   int4: each run of `group_size` weights along a row as 4-bit codes q in 0..15
         with its own scale and offset, w ~ (q - 8) * scale + zero (asymmetric,
-        min/max of the group): ~6.4x fewer bytes than float32 at group size 32 (4 bytes of scale and zero per group)
-        (`_weight_int4pack_mm_for_cpu`).
+        min/max of the group): ~6.4x fewer bytes than float32 at group size 32 (4 bytes
+        of scale and zero per group) (`_weight_int4pack_mm_for_cpu`, bf16 inside: its
+        fp32 path measured ~50x slower).
+
+Which kernel and which activation dtype (the dtype of everything between the matmuls:
+embeddings, LayerNorms, attention) are chosen from the CPU's capabilities at run time
+(`default_int8_kernel`, `activation_dtype`): bf16 only where the CPU computes it
+natively; elsewhere fp32 activations and, for int8, fbgemm's dynamic kernel.
 
 Both are approximations: each weight moves by up to half a quantization step
 (int8: absmax / 254 of its row; int4: (max - min) / 30 of its group, 8x coarser
@@ -18,18 +27,66 @@ Inference only: the quantized layers hold no gradients.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FastGPTError
+from .runtime import CpuCapabilities, cpu_capabilities, resolve_dtype
+
+INT8_KERNELS = ("weight-only", "dynamic")
+# The dtype the int4 kernel (and int8's weight-only kernel) computes in: their only fast path.
+KERNEL_DTYPE = torch.bfloat16
+
+
+def activation_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype of a quantized model's activations: bf16 on GPUs and on CPUs that compute
+    it natively, fp32 elsewhere (emulated bf16 LayerNorms and attention cost more than the
+    quantized matmuls save)."""
+    return resolve_dtype("auto", torch.device(device), "inference")
+
+
+def default_int8_kernel(caps: CpuCapabilities | None = None) -> str:
+    """'weight-only' where bf16 is native (exact bf16 activations at full speed); elsewhere
+    'dynamic' when fbgemm is built in (it needs only AVX2), since the weight-only kernel
+    would then run either in emulated bf16 or on its ~25x slower fp32 path."""
+    caps = caps or cpu_capabilities()
+    if caps.native_bf16 or "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "weight-only"
+    return "dynamic"
+
+
+def _fbgemm_pack(qweight: torch.Tensor, scale: torch.Tensor):
+    """fbgemm's prepacked form of int8 rows with per-row scales (no bias: it is added apart)."""
+    zero_points = torch.zeros(qweight.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # quantized tensors are deprecated in favour of torchao, not yet removed
+        warnings.simplefilter("ignore", UserWarning)
+        weight = torch._make_per_channel_quantized_tensor(qweight, scale.double(), zero_points, 0)
+        previous = torch.backends.quantized.engine
+        torch.backends.quantized.engine = "fbgemm"
+        try:
+            return torch.ops.quantized.linear_prepack(weight, None)
+        finally:
+            torch.backends.quantized.engine = previous
 
 
 class Int8Linear(nn.Module):
-    """nn.Linear with int8 weights and one scale per output row: y = (x @ q.T) * scale + bias."""
+    """nn.Linear with int8 weights and one scale per output row: y = (x @ q.T) * scale + bias.
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16):
+    `dtype`: the dtype of the scale and bias, and the weight-only kernel's compute dtype.
+    `kernel`: "weight-only" or "dynamic" (see the module docstring; `quantize_int8` picks one
+    for the CPU at hand).
+    """
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16, kernel: str = "weight-only"):
         super().__init__()
+        if kernel not in INT8_KERNELS:
+            raise FastGPTError(f"int8 kernel must be one of {', '.join(INT8_KERNELS)}, got {kernel!r}")
+        if kernel == "dynamic" and (linear.weight.device.type != "cpu"
+                                    or "fbgemm" not in torch.backends.quantized.supported_engines):
+            raise FastGPTError("the dynamic int8 kernel needs fbgemm on a CPU (x86 with AVX2)")
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         self.register_buffer("qweight", torch.round(weight / scale[:, None]).to(torch.int8).contiguous())
@@ -37,22 +94,29 @@ class Int8Linear(nn.Module):
         bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.kernel = kernel
+        # fbgemm's AVX2 path multiplies pairs of int8 into saturating int16: 7-bit activations avoid
+        # overflow there; VNNI accumulates in int32 and can take all 8 bits.
+        self.reduce_range = not cpu_capabilities().avx512_vnni
+        self.packed = _fbgemm_pack(self.qweight, scale) if kernel == "dynamic" else None
 
     def matmul_no_bias(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T without the bias (the model fuses fc's bias into its GELU)."""
         rows = x.reshape(-1, self.in_features)
-        if rows.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, self.scale.to(rows.dtype))
+        if self.packed is not None:
+            y = torch.ops.quantized.linear_dynamic(rows.float().contiguous(), self.packed, self.reduce_range)
+        elif rows.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(self.scale.dtype).contiguous(), self.qweight, self.scale)
         else:  # other devices: dequantize (correct, not fast)
             y = F.linear(rows, self.qweight.to(rows.dtype) * self.scale.to(rows.dtype)[:, None])
-        return y.view(*x.shape[:-1], self.out_features)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul_no_bias(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights ({self.kernel})"
 
 
 class Int4Linear(nn.Module):
@@ -125,17 +189,32 @@ def quantize_groups_int4(weight: torch.Tensor, group_size: int):
 QUANTIZATIONS = ("int8", "int4")
 
 
-def quantize(model, mode: str, dtype: torch.dtype = torch.bfloat16, group_size: int = 32):
-    """Quantize `model` in place: mode "int8" (quantize_int8) or "int4" (quantize_int4)."""
+def quantize(model, mode: str, dtype: torch.dtype | None = None, group_size: int = 32, kernel: str | None = None):
+    """Quantize `model` in place: mode "int8" (quantize_int8) or "int4" (quantize_int4).
+    `dtype`: the activations' (default: `activation_dtype` of the model's device)."""
     if mode == "int8":
-        return quantize_int8(model, dtype)
+        return quantize_int8(model, dtype, kernel)
     if mode == "int4":
         return quantize_int4(model, dtype, group_size)
     raise FastGPTError(f"unknown quantization {mode!r} (choose from: {', '.join(QUANTIZATIONS)})")
 
 
-def quantize_int4(model, dtype: torch.dtype = torch.bfloat16, group_size: int = 32, head: str = "int4"):
-    """Like quantize_int8, but the matrices become Int4Linear (group-wise int4).
+def _matrices(model):
+    """(owner, attribute name) of every matrix a decode step multiplies by, the LM head last."""
+    for block in model.blocks:
+        yield from ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc"), (block.mlp, "proj"))
+    yield model, "lm_head"
+
+
+def _freeze(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def quantize_int4(model, dtype: torch.dtype | None = None, group_size: int = 32, head: str = "int4"):
+    """Like quantize_int8, but the matrices become Int4Linear (group-wise int4), which
+    compute in bf16 whatever the activations' dtype.
 
     `head`: the LM head's format, "int4" (default) or "int8". The head is a third of
     the bytes of the int8 model; measured on GPT-2 124M (1 CPU thread), an int8 head
@@ -145,36 +224,35 @@ def quantize_int4(model, dtype: torch.dtype = torch.bfloat16, group_size: int = 
     """
     if head not in ("int4", "int8"):
         raise FastGPTError(f"quantize_int4: head must be 'int4' or 'int8', got {head!r}")
-    model.to(dtype).eval()
-    for block in model.blocks:
-        block.attn.qkv = Int4Linear(block.attn.qkv, group_size, dtype)
-        block.attn.proj = Int4Linear(block.attn.proj, group_size, dtype)
-        block.mlp.fc = Int4Linear(block.mlp.fc, group_size, dtype)
-        block.mlp.proj = Int4Linear(block.mlp.proj, group_size, dtype)
-    model.lm_head = Int4Linear(model.lm_head, group_size, dtype) if head == "int4" else Int8Linear(model.lm_head, dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    model.to(dtype or activation_dtype(model.device)).eval()
+    for owner, name in _matrices(model):
+        linear = getattr(owner, name)
+        if owner is model and head == "int8":
+            setattr(owner, name, Int8Linear(linear, KERNEL_DTYPE, "weight-only"))
+        else:
+            setattr(owner, name, Int4Linear(linear, group_size, KERNEL_DTYPE))
+    return _freeze(model)
 
 
-def quantize_int8(model, dtype: torch.dtype = torch.bfloat16):
+def quantize_int8(model, dtype: torch.dtype | None = None, kernel: str | None = None):
     """Turn `model` (a GPT) into an inference-only model with int8 matrices, in place.
 
     Every projection (qkv, attention out, MLP fc and proj) and the LM head become
-    Int8Linear; the rest (embeddings, LayerNorms) and the activations use `dtype`.
-    The token embedding stays unquantized for lookups, so the LM head is no longer
-    tied to it. Returns the model, in eval mode.
+    Int8Linear; the rest (embeddings, LayerNorms) and the activations use `dtype`
+    (default: `activation_dtype`). `kernel`: "weight-only" or "dynamic" (default:
+    `default_int8_kernel()` on CPUs, weight-only elsewhere). The token embedding stays
+    unquantized for lookups, so the LM head is no longer tied to it. Returns the model,
+    in eval mode.
     """
+    dtype = dtype or activation_dtype(model.device)
+    on_cpu = model.device.type == "cpu"
+    kernel = kernel or (default_int8_kernel() if on_cpu else "weight-only")
+    # The weight-only kernel's fast path on CPUs is bf16, whatever the activations are.
+    compute = KERNEL_DTYPE if on_cpu and kernel == "weight-only" else dtype
     model.to(dtype).eval()
-    for block in model.blocks:
-        block.attn.qkv = Int8Linear(block.attn.qkv, dtype)
-        block.attn.proj = Int8Linear(block.attn.proj, dtype)
-        block.mlp.fc = Int8Linear(block.mlp.fc, dtype)
-        block.mlp.proj = Int8Linear(block.mlp.proj, dtype)
-    model.lm_head = Int8Linear(model.lm_head, dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    for owner, name in _matrices(model):
+        setattr(owner, name, Int8Linear(getattr(owner, name), compute, kernel))
+    return _freeze(model)
 
 
 def weight_bytes_per_token(model) -> int:

@@ -64,3 +64,18 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+
+
+def sample_with_noise(logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor) -> torch.Tensor:
+    """Next token id (B,) drawn with the caller's noise: argmax of probs / noise, noise (B, V)
+    i.i.d. Exponential(1) (the exponential race: token i wins with probability probs[i]).
+
+    Unlike `sample`, nothing here reads a value back to the host or draws random numbers,
+    so a decode step recorded as a CUDA graph can include it; the caller refills `noise`
+    (`noise.exponential_(generator=...)`) before each replay. Greedy ignores the noise.
+    """
+    if params.greedy:
+        return torch.argmax(logits.float(), dim=-1)
+    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.argmax(probs / noise, dim=-1)
