@@ -9,11 +9,15 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import httpx
+import torch
 import uvicorn
 
+from fastgpt.config import preset
 from fastgpt.finetune.templates import get_template
+from fastgpt.model import GPT
 from fastgpt.serve.app import ServedModel, ServerOptions, create_app, wait_until_ready
 from fastgpt.tokenizer import Tokenizer
 
@@ -24,13 +28,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CONTEXT = 256  # room for an Alpaca prompt (its preamble alone is ~30 tokens)
+
+
+def varied_model(context: int = CONTEXT) -> GPT:
+    """conftest's varied tiny model (std 0.2 matrices, so greedy text is not one repeated
+    token) with a longer context."""
+    torch.manual_seed(1234)
+    model = GPT(preset("tiny", context_length=context)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    return model
+
+
 def served_tiny(model, template: str | None = "alpaca", name: str = "tiny") -> ServedModel:
     return ServedModel(model, Tokenizer(), get_template(template) if template else None, name)
 
 
+@dataclass
+class Running:
+    url: str      # http://127.0.0.1:PORT
+    app: object   # the FastAPI app (its engine: app.state.fastgpt.engine)
+
+    @property
+    def engine(self):
+        return self.app.state.fastgpt.engine
+
+
 @contextmanager
 def running_server(served: ServedModel | None = None, load=None, **options):
-    """Yield the base URL (http://127.0.0.1:PORT) of a started server; stop it afterwards."""
+    """Yield a `Running` server; stop it afterwards."""
     port = free_port()
     app = create_app(load or (lambda: served), ServerOptions(**options))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
@@ -46,8 +75,7 @@ def running_server(served: ServedModel | None = None, load=None, **options):
     try:
         if load is None:
             assert wait_until_ready(app, timeout=30)
-        server.app_object = app
-        yield url
+        yield Running(url, app)
     finally:
         server.should_exit = True
         thread.join(10)

@@ -105,6 +105,7 @@ class Engine:
         self.stopping = False
         self.steps = 0            # decode steps run (for tests and stats)
         self.peak_batch = 0       # most sequences decoding together so far
+        self.cancelled = 0        # sequences dropped because their client went away
 
     # ------------------------------------------------------------------ public API
     def submit(self, prompt_ids: Seq[int], max_tokens: int, params: SamplingParams, *, seed: int | None = None,
@@ -187,6 +188,8 @@ class Engine:
     def _step(self) -> None:
         for slot, seq in enumerate(self.slots):
             if seq is not None and seq.cancelled:
+                seq.finish_reason = "cancelled"
+                self.cancelled += 1
                 self._free(slot)
         while True:
             with self.lock:
@@ -195,6 +198,8 @@ class Engine:
                     break
                 seq = self.waiting.popleft()
                 if seq.cancelled:
+                    seq.finish_reason = "cancelled"
+                    self.cancelled += 1
                     continue
                 self.slots[free] = seq
             seq.slot = free
