@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import regex
 
 from .errors import FastGPTError
-from .tokenizer import ENDOFTEXT, EOT_ID, GPT2_SPLIT_PATTERN, bytes_to_unicode, load_gpt2_vocab
+from .gpt2_vocab import ENDOFTEXT, EOT_ID, GPT2_SPLIT_PATTERN, bytes_to_unicode, load_gpt2_vocab
+from .weights.atomic import replace_file
 
 Pair = tuple[int, int]
 
@@ -61,9 +60,7 @@ class BPETokenizer:
                 raise FastGPTError(f"BPE merge {rank} produces a token missing from the vocabulary")
             self._merge_of[(a, b)] = (rank, merged)
         self._special_ids = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
-        self._special_splitter = (
-            regex.compile("(" + "|".join(regex.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ")")
-            if self.special_tokens else None)
+        self._special_splitter = _special_splitter(self.special_tokens) if self.special_tokens else None
         self._cache: dict[str, list[int]] = {}
         self.eot_id = self.special_tokens.get(ENDOFTEXT)
         self.vocab_size = max([*self.vocab, *self._special_ids]) + 1
@@ -90,8 +87,8 @@ class BPETokenizer:
         # How often each adjacent pair occurs (weighted by word count), and in which words.
         pair_counts: dict[Pair, int] = defaultdict(int)
         pair_words: dict[Pair, set[int]] = defaultdict(set)
-        for w, (word, count) in enumerate(zip(words, counts)):
-            for pair in zip(word, word[1:]):
+        for w, (word, count) in enumerate(zip(words, counts, strict=True)):
+            for pair in zip(word, word[1:], strict=False):
                 pair_counts[pair] += count
                 pair_words[pair].add(w)
         # Max-heap of (-count, pair); entries go stale when counts change and are skipped on pop.
@@ -113,11 +110,11 @@ class BPETokenizer:
             before: dict[Pair, int] = {}
             for w in pair_words.pop(pair):
                 word, count = words[w], counts[w]
-                for old in zip(word, word[1:]):
+                for old in zip(word, word[1:], strict=False):
                     before.setdefault(old, pair_counts[old])
                     pair_counts[old] -= count
                 word = words[w] = _merge(word, pair, new_id)
-                for new in zip(word, word[1:]):
+                for new in zip(word, word[1:], strict=False):
                     before.setdefault(new, pair_counts[new])
                     pair_counts[new] += count
                     pair_words[new].add(w)
@@ -154,7 +151,7 @@ class BPETokenizer:
         ids = [self._byte_ids[b] for b in word.encode("utf-8")]
         while len(ids) > 1:
             # The pair merged earliest in training goes first; all its occurrences at once.
-            best = min(zip(ids, ids[1:]), key=lambda p: self._merge_of.get(p, _NO_MERGE)[0])
+            best = min(zip(ids, ids[1:], strict=False), key=lambda p: self._merge_of.get(p, _NO_MERGE)[0])
             found = self._merge_of.get(best)
             if found is None:
                 break
@@ -191,10 +188,10 @@ class BPETokenizer:
         show = _show_bytes
         encoder = {show(self.vocab[i]): i for i in sorted(self.vocab)}
         merges = [f"{show(self.vocab[a])} {show(self.vocab[b])}" for a, b in self.merges]
-        _write_atomic(directory / VOCAB_FILE, json.dumps(encoder, ensure_ascii=False, indent=0) + "\n")
-        _write_atomic(directory / MERGES_FILE, "\n".join([MERGES_HEADER, *merges]) + "\n")
+        _write_text(directory / VOCAB_FILE, json.dumps(encoder, ensure_ascii=False, indent=0) + "\n")
+        _write_text(directory / MERGES_FILE, "\n".join([MERGES_HEADER, *merges]) + "\n")
         specials = {"special_tokens": self.special_tokens, "pattern": self.pattern}
-        _write_atomic(directory / SPECIALS_FILE, json.dumps(specials, ensure_ascii=False, indent=2) + "\n")
+        _write_text(directory / SPECIALS_FILE, json.dumps(specials, ensure_ascii=False, indent=2) + "\n")
         return directory
 
     @classmethod
@@ -216,7 +213,7 @@ class BPETokenizer:
             try:
                 raw = bytes(unshow[c] for c in token)
             except KeyError:
-                raise FastGPTError(f"{directory / VOCAB_FILE}: token {token!r} is not in byte-level form")
+                raise FastGPTError(f"{directory / VOCAB_FILE}: token {token!r} is not in byte-level form") from None
             vocab[i] = raw
             token_id[token] = i
         merges = []
@@ -256,12 +253,18 @@ def _merge(ids: list[int], pair: Pair, new_id: int) -> list[int]:
     return out
 
 
+def _special_splitter(special_tokens) -> regex.Pattern:
+    """A pattern whose split keeps the special tokens, longest first (so a prefix never wins)."""
+    alternatives = "|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True))
+    return regex.compile(f"({alternatives})")
+
+
 def _split_on_specials(text: str, special_tokens, splitter=None) -> list[str]:
     """[plain, special, plain, special, ..., plain]: odd positions are special tokens."""
     if not special_tokens:
         return [text]
     if splitter is None:
-        splitter = regex.compile("(" + "|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True)) + ")")
+        splitter = _special_splitter(special_tokens)
     return splitter.split(text)
 
 
@@ -274,15 +277,8 @@ def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FastGPTError(f"{path}: not valid JSON ({err})")
+        raise FastGPTError(f"{path}: not valid JSON ({err})") from None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _write_text(path: Path, text: str) -> None:
+    replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
