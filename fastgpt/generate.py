@@ -359,20 +359,20 @@ class _Run:
             history = self.history[0]
             while self.active[0] and len(self.out[0]) < self.max_new_tokens:
                 window = history[self.start[0]:]
-                room = limit - len(window)
-                if room < 1:  # slide both caches: keep the last half of the window
+                if len(window) > limit:  # as `slide`: go on from the window's last half, both caches anew
                     self.start[0] = len(history) - max(limit // 2, 1)
                     window = history[self.start[0]:]
                     self.cache.lengths.fill_(0)
                     hidden_states_at(self.model, torch.tensor([window[:-1]], device=self.device), self.cache)
                     if proposer is not None:
                         proposer.reset()
-                    room = limit - len(window)
+                room = limit - len(window)
                 want = min(k, room, self.max_new_tokens - len(self.out[0]) - 1)
-                if proposer is not None and want > 0:
+                drafts, draft_probs = [], None
+                if want > 0 and proposer is not None:
                     drafts, draft_probs = proposer.propose(window, want, self.params, self.generator)
-                else:
-                    drafts, draft_probs = prompt_lookup_proposal(window, want) if want > 0 else [], None
+                elif want > 0:
+                    drafts = prompt_lookup_proposal(window, want)
                 self.cache.lengths.fill_(len(window) - 1)
                 idx = torch.tensor([window[-1:] + drafts], device=self.device)
                 logits = head_logits(self.model, hidden_states_at(self.model, idx, self.cache)[0])

@@ -107,16 +107,23 @@ def _one_hot(token: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def prompt_lookup_proposal(history: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of the history's last
-    n-gram (longest n first, max_ngram down to min_ngram); [] when none recurs."""
+    """Up to k tokens that followed an earlier occurrence of the history's last n-gram
+    (longest n first, max_ngram down to min_ngram): the latest occurrence with k tokens
+    after it, else the one with the most; [] when none recurs."""
+    history = list(history)
     n_tokens = len(history)
     for n in range(min(max_ngram, n_tokens - 1), min_ngram - 1, -1):
-        tail = list(history[n_tokens - n:])
+        tail = history[n_tokens - n:]
+        best: list[int] = []
         for start in range(n_tokens - n - 1, -1, -1):
-            if list(history[start:start + n]) == tail:
-                follow = list(history[start + n:start + n + k])
-                if follow:
-                    return follow
+            if history[start:start + n] == tail:
+                follow = history[start + n:start + n + k]
+                if len(follow) > len(best):
+                    best = follow
+                if len(best) == k:
+                    break
+        if best:
+            return best
     return []
 
 
