@@ -39,6 +39,15 @@ class LayerNorm(nn.Module):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+class BiasFusedLinear(nn.Linear):
+    """An nn.Linear whose bias the caller adds inside its next op (the MLP adds fc's bias in
+    its fused bias+GELU kernel). `matmul_no_bias(x)` is x W^T alone: a module that takes
+    fc's place (an adapter, a quantized layer) provides its own."""
+
+    def matmul_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -72,15 +81,13 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.fc = BiasFusedLinear(cfg.n_embd, 4 * cfg.n_embd)
         self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        # The bias add is fused into GELU, so fc runs without its bias; an adapter on fc
-        # (fastgpt.finetune.lora.LoRALinear) provides its own bias-free matmul.
-        pre = self.fc.matmul_no_bias(x) if hasattr(self.fc, "matmul_no_bias") else F.linear(x, self.fc.weight)
-        hidden = ops.bias_gelu(pre, self.fc.bias)
+        # The bias add is fused into GELU, so fc runs without its bias.
+        hidden = ops.bias_gelu(self.fc.matmul_no_bias(x), self.fc.bias)
         return self.dropout(self.proj(hidden))
 
 

@@ -39,6 +39,7 @@ class LoRALinear(nn.Linear):
         # Built on the meta device (no memory), then handed the base's own tensors: no copies.
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias
+        self.base_class = type(base)  # what merging or unwrapping gives back (the model may rely on its methods)
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=self.weight.device,
                                                dtype=self.weight.dtype))
@@ -57,8 +58,8 @@ class LoRALinear(nn.Linear):
         return F.linear(x, self.weight, self.bias) + self.lora_delta(x)
 
     def merged_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding W + scaling * B A (and the same bias tensor)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        """The base layer's class (an nn.Linear) holding W + scaling * B A (and the same bias tensor)."""
+        linear = self.base_class(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         with torch.no_grad():
             merged = self.weight + (self.lora_B @ self.lora_A) * self.scaling
         linear.weight = nn.Parameter(merged, requires_grad=self.weight.requires_grad)
@@ -130,7 +131,7 @@ def unmerged_base(model: nn.Module) -> nn.Module:
     base = copy.deepcopy(model, memo=shared)
 
     def plain(layer: LoRALinear) -> nn.Linear:
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear = layer.base_class(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         linear.weight, linear.bias = layer.weight, layer.bias
         return linear
     return _replace_lora_layers(base, plain)
