@@ -125,3 +125,69 @@ def test_chat_uses_the_template_from_metadata(alpaca_dir, capsys, monkeypatch):
     from fastgpt.tokenizer import Tokenizer
     n_prompt = len(Tokenizer().encode(format_prompt("alpaca", "Name a colour.")))
     assert f"prompt {n_prompt} tokens" in captured.err  # the user's line went in wrapped in the template
+
+
+# ---------------------------------------------------------------------- speed options
+def test_draft_model_keeps_greedy_text_and_reports_acceptance(model_dir, capsys):
+    args = ["generate", "--model", str(model_dir), "--prompt", "The", "--max-new-tokens", "12",
+            "--temperature", "0", "--threads", "1"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--draft", str(model_dir), "--speculate-k", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    assert "speculation:" in captured.err and "(100.0%)" in captured.err  # the draft is the model itself
+    assert main(args + ["--prompt-lookup"]) == 0
+    assert capsys.readouterr().out == plain
+
+
+def test_draft_with_another_vocabulary_is_one_line(model_dir, tmp_path, capsys):
+    from fastgpt.config import preset
+    from fastgpt.weights import save_fastgpt
+    other = save_fastgpt(GPT(preset("tiny", vocab_size=300)), tmp_path / "small_vocab")
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--draft", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "vocabulary has 300 tokens" in err
+
+
+@pytest.mark.parametrize("flags, word", [
+    (["--dtype", "float8"], "--dtype"),
+    (["--speculate-k", "0"], "--speculate-k"),
+    (["--threads", "0"], "--threads"),
+    (["--prompt-lookup", "--draft", "x"], "--prompt-lookup"),
+])
+def test_bad_speed_arguments_exit_2_with_one_line(model_dir, capsys, flags, word):
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and word in err
+
+
+def test_dtype_names_both_spellings_and_the_bf16_warning_on_a_cpu_without_it(model_dir, capsys, monkeypatch):
+    """Simulated capabilities: an AVX2-only CPU gets the one-line bf16 warning, a bf16 CPU does not."""
+    import dataclasses
+
+    from fastgpt import runtime
+    real = runtime.cpu_capabilities()
+    args = ["generate", "--model", str(model_dir), "--prompt", "x", "--max-new-tokens", "2", "--threads", "1",
+            "--temperature", "0"]
+    for caps, warned in [(dataclasses.replace(real, avx512_bf16=False, amx=False, avx512=False), True),
+                         (dataclasses.replace(real, avx512_bf16=True), False)]:
+        monkeypatch.setattr(runtime, "cpu_capabilities", lambda caps=caps: caps)
+        runtime.warn_slow_bf16.cache_clear()
+        assert main(args + ["--dtype", "bf16"]) == 0
+        err = capsys.readouterr().err
+        assert ("no bf16 instructions" in err) == warned
+        assert main(args + ["--dtype", "float32"]) == 0  # torch's name, accepted
+        assert "no bf16 instructions" not in capsys.readouterr().err
+    runtime.warn_slow_bf16.cache_clear()
+
+
+def test_measured_threads_sets_what_it_returns():
+    from fastgpt.runtime import measured_threads
+    previous = torch.get_num_threads()
+    try:
+        assert measured_threads(1) == 1 == torch.get_num_threads()
+        n = measured_threads(2, size=256, seconds=0.005)
+        assert n in (1, 2) and torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(previous)

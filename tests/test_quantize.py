@@ -5,14 +5,20 @@ import copy
 
 import pytest
 import torch
-
 from conftest import varied_tiny_model
+
 from fastgpt.errors import FastGPTError
 from fastgpt.generate import generate
 from fastgpt.kv_cache import KVCache
 from fastgpt.model import GPT
-from fastgpt.quantize import (Int4Linear, quantize, quantize_groups_int4, quantize_int4, quantize_int8,
-                              weight_bytes_per_token)
+from fastgpt.quantize import (
+    Int4Linear,
+    quantize,
+    quantize_groups_int4,
+    quantize_int4,
+    quantize_int8,
+    weight_bytes_per_token,
+)
 
 PROMPTS = [[464], [15496, 11, 995, 0, 314], [40, 1101, 257, 1310, 2099, 286, 262, 2104, 13, 632, 373, 845]]
 
@@ -116,3 +122,65 @@ def test_untied_head_is_read_once_per_token_and_quantizes():
     quantized = quantize_int8(copy.deepcopy(untied), torch.float32)
     err = (quantized(torch.tensor([PROMPTS[2]])) - exact).norm() / exact.norm()
     assert err < 0.03  # the untied head was quantized from its own matrix (measured ~0.01)
+
+
+# ---------------------------------------------------------------------- CPU-aware choices
+def _simulate(monkeypatch, native_bf16: bool):
+    """Pretend to run on an AVX512-BF16 CPU, or on an AVX2-only one (whatever this machine is)."""
+    import dataclasses
+
+    from fastgpt import quantize as quantize_module
+    from fastgpt import runtime
+    caps = dataclasses.replace(runtime.cpu_capabilities(), avx2=True, avx512=native_bf16, avx512_bf16=native_bf16,
+                               avx512_vnni=native_bf16, amx=False)
+    monkeypatch.setattr(runtime, "cpu_capabilities", lambda: caps)
+    monkeypatch.setattr(quantize_module, "cpu_capabilities", lambda: caps)
+    runtime.warn_slow_bf16.cache_clear()
+    return caps
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_activation_dtype_and_int8_kernel_follow_the_cpu(monkeypatch, native_bf16):
+    from fastgpt.quantize import Int8Linear, activation_dtype, default_int8_kernel
+    caps = _simulate(monkeypatch, native_bf16)
+    assert activation_dtype("cpu") == (torch.bfloat16 if native_bf16 else torch.float32)
+    has_fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
+    expected_kernel = "weight-only" if native_bf16 or not has_fbgemm else "dynamic"
+    assert default_int8_kernel(caps) == expected_kernel
+    torch.manual_seed(0)
+    model = quantize_int8(GPT("tiny").eval())
+    assert model.tok_emb.weight.dtype == activation_dtype("cpu")
+    assert {m.kernel for m in model.modules() if isinstance(m, Int8Linear)} == {expected_kernel}
+    # the int4 kernels compute in bf16 inside, but the activations between them follow the CPU
+    int4 = quantize_int4(GPT("tiny").eval())
+    with torch.inference_mode():
+        assert int4(torch.tensor([PROMPTS[2]])).dtype == activation_dtype("cpu")
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="needs fbgemm (x86)")
+def test_dynamic_int8_is_the_dequantized_matmul_up_to_activation_rounding():
+    from fastgpt.quantize import Int8Linear
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96)
+    q = Int8Linear(linear, torch.float32, "dynamic")
+    x = torch.randn(3, 5, 256)
+    expected = torch.nn.functional.linear(x, q.qweight.float() * q.scale[:, None], linear.bias)
+    got = q(x)
+    assert got.shape == (3, 5, 96) and got.dtype == torch.float32
+    err = ((got - expected).norm() / expected.norm()).item()
+    assert 0 < err < 0.02  # activations rounded to 7-8 bits per tensor: not exact, close
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="needs fbgemm (x86)")
+def test_dynamic_int8_model_decodes_close_to_the_float_model():
+    torch.manual_seed(0)
+    model = GPT("tiny").eval()
+    ids = torch.tensor([PROMPTS[2] + PROMPTS[1]])
+    with torch.inference_mode():
+        exact = model(ids)[0]
+        dynamic = quantize_int8(copy.deepcopy(model), torch.float32, kernel="dynamic")
+        approx = dynamic(ids)[0]
+    assert ((approx - exact).norm() / exact.norm()) < 0.05
+    assert (approx.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
+    out = generate(dynamic, PROMPTS, 8, temperature=0, eos_id=None)
+    assert all(len(t) == 8 for t in out.tokens)

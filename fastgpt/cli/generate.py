@@ -42,22 +42,37 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop when the text contains STR (not printed); repeatable")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--dtype", default="auto", metavar="DTYPE",  # checked by runtime (torch-free --help)
+                   help="weight and activation dtype: auto, fp32, bf16, fp16 (torch's names float32, bfloat16, float16 "
+                        "too). auto: bf16 on CUDA and on CPUs that compute bf16 natively (AVX512-BF16, AMX), "
+                        "fp32 on other CPUs. On a CPU without bf16 instructions bf16 is emulated (~100x slower "
+                        "matmuls; a warning says so) and fp16 is the fast 16-bit format where it has F16C")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton"],
                    help="kernel backend (default: $FASTGPT_BACKEND or auto = Triton on CUDA)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="CPU decoding with weight-only quantized matrices and bf16 activations (APPROXIMATE: "
-                        "logits differ from the float model's, so greedy text can too). int8: one scale per "
-                        "row, ~4x fewer bytes read per token than float32, small logit error. int4: a scale "
-                        "and zero per group of 32 weights, ~6x fewer bytes, faster again, but a logit "
-                        "error ~8-10x int8's; CPU only")
+                   help="CPU decoding with quantized matrices (APPROXIMATE: logits differ from the float "
+                        "model's, so greedy text can too). int8: one scale per row, ~4x fewer bytes read per "
+                        "token than fp32; where the CPU computes bf16 natively, weight-only with bf16 "
+                        "activations, elsewhere fbgemm's dynamic int8 with fp32 activations. int4: a scale and "
+                        "zero per group of 32 weights, ~6x fewer bytes, a logit error ~8-10x int8's. The "
+                        "activations between the matmuls are bf16 only where bf16 is native (else fp32)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's, one per core). On an idle 2-core machine 2 "
-                        "threads decoded int8 GPT-2 at 131 tokens/s against 85 with 1 "
-                        "(benchmarks/results/generate.md); but batch-1 decoding is a chain of small ops that "
-                        "every thread must join, so on a machine busy with other jobs use --threads 1 "
-                        "(2 threads measured ~4.5x slower there)")
+                   help="CPU threads for torch (default: the physical cores this process may use, or "
+                        "$OMP_NUM_THREADS; a short GEMV timing at start-up falls back to 1 thread when the "
+                        "machine is so busy that 1 thread is faster). Batch-1 decoding is a chain of small ops "
+                        "that every thread must join, so on a busy machine fewer threads can be faster")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode step through torch.compile (a one-off compilation of tens of seconds; "
+                        "pays off for long generations of small models, where per-op overhead dominates)")
+    p.add_argument("--draft", default=None, metavar="PATH",
+                   help="speculative decoding: a smaller model with the same tokenizer proposes "
+                        "--speculate-k tokens, the model checks them in one pass (greedy text is unchanged; "
+                        "sampling keeps the model's distribution); acceptance is reported on stderr")
+    p.add_argument("--speculate-k", type=int, default=4, metavar="K",
+                   help="tokens proposed per verification pass with --draft or --prompt-lookup (default 4)")
+    p.add_argument("--prompt-lookup", action="store_true",
+                   help="speculative decoding without a draft model: propose the tokens that followed the "
+                        "last words' earlier occurrence in the text (helps when the output copies the prompt)")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole window for every token instead of using the KV cache (slow; for checks)")
 
@@ -80,10 +95,9 @@ def register(subparsers) -> None:
 # ---------------------------------------------------------------------- shared setup
 def _setup(args):
     """(model, metadata, tokenizer, sampling kwargs) from the parsed arguments."""
-    import torch
-
     from .. import ops
     from ..errors import FastGPTError
+    from ..runtime import measured_threads, resolve_device, resolve_dtype
     from ..sampling import validate
     from ..tokenizer import Tokenizer, load_tokenizer
 
@@ -96,19 +110,18 @@ def _setup(args):
         raise FastGPTError("--" + str(err).replace("_", "-", 1)) from None
     if args.max_new_tokens < 0:
         raise FastGPTError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise FastGPTError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise FastGPTError(f"--threads must be >= 1, got {args.threads}")
+    if args.speculate_k < 1:
+        raise FastGPTError(f"--speculate-k must be >= 1, got {args.speculate_k}")
+    if args.draft and args.prompt_lookup:
+        raise FastGPTError("--draft and --prompt-lookup: choose one proposer")
     if args.backend:
         ops.set_backend(args.backend)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FastGPTError(f"--device {device}: CUDA is not available on this machine")
-    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    dtype = getattr(torch, dtype_name)
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        measured_threads(args.threads)
+    dtype = resolve_dtype(args.dtype, device, "inference")
 
     if args.random_init:
         from ..config import preset
@@ -123,10 +136,18 @@ def _setup(args):
         tokenizer = load_tokenizer(resolve(args.model))  # its own BPE if saved with it, else GPT-2's
     if args.quantize:
         from ..quantize import quantize
-        quantize(model, args.quantize)
+        # an explicit --dtype sets the activations; auto: bf16 only where the CPU computes it natively
+        quantize(model, args.quantize, None if args.dtype == "auto" else dtype)
         print(f"fastgpt: weights quantized to {args.quantize} (approximate: logits differ from the float model's)",
               file=sys.stderr)
-    sampling = dict(temperature=args.temperature, top_k=top_k, top_p=args.top_p, seed=args.seed)
+    draft = None
+    if args.draft:
+        from ..speculative import check_draft
+        from ..weights import load_fastgpt
+        draft, _ = load_fastgpt(args.draft, device=device, dtype=dtype)
+        check_draft(model, draft)
+    speed = dict(compile=args.compile, draft=draft, speculate_k=args.speculate_k, prompt_lookup=args.prompt_lookup)
+    sampling = dict(temperature=args.temperature, top_k=top_k, top_p=args.top_p, seed=args.seed, **speed)
     return model, metadata, tokenizer, sampling
 
 
@@ -156,7 +177,8 @@ def _generate_streaming(model, tokenizer, prompt_ids, args, sampling, stop_strin
 
 def _print_stats(result) -> None:
     reason = {"eos": "end of text", "stop": "stop string", "length": "max tokens"}[result.finish_reasons[0]]
-    print(f"[{result.stats.summary()} | stopped at {reason}]", file=sys.stderr)
+    speculation = f" | {result.speculation.summary()}" if result.speculation is not None else ""
+    print(f"[{result.stats.summary()}{speculation} | stopped at {reason}]", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- generate
