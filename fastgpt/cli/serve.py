@@ -40,8 +40,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
                    help="refuse request bodies larger than N bytes with 413 (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--dtype", default="auto", metavar="DTYPE",
+                   help="weight dtype: auto, fp32, bf16, fp16 (default auto: bf16 on GPUs and on CPUs that compute "
+                        "it natively, else fp32)")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton"],
                    help="kernel backend (default: $FASTGPT_BACKEND or auto = Triton on CUDA)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
@@ -58,6 +59,7 @@ def run(args) -> int:
     try:
         import uvicorn
 
+        from ..finetune.templates import get_template
         from ..serve.app import ServedModel, ServerOptions, create_app
     except ImportError as err:
         raise FastGPTError(f"the server needs its extra: pip install 'fastgpt[serve]' ({err})") from None
@@ -68,6 +70,8 @@ def run(args) -> int:
         raise FastGPTError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.port > 65535:
         raise FastGPTError(f"--port must be <= 65535, got {args.port}")
+    if args.threads is not None and args.threads < 1:
+        raise FastGPTError(f"--threads must be >= 1, got {args.threads}")
     if args.api_key is not None and not args.api_key.strip():
         raise FastGPTError("--api-key is empty")
     if not _is_loopback(args.host) and args.api_key is None:
@@ -76,13 +80,7 @@ def run(args) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model)) or args.model
 
     def load() -> ServedModel:
-        from ..finetune.templates import get_template
-        from .generate import _setup
-
-        model, metadata, tokenizer, _ = _setup(argparse.Namespace(
-            model=args.model, random_init=args.random_init, device=args.device, dtype=args.dtype,
-            backend=args.backend, quantize=args.quantize, threads=args.threads,
-            temperature=1.0, top_k=0, top_p=None, max_new_tokens=0, seed=None))
+        model, metadata, tokenizer = _load_model(args)
         template_name = args.template if args.template is not None else metadata.get("template")
         if template_name is not None and not isinstance(template_name, str):
             raise FastGPTError(f"{args.model}: metadata 'template' must be a string, got {template_name!r}")
@@ -109,6 +107,35 @@ def run(args) -> int:
     if not server.started:
         raise FastGPTError(f"could not listen on {args.host}:{args.port} (see the message above)")
     return 0
+
+
+def _load_model(args):
+    """(model in eval mode, metadata, tokenizer) as `fastgpt generate` loads them."""
+    from .. import ops
+    from ..runtime import resolve_device, resolve_dtype, set_threads
+    from ..tokenizer import Tokenizer, load_tokenizer
+
+    if args.backend:
+        ops.set_backend(args.backend)
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        set_threads(args.threads)  # a batch of sequences is matrix work: every core helps
+    dtype = resolve_dtype(args.dtype, device, "inference")
+    if args.random_init:
+        from ..config import preset
+        from ..model import GPT
+        print(f"fastgpt serve: --random-init: {args.model} with RANDOM weights (the text will be gibberish)",
+              file=sys.stderr)
+        model, metadata, tokenizer = GPT(preset(args.model)).to(device=device, dtype=dtype), {}, Tokenizer()
+    else:
+        from ..weights import load_fastgpt, resolve
+        model, metadata = load_fastgpt(args.model, device=device, dtype=dtype)
+        tokenizer = load_tokenizer(resolve(args.model))  # its own BPE if saved with it, else GPT-2's
+    if args.quantize:
+        from ..quantize import quantize
+        quantize(model, args.quantize, None if args.dtype == "auto" else dtype)
+        print(f"fastgpt serve: weights quantized to {args.quantize} (approximate)", file=sys.stderr)
+    return model.eval(), metadata, tokenizer
 
 
 def _is_loopback(host: str) -> bool:
