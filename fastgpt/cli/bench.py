@@ -12,6 +12,7 @@ SUITES = {
     "attention": "attention",  # flash attention fwd/bwd, decode attention vs eager / SDPA
     "generate": "generate",    # tokens/s at batch 1 vs transformers.generate, bandwidth bound
     "train": "train",          # training step tokens/s, MFU, peak memory: fastgpt vs the nanoGPT recipe
+    "serve": "serve",          # fastgpt serve: N concurrent clients vs the same requests one at a time, TTFT
 }
 
 
@@ -29,6 +30,8 @@ def register(subparsers) -> None:
                         "T=256; suites without a cpu set skip it); gpt2: GPT-2 124M shapes "
                         "(default: gpt2 on CUDA, tiny on CPU)")
     p.add_argument("--out", default="benchmarks/results/latest", help="output folder (default: %(default)s)")
+    p.add_argument("--url", default=None, help="serve: a running fastgpt serve (default: start one, random weights)")
+    p.add_argument("--clients", type=int, default=None, help="serve: concurrent clients (default: 16 for gpt2)")
     p.set_defaults(func=run)
 
 
@@ -49,7 +52,8 @@ def run(args) -> int:
         print(f"== bench {suite} (device={device}, sizes={sizes}) -> {args.out}", flush=True)
         start = time.perf_counter()
         try:
-            rows = module.run(device=device, sizes=sizes, out_dir=args.out)
+            serve_options = {"url": args.url, "clients": args.clients} if suite == "serve" else {}
+            rows = module.run(device=device, sizes=sizes, out_dir=args.out, **serve_options)
         except Exception as err:  # one suite failing must not lose the others' results
             print(f"bench {suite}: FAILED: {type(err).__name__}: {err}", flush=True)
             failed.append(suite)
