@@ -7,6 +7,8 @@ tokens -> token embedding + learned position embedding -> dropout
 
 Every hot op (LayerNorm, attention, bias+GELU, cross-entropy) is called through
 `fastgpt.ops`, which routes it to the PyTorch reference or to a Triton kernel.
+Reading and writing weights is `fastgpt.weights` (`load_pretrained`, `save_pretrained`),
+which builds this class; the model itself knows no file format.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from . import ops
 from .config import GPTConfig, preset
 from .errors import FastGPTError
+from .generate import generate
 from .kv_cache import KVCache
 
 
@@ -208,17 +211,4 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids, max_new_tokens: int, **kwargs):
         """Continue token-id prompts; see `fastgpt.generate.generate` for the options."""
-        from .generate import generate
         return generate(self, prompt_ids, max_new_tokens, **kwargs)
-
-    # ------------------------------------------------------------------ weights
-    @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=None) -> "GPT":
-        """A model in eval mode from a Hugging Face, OpenAI TensorFlow or fastgpt directory (see fastgpt.weights)."""
-        from .weights import load_pretrained
-        return load_pretrained(path, device=device, dtype=dtype)
-
-    def save_pretrained(self, directory) -> None:
-        """Write a Hugging Face GPT-2 directory that `transformers.GPT2LMHeadModel.from_pretrained` loads."""
-        from .weights import save_pretrained
-        save_pretrained(self, directory)

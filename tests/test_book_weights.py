@@ -14,7 +14,7 @@ from fastgpt.cli import main
 from fastgpt.errors import FastGPTError
 from fastgpt.finetune.checkpoint import load_classifier
 from fastgpt.model import GPT
-from fastgpt.weights import load_fastgpt
+from fastgpt.weights import load_fastgpt, load_pretrained
 from fastgpt.weights.book import load_book
 
 SMALL = {"vocab": 97, "context": 16, "d": 32, "layers": 2, "heads": 4}
@@ -175,8 +175,8 @@ def test_standard_width_needs_no_head_count_through_from_pretrained(tmp_path):
     book = book_model(vocab=50, context=8, d=768, layers=1, heads=12)
     torch.save(book.state_dict(), tmp_path / "gpt2-small.pth")
     ids = tokens(book)
-    from_file = GPT.from_pretrained(tmp_path / "gpt2-small.pth")
-    from_dir = GPT.from_pretrained(tmp_path)  # a directory holding one .pth
+    from_file = load_pretrained(tmp_path / "gpt2-small.pth")
+    from_dir = load_pretrained(tmp_path)  # a directory holding one .pth
     assert from_file.config.n_head == from_dir.config.n_head == 12
     assert_same_logits(from_file, book, ids)
     assert_same_logits(from_dir, book, ids)
@@ -236,7 +236,7 @@ def _one_line_error(argv, capsys) -> str:
 def test_head_count_is_asked_for_when_the_width_is_not_gpt2s(tmp_path, capsys):
     torch.save(book_model().state_dict(), tmp_path / "model.pth")
     with pytest.raises(FastGPTError, match=r"model\.pth: .*head count.*width 32.*--n-head N"):
-        GPT.from_pretrained(tmp_path / "model.pth")
+        load_pretrained(tmp_path / "model.pth")
     err = _one_line_error(["convert", str(tmp_path / "model.pth"), "--out", str(tmp_path / "o")], capsys)
     assert "--n-head N" in err
     err = _one_line_error(["convert", str(tmp_path / "model.pth"), "--out", str(tmp_path / "o"), "--n-head", "5"],
@@ -268,12 +268,12 @@ def test_bad_state_dicts_name_the_tensor(tmp_path, capsys, edit, message):
 def test_files_that_are_not_book_checkpoints(tmp_path, capsys):
     torch.save(GPT("tiny").state_dict(), tmp_path / "fastgpt.pth")
     with pytest.raises(FastGPTError, match="not a checkpoint of the book's GPTModel"):
-        GPT.from_pretrained(tmp_path / "fastgpt.pth")
+        load_pretrained(tmp_path / "fastgpt.pth")
     torch.save({"model": nn.Linear(2, 2)}, tmp_path / "pickled.pth")  # a module object: weights_only refuses it
     with pytest.raises(FastGPTError, match=r"pickled\.pth: not a loadable PyTorch weights file"):
-        GPT.from_pretrained(tmp_path / "pickled.pth")
+        load_pretrained(tmp_path / "pickled.pth")
     with pytest.raises(FastGPTError, match="holds several checkpoints"):
-        GPT.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
     (tmp_path / "notes.txt").write_text("hello")
     assert "expected a .pth or .pt file" in _one_line_error(
         ["convert", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "o")], capsys)

@@ -1,7 +1,7 @@
 """Benchmark: greedy generation at batch 1, fastgpt vs Hugging Face `transformers`.
 
 Both run the same random GPT-2 weights (a `GPT2LMHeadModel` is built, saved with
-`save_pretrained`, and loaded into fastgpt with `GPT.from_pretrained`), greedy, with
+`save_pretrained`, and loaded into fastgpt with `fastgpt.weights.load_pretrained`), greedy, with
 their KV caches, `new_tokens` tokens after a short random prompt, in the same run.
 Tokens/s = new tokens / wall time of the whole generate call (prefill included);
 median, p20, p80 over `repeats` calls after a warm-up call, the contenders taking
@@ -30,6 +30,7 @@ import torch
 from ..config import preset
 from ..errors import FastGPTError
 from ..quantize import QUANTIZATIONS, quantize, weight_bytes_per_token
+from ..weights import load_pretrained
 from .common import Row, device_name, quantiles, write_csv
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -223,8 +224,8 @@ def logit_agreement(logits: torch.Tensor, exact: torch.Tensor) -> str:
 
 def _load_ours(GPT, directory, device, dtype_name):
     if dtype_name in QUANTIZATIONS:
-        return quantize(GPT.from_pretrained(directory, device=device), dtype_name)
-    return GPT.from_pretrained(directory, device=device, dtype=DTYPES[dtype_name])
+        return quantize(load_pretrained(directory, device=device), dtype_name)
+    return load_pretrained(directory, device=device, dtype=DTYPES[dtype_name])
 
 
 def _row(name, backend, shape, dtype_name, new_tokens, seconds, device, extra="") -> Row:

@@ -17,7 +17,7 @@ pretrain --init-from and the finetune commands, or a Hugging Face GPT-2 director
 bias) becomes a directory for `fastgpt classify`; name its classes with --labels.
 Both use GPT-2's tokenizer, as the book does.
 
-GPT.from_pretrained("model.pth") and --model model.pth load a language model directly
+fastgpt.weights.load_pretrained("model.pth") and --model model.pth load a language model directly
 when its width is one of GPT-2's."""
 
 

@@ -13,7 +13,7 @@ Downloads resume where they stopped (HTTP Range on <file>.part), complete files 
 skipped without a request, and each file's sha256 is checked: against the Hub's
 X-Linked-ETag when it sends one, otherwise against the hash recorded in
 DIR/<...>/fastgpt-download.json at the first download. Prints the directory, which
-`fastgpt generate --model` and GPT.from_pretrained accept (as do the bare model names)."""
+`fastgpt generate --model` and fastgpt.weights.load_pretrained accept (as do the bare model names)."""
 
 
 def register(subparsers) -> None:
