@@ -203,7 +203,7 @@ def test_lora_rank_must_be_positive(tmp_path):
     data = tmp_path / "toy.json"
     data.write_text(json.dumps(_toy_records(8)))
     for rank in (0, -2):
-        with pytest.raises(FastGPTError, match=f"^--lora-rank: must be a positive integer, got {rank}$"):
+        with pytest.raises(FastGPTError, match=f"^--lora-rank: must be positive, got {rank}$"):
             finetune_instruct("tiny", str(data), str(tmp_path / "out"), trainable="lora", lora_rank=rank,
                               log=lambda *_: None)
     with pytest.raises(FastGPTError, match="--trainable: unknown mode 'some'"):

@@ -1,4 +1,5 @@
-"""`fastgpt classify`: label texts with a classifier made by `fastgpt finetune classify`."""
+"""`fastgpt classify`: label texts with a classifier made by `fastgpt finetune classify`.
+(Imports inside `_run`: `fastgpt --help` does not load torch.)"""
 from __future__ import annotations
 
 
@@ -14,22 +15,20 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    import torch
-
     from ..errors import FastGPTError
     from ..finetune.checkpoint import load_classifier, model_tokenizer
     from ..finetune.classify import classify_texts
     from ..finetune.files import read_text
+    from ..runtime import resolve_device
 
     texts = list(args.texts)
     if args.file:
         texts += [line for line in read_text(args.file).splitlines() if line.strip()]
     if not texts:
         raise FastGPTError("nothing to classify: give texts as arguments or --file FILE")
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        "cpu" if args.device == "auto" else args.device
-    clf, metadata = load_classifier(args.model, device)
+    clf, metadata = load_classifier(args.model, resolve_device(args.device))
     max_length = int(metadata.get("max_length") or clf.gpt.config.context_length)
-    for text, (label, prob) in zip(texts, classify_texts(clf, metadata["labels"], texts, max_length, model_tokenizer(args.model))):
+    labelled = classify_texts(clf, metadata["labels"], texts, max_length, model_tokenizer(args.model))
+    for text, (label, prob) in zip(texts, labelled, strict=True):
         print(f"{label}\t{prob:.4f}\t{text}")
     return 0

@@ -1,7 +1,8 @@
 """`fastgpt pretrain`: train a GPT from scratch (or from a saved model) on a token stream.
 
-Every TrainConfig field is a flag (--micro-batch, --lr, ...); a TOML/YAML file
-given with --config sets any of them, and flags given on the command line win.
+Every TrainConfig field is a flag (--micro-batch, --lr, ...; `fastgpt.train.options`);
+a TOML/YAML file given with --config sets any of them, and flags given on the command
+line win. Imports are inside the functions so that `fastgpt --help` does not load torch.
 """
 from __future__ import annotations
 
@@ -64,12 +65,14 @@ HELP = {
     "eps": "AdamW epsilon",
     "grad_clip": "clip the global gradient norm to this (0: no clipping)",
     "device": "auto, cpu, cuda, cuda:N",
-    "dtype": "auto (bf16 on GPUs and CPUs with bf16 instructions, else fp16 on GPUs / fp32 on CPUs), fp32, bf16, fp16",
+    "dtype": "auto (bf16 on GPUs and CPUs with bf16 instructions, else fp16 on GPUs / fp32 on CPUs), fp32, bf16, "
+             "fp16 (or float32, bfloat16, float16)",
     "backend": "kernels: auto (Triton on CUDA), torch (PyTorch reference), triton",
     "compile": "torch.compile the model",
     "activation_checkpointing": "recompute each block in backward (less memory, ~1/3 more compute)",
-    "distributed": "under torchrun: ddp (a replica per process) or fsdp (FSDP2: parameters, grads and AdamW state sharded per block)",
-    "threads": "CPU threads used by torch",
+    "distributed": "under torchrun: ddp (a replica per process) or fsdp (FSDP2: parameters, grads and AdamW "
+                   "state sharded per block)",
+    "threads": "CPU threads used by torch (default: the physical cores, or OMP_NUM_THREADS)",
     "seed": "seed for weights, batches and dropout",
     "eval_interval": "evaluate train/val loss every N steps (0: only at the end)",
     "eval_batches": "fixed batches per split in each evaluation",
@@ -91,9 +94,8 @@ HELP = {
 
 
 def register(subparsers) -> None:
-    from dataclasses import fields
-
-    from ..train.config import TrainConfig, option_types
+    from ..train.config import TrainConfig
+    from ..train.options import add_flags
     p = subparsers.add_parser("pretrain", help="pretrain a GPT (Shakespeare demo, text files, token shards)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", action="store_true",
@@ -103,31 +105,19 @@ def register(subparsers) -> None:
     p.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR|CKPT",
                    help="continue from a checkpoint, or a run dir's latest (default: --out-dir)")
     p.add_argument("--plot", metavar="RUN_DIR", help="only redraw RUN_DIR/loss.png from its metrics and exit")
-    types = option_types()
-    defaults = TrainConfig()
-    options = p.add_argument_group("run options (also settable in --config files)")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kinds = [k for k in getattr(types[f.name], "__args__", (types[f.name],)) if k is not type(None)]
-        default = getattr(defaults, f.name)
-        text = HELP[f.name] if default is None else f"{HELP[f.name]} (default: {default})"
-        if kinds == [bool]:
-            options.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                 default=argparse.SUPPRESS, help=text)
-        else:
-            options.add_argument(flag, dest=f.name, type=kinds[0], default=argparse.SUPPRESS,
-                                 metavar=f.name.upper(), help=text)
+    add_flags(p.add_argument_group("run options (also settable in --config files)"), TrainConfig, HELP)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..train.config import DEMO, load_config_file, option_names, resolve
+    from ..train.config import DEMO, TrainConfig, load_config_file, resolve
     from ..train.metrics import plot_losses
+    from ..train.options import given_flags
 
     if args.plot:
         print(plot_losses(args.plot))
         return 0
-    flags = {name: getattr(args, name) for name in option_names() if hasattr(args, name)}
+    flags = given_flags(args, TrainConfig)
     file_values = load_config_file(args.config) if args.config else {}
     base = dict(DEMO) if args.demo else {}
     cfg = resolve({**base, **file_values}, flags)

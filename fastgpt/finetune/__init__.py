@@ -1,7 +1,10 @@
 """Fine-tuning a pretrained GPT.
 
-classify.py    text classifier: labelled data, balancing, splits, last-real-token head, training, metrics
+config.py      what a run is: ClassifyConfig, InstructConfig (flags, config files, resume: fastgpt.train.options)
+classifier.py  the classifier network: a GPT body and a head on the last real token
+classify.py    text classifier: labelled data, balancing, splits, training, metrics
 instruct.py    instruction following: records, collate (targets, masking), training, responses, scoring
+dpo.py         preference pairs and the DPO loss
 templates.py   prompt templates (alpaca, phi3); the model records its own in metadata["template"]
 lora.py        low-rank adapters: LoRALinear, apply_lora, merge_lora, adapter files
 trainable.py   what learns (--trainable last-n / all / lora), the same for every task

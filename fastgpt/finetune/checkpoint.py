@@ -10,9 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..config import PRESETS
 from ..errors import FastGPTError
+from ..model import GPT
+from ..tokenizer import TOKENIZER_DIR, Tokenizer, load_tokenizer
+from ..weights import load_fastgpt, save_fastgpt
+from ..weights.download import MODELS
+from .classifier import GPTClassifier
 from .files import write_atomic
 
 HEAD_FILE = "classifier.safetensors"
@@ -21,11 +27,6 @@ HEAD_FILE = "classifier.safetensors"
 def load_model(spec: str, device: torch.device | str = "cpu"):
     """(GPT, metadata) from a model directory (fastgpt, Hugging Face or OpenAI GPT-2; or a
     downloaded model's name such as gpt2), or the preset tiny / mini for a random start."""
-    from ..model import GPT
-    from ..weights import load_fastgpt
-
-    from ..weights.download import MODELS
-
     if spec in PRESETS and spec not in MODELS and not Path(spec).exists():
         return GPT(spec).to(device), {}  # released names (gpt2, ...) mean the downloaded weights, never random
     model, metadata = load_fastgpt(spec, device)
@@ -34,14 +35,11 @@ def load_model(spec: str, device: torch.device | str = "cpu"):
 
 def model_tokenizer(spec: str):
     """The tokenizer the model `spec` was trained with (its own BPE, or GPT-2's)."""
-    from ..tokenizer import load_tokenizer
     return load_tokenizer(spec if Path(spec).is_dir() else None)
 
 
 def save_model(model, out_dir, metadata: dict, tokenizer=None) -> None:
     """A fastgpt model directory; a model's own BPE tokenizer travels with it."""
-    from ..tokenizer import TOKENIZER_DIR, Tokenizer
-    from ..weights import save_fastgpt
     save_fastgpt(model, Path(out_dir), metadata)
     if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
         tokenizer.save(Path(out_dir) / TOKENIZER_DIR)
@@ -49,8 +47,6 @@ def save_model(model, out_dir, metadata: dict, tokenizer=None) -> None:
 
 def save_classifier(clf, out_dir, labels: list[str], metadata: dict, tokenizer=None) -> None:
     """The body as a fastgpt model, its head in classifier.safetensors, labels in the metadata."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     head = {"classifier.weight": clf.head.weight.detach().cpu().contiguous(),
             "classifier.bias": clf.head.bias.detach().cpu().contiguous()}
@@ -61,10 +57,6 @@ def save_classifier(clf, out_dir, labels: list[str], metadata: dict, tokenizer=N
 
 def load_classifier(path, device: torch.device | str = "cpu"):
     """(GPTClassifier, metadata) saved by `save_classifier`."""
-    from safetensors.torch import load_file
-
-    from .classify import GPTClassifier
-
     gpt, metadata = load_model(str(path), device)
     labels = metadata.get("labels")
     if metadata.get("task") != "classification" or not labels:

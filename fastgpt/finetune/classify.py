@@ -1,11 +1,8 @@
 """Fine-tune a GPT into a text classifier (e.g. spam / not spam).
 
-The LM head is swapped for an n-class linear head, and the class is read off the
-hidden state of each sequence's *last real token*: with causal attention it is the
-only position that has seen the whole text. Padding must not change the answer,
-so batches carry a mask of real tokens (left, right or any padding) and are packed
-to the left before the model runs, where causality keeps pads out of every real
-token's view.
+The LM head is swapped for an n-class linear head read off the hidden state of each
+sequence's last real token (`fastgpt.finetune.classifier`). Here: the labelled data,
+balancing and splits, training (`fastgpt.train.step`), and the metrics.
 """
 from __future__ import annotations
 
@@ -14,16 +11,25 @@ import csv
 import io
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import FastGPTError
-from .files import read_jsonl, read_text
-from .trainable import DEFAULT_LORA_TARGETS, set_trainable
+from ..runtime import autocast_factory, canonical_dtype_name, dtype_name, resolve_device, resolve_dtype
+from ..train.metrics import plot_losses
+from ..train.optim import make_optimizer
+from ..train.options import require
+from ..train.step import PendingSteps, train_step
+from .checkpoint import load_model, model_tokenizer, save_classifier
+from .classifier import GPTClassifier
+from .config import DEFAULT_LORA_TARGETS, ClassifyConfig
+from .files import read_jsonl, read_text, write_json, write_jsonl
+from .lora import merge_lora, save_adapters, trainable_summary
+from .trainable import set_trainable
 
 
 # ---------------------------------------------------------------------- data
@@ -170,45 +176,6 @@ def batches(split_: EncodedSplit, batch_size: int, shuffle: bool = False, genera
         yield ids, mask, torch.tensor([split_.targets[i] for i in rows], dtype=torch.long)
 
 
-# ---------------------------------------------------------------------- model
-def pack_left(idx: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move each row's real tokens to the front, in order; returns (ids, lengths).
-
-    Positions then count from 0 for every sequence and, attention being causal, no
-    real token sees a pad: each row computes exactly what it would alone.
-    """
-    mask = mask.bool()
-    lengths = mask.sum(dim=1)
-    if bool((lengths == 0).any()):
-        raise FastGPTError("a sequence in the batch has no real tokens (empty text)")
-    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # real tokens first, in order
-    return idx.gather(1, order)[:, :int(lengths.max())], lengths
-
-
-class GPTClassifier(nn.Module):
-    """A GPT body, and a linear head on the last real token's final hidden state."""
-
-    def __init__(self, gpt: nn.Module, num_classes: int):
-        super().__init__()
-        self.gpt = gpt
-        self.head = nn.Linear(gpt.config.n_embd, num_classes, device=gpt.device)
-        nn.init.normal_(self.head.weight, 0.0, 0.02)
-        nn.init.zeros_(self.head.bias)
-
-    @property
-    def num_classes(self) -> int:
-        return self.head.out_features
-
-    def forward(self, idx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Class logits (B, num_classes); `mask` (B, T) marks real tokens (None: no padding)."""
-        if mask is None:
-            return self.head(self.gpt.hidden_states(idx)[:, -1])
-        packed, lengths = pack_left(idx, mask)
-        hidden = self.gpt.hidden_states(packed)  # (B, T, C)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
-        return self.head(last)
-
-
 def configure_trainable(clf: GPTClassifier, mode: str = "last-n", last_n: int = 1, lora_rank: int = 8,
                         lora_alpha: float = 16.0, lora_targets=DEFAULT_LORA_TARGETS, lora_dropout: float = 0.0) -> None:
     """What learns: the body as `fastgpt.finetune.trainable.set_trainable` says (last N blocks +
@@ -246,7 +213,7 @@ def accuracy(clf: GPTClassifier, split_: EncodedSplit, batch_size: int = 32, aut
 def confusion_matrix(predicted: list[int], actual: list[int], num_classes: int) -> list[list[int]]:
     """matrix[true][predicted] counts."""
     matrix = [[0] * num_classes for _ in range(num_classes)]
-    for p, a in zip(predicted, actual):
+    for p, a in zip(predicted, actual, strict=True):
         matrix[a][p] += 1
     return matrix
 
@@ -272,7 +239,7 @@ def format_report(metrics: dict[str, dict[str, float]], matrix: list[list[int]],
         lines.append(f"{name:<{width}} {m['precision']:>9.3f} {m['recall']:>9.3f} {m['f1']:>9.3f} {m['support']:>8}")
     lines += ["", "confusion matrix (rows: true, columns: predicted)",
               f"{'':<{width}} " + " ".join(f"{n:>{width}}" for n in names)]
-    for name, row in zip(names, matrix):
+    for name, row in zip(names, matrix, strict=True):
         lines.append(f"{name:<{width}} " + " ".join(f"{c:>{width}}" for c in row))
     return "\n".join(lines)
 
@@ -282,43 +249,45 @@ def train_classifier(clf: GPTClassifier, train: EncodedSplit, val: EncodedSplit,
                      lr: float = 5e-5, weight_decay: float = 0.1, batch_size: int = 8, seed: int = 123,
                      grad_clip: float = 1.0, autocast=contextlib.nullcontext, scaler=None,
                      log=print) -> tuple[dict, list[dict]]:
-    """Train the trainable parameters; returns (best state by validation accuracy, history).
+    """Train the trainable parameters (`fastgpt.train.step`); returns (best state by validation accuracy, history).
 
     History rows use the pretraining metrics format (so `fastgpt.train.metrics.plot_losses`
-    draws them): {"kind": "train", "step", "tokens", "loss"} per step and, after each epoch,
+    draws them): a "train" row per step (step, tokens, loss, lr, norm, ...) and, after each epoch,
     {"kind": "eval", "step", "tokens", "train_loss", "val_loss", "train_accuracy", "val_accuracy"},
     where the train numbers are running means over the epoch (no extra pass over the data).
+    Losses and accuracies stay on the device until the epoch ends.
     """
-    from ..train.optim import make_optimizer
-
     device = next(clf.parameters()).device
     optimizer = make_optimizer(clf, lr, weight_decay, (0.9, 0.999), 1e-8, device)
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)  # enabled for fp16 autocast
     params = [p for group in optimizer.param_groups for p in group["params"]]
     generator = torch.Generator().manual_seed(seed)
     history, step, tokens = [], 0, 0
     best_acc, best_state = -1.0, None
+    correct: list[torch.Tensor] = []  # right answers per batch, on the device
+
+    def loss_fn(batch) -> torch.Tensor:
+        ids, mask, targets = (t.to(device) for t in batch)
+        logits = clf(ids, mask).float()
+        correct.append((logits.argmax(-1) == targets).sum())
+        return F.cross_entropy(logits, targets)
+
     clf.train()
+    pending = PendingSteps(device)
     for epoch in range(1, epochs + 1):
-        loss_sum, correct = 0.0, 0
+        sizes = []
         for ids, mask, targets in batches(train, batch_size, shuffle=True, generator=generator):
-            targets = targets.to(device)
-            with autocast():
-                logits = clf(ids.to(device), mask.to(device)).float()
-            loss = F.cross_entropy(logits, targets)
-            loss_sum += loss.item() * len(targets)
-            correct += int((logits.argmax(-1) == targets).sum())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            t0 = time.perf_counter()
+            result = train_step(loss_fn, [(ids, mask, targets)], optimizer, params, lr=lr, grad_clip=grad_clip,
+                                autocast=autocast, scaler=scaler)
             step += 1
             tokens += int(mask.sum())
-            history.append({"kind": "train", "step": step, "tokens": tokens, "epoch": epoch, "loss": loss.item()})
-        train_loss, train_acc = loss_sum / len(train), correct / len(train)
+            pending.add(step, result, int(mask.sum()), tokens, t0)
+            sizes.append(len(targets))
+        records = pending.read()
+        history += [{**record.row(), "epoch": epoch} for record in records]
+        train_loss = sum(r.loss * n for r, n in zip(records, sizes, strict=True)) / len(train)
+        train_acc = int(torch.stack(correct).sum()) / len(train)
+        correct.clear()
         val_probs, val_loss = predict(clf, val, batch_size, autocast)
         val_acc = _accuracy(val_probs, val.targets)
         history.append({"kind": "eval", "step": step, "tokens": tokens, "epoch": epoch, "train_loss": train_loss,
@@ -338,60 +307,52 @@ def _accuracy(probs: torch.Tensor, targets: list[int]) -> float:
 
 
 # ---------------------------------------------------------------------- the whole run
-def finetune_classifier(model: str, data: str, out: str, *, text_column: str = "text", label_column: str = "label",
-                        labels: list[str] | None = None, balance_classes: bool = False,
-                        split_fractions=(0.7, 0.1, 0.2), seed: int = 123, max_length: int | None = None,
-                        trainable: str = "last-n", last_n: int = 1, lora_rank: int = 8, lora_alpha: float = 16.0,
-                        lora_targets=DEFAULT_LORA_TARGETS, epochs: int = 5, lr: float = 5e-5, weight_decay: float = 0.1,
-                        batch_size: int = 8, device: str = "auto", dtype: str = "auto", log=print) -> dict:
+def finetune_classifier(cfg: ClassifyConfig, log=print) -> dict:
     """Read, balance, split, tokenize, train, evaluate and save; returns the report (also in report.json)."""
-    from ..train.loop import autocast_factory, resolve_dtype
-    from .checkpoint import load_model, model_tokenizer, save_classifier
-    from .files import write_json
-    from .lora import merge_lora, save_adapters, trainable_summary
-    from ..train.metrics import plot_losses
-    from .files import write_jsonl
-
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
-    dtype = resolve_dtype(dtype, device)
+    cfg = cfg.validate()
+    require(cfg, ClassifyConfig.REQUIRED)
+    cfg.dtype = canonical_dtype_name(cfg.dtype)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device, "train")
     autocast = autocast_factory(device, dtype)  # mixed precision as in pretraining; weights stay fp32
-    torch.manual_seed(seed)
-    examples = read_labeled_texts(data, text_column, label_column, labels)
+    torch.manual_seed(cfg.seed)
+    examples = read_labeled_texts(cfg.data, cfg.text_column, cfg.label_column, cfg.labels)
     names = class_names(examples)
-    if balance_classes:
-        examples = balance(examples, seed)
-    train, val, test = split(examples, split_fractions, seed)
+    if cfg.balance:
+        examples = balance(examples, cfg.seed)
+    train, val, test = split(examples, cfg.split_fractions, cfg.seed)
     if len(train) < len(names):
-        raise FastGPTError(f"{data}: {len(train)} training examples for {len(names)} classes; "
+        raise FastGPTError(f"{cfg.data}: {len(train)} training examples for {len(names)} classes; "
                            "need at least one example per class")
     log(f"{len(examples)} examples ({', '.join(f'{n}: {sum(e.label == n for e in examples)}' for n in names)}); "
         f"split {len(train)} / {len(val)} / {len(test)}")
 
-    gpt, base_meta = load_model(model, device)
+    gpt, base_meta = load_model(cfg.model, device)
     context = gpt.config.context_length
-    tokenizer = model_tokenizer(model)
+    tokenizer = model_tokenizer(cfg.model)
+    max_length = cfg.max_length
     if max_length is None:
         max_length = min(context, max(len(tokenizer.encode(e.text)) for e in train))
     elif not 1 <= max_length <= context:
-        raise FastGPTError(f"--max-length: must be between 1 and the model's context length {context}, got {max_length}")
+        raise FastGPTError(f"--max-length: must be between 1 and the model's context length {context}, "
+                           f"got {max_length}")
     splits = {name: encode(part, tokenizer, names, max_length)
               for name, part in (("train", train), ("val", val), ("test", test))}
     log(f"max length {max_length} tokens (longer texts are truncated) | device {device} | "
-        f"dtype {str(dtype).removeprefix('torch.')}")
+        f"dtype {dtype_name(dtype)}")
 
     clf = GPTClassifier(gpt, len(names)).to(device)
-    configure_trainable(clf, trainable, last_n, lora_rank, lora_alpha, lora_targets)
+    configure_trainable(clf, cfg.trainable, cfg.last_n, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     log(trainable_summary(clf))
-    before = {name: accuracy(clf, part, batch_size, autocast) for name, part in splits.items() if len(part)}
+    before = {name: accuracy(clf, part, cfg.batch_size, autocast) for name, part in splits.items() if len(part)}
     log("accuracy before: " + "  ".join(f"{k} {v:.2%}" for k, v in before.items()))
 
-    best_state, history = train_classifier(clf, splits["train"], splits["val"], epochs=epochs, lr=lr,
-                                           weight_decay=weight_decay, batch_size=batch_size, seed=seed,
-                                           autocast=autocast, log=log,
+    best_state, history = train_classifier(clf, splits["train"], splits["val"], epochs=cfg.epochs, lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, seed=cfg.seed,
+                                           grad_clip=cfg.grad_clip, autocast=autocast, log=log,
                                            scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
     clf.load_state_dict(best_state)
-    probs = {name: predict(clf, part, batch_size, autocast)[0] for name, part in splits.items() if len(part)}
+    probs = {name: predict(clf, part, cfg.batch_size, autocast)[0] for name, part in splits.items() if len(part)}
     after = {name: _accuracy(p, splits[name].targets) for name, p in probs.items()}
     log("accuracy after (best epoch by validation accuracy): " + "  ".join(f"{k} {v:.2%}" for k, v in after.items()))
 
@@ -401,16 +362,16 @@ def finetune_classifier(model: str, data: str, out: str, *, text_column: str = "
     metrics = per_class_metrics(matrix, names)
     log(f"\n{report_split} split:\n" + format_report(metrics, matrix, names))
 
-    out = Path(out)
-    if trainable == "lora":
+    out = Path(cfg.out)
+    if cfg.trainable == "lora":
         save_adapters(clf.gpt, out / "lora_adapters.safetensors")  # the adapters alone, for reuse
         merge_lora(clf.gpt)  # the saved model is a plain GPT: nothing LoRA-specific is needed to load it
-    save_classifier(clf, out, names, {"max_length": max_length, "base_model": str(model),
+    save_classifier(clf, out, names, {"max_length": max_length, "base_model": str(cfg.model),
                                       **({"base": base_meta} if base_meta else {})}, tokenizer)
     write_jsonl(out / "metrics.jsonl", history)
     plot_losses(out)
-    report = {"data": str(data), "model": str(model), "labels": names, "max_length": max_length,
-              "split_sizes": {k: len(v) for k, v in splits.items()}, "trainable": trainable,
+    report = {"data": str(cfg.data), "model": str(cfg.model), "labels": names, "max_length": max_length,
+              "split_sizes": {k: len(v) for k, v in splits.items()}, "trainable": cfg.trainable,
               "accuracy_before": before, "accuracy_after": after, "report_split": report_split,
               "per_class": metrics, "confusion_matrix": matrix}
     write_json(out / "report.json", report)
@@ -427,4 +388,4 @@ def classify_texts(clf: GPTClassifier, labels: list[str], texts: list[str], max_
     encoded = EncodedSplit([tokenizer.encode(t)[:max_length] for t in texts], [0] * len(texts), texts)
     probs, _ = predict(clf, encoded, batch_size)
     best = probs.max(-1)
-    return [(labels[i], p) for p, i in zip(best.values.tolist(), best.indices.tolist())]
+    return [(labels[i], p) for p, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)]

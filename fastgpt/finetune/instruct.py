@@ -8,11 +8,9 @@ optionally, the prompt itself is ignored so the loss is only on the answer.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import shlex
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,10 +19,23 @@ from pathlib import Path
 import torch
 
 from ..errors import FastGPTError
-from ..tokenizer import EOT_ID
-from .files import read_jsonl, read_text
+from ..generate import generate
+from ..runtime import autocast_factory, canonical_dtype_name, dtype_name, resolve_device, resolve_dtype
+from ..tokenizer import EOT_ID, Tokenizer
+from ..train import checkpoint as ckpt_io
+from ..train.evaluate import mean_loss
+from ..train.metrics import eval_line, perplexity, plot_losses, step_line
+from ..train.optim import make_optimizer
+from ..train.options import explicit_fields, merge_for_resume, option_names, require
+from ..train.run_dir import open_run_dir, refuse_existing, save_and_prune
+from ..train.schedule import learning_rate
+from ..train.step import PendingSteps, train_step
+from .checkpoint import load_model, model_tokenizer, save_model
+from .config import InstructConfig
+from .files import read_jsonl, read_text, write_json
+from .lora import count_parameters, load_adapters, merge_lora, save_adapters, trainable_summary, unmerged_base
 from .templates import extract_response, format_prompt, get_template
-from .trainable import DEFAULT_LORA_TARGETS, set_trainable
+from .trainable import set_trainable
 
 IGNORE_INDEX = -100
 FIELDS = ("instruction", "input", "output")
@@ -195,11 +206,6 @@ def response_text(template: str, generated: str) -> str:
 
 # ---------------------------------------------------------------------- training
 ADAPTER_FILE = "lora_adapters.safetensors"
-# What a run was asked for: saved in every checkpoint, so that `--resume` alone continues it.
-RUN_OPTIONS = ("model", "data", "template", "mask_prompt", "trainable", "last_n", "lora_rank", "lora_alpha",
-               "lora_targets", "max_length", "split_fractions", "epochs", "max_steps", "lr", "min_lr", "warmup_steps",
-               "weight_decay", "batch_size", "grad_clip", "eval_interval", "ckpt_interval", "keep_last",
-               "eval_batches", "dtype", "device", "seed", "max_new_tokens", "generate_responses", "test_limit")
 
 
 def _order(n: int, generator) -> list[int]:
@@ -216,161 +222,122 @@ def _has_targets(y: torch.Tensor) -> bool:
     return bool((y != IGNORE_INDEX).any())
 
 
-def _json_options(options: dict) -> dict:
-    """Sequences as lists, so that saved (JSON) and given options compare equal."""
-    return {**options, "lora_targets": list(options["lora_targets"]),
-            "split_fractions": list(options["split_fractions"])}
-
-
-def _must_match(options: dict) -> tuple[str, ...]:
+def _must_match(cfg: InstructConfig) -> tuple[str, ...]:
     """Options a resumed run cannot change: they decide which weights exist and what the model learns to read."""
-    mode = options["trainable"]
+    mode = cfg.trainable
     return ("template", "trainable", *(("last_n",) if mode == "last-n" else ()),
             *(("lora_rank", "lora_alpha", "lora_targets") if mode == "lora" else ()))
 
 
-def resume_options(resume, options: dict, explicit: set[str], out=None):
-    """(checkpoint dir, its state.json, the options to continue with): the checkpoint's own
-    options with the `explicit` ones on top; a change of template or of what trains is refused."""
-    from ..train import checkpoint as ckpt_io
-
+def resume_config(resume, cfg: InstructConfig, explicit: set[str]):
+    """(checkpoint dir, its state.json, the config to continue with): the checkpoint's own
+    options with the `explicit` ones of `cfg` on top; a change of template or of what trains is refused."""
     ckpt = ckpt_io.find_checkpoint(resume)
     state = ckpt_io.read_state(ckpt)
     saved = (state.get("finetune") or {}).get("options")
-    if not isinstance(saved, dict) or set(saved) != set(RUN_OPTIONS):
+    if not isinstance(saved, dict) or "trainable" not in saved or not set(saved) <= set(option_names(InstructConfig)):
         raise FastGPTError(f"--resume {ckpt}: not a resumable `fastgpt finetune instruct` checkpoint "
                            "(no saved run options)")
-    if out is not None and Path(out).resolve() != ckpt.parent.resolve():
-        raise FastGPTError(f"--out {out}: a resumed run continues in its own directory {ckpt.parent}")
-    merged = {**saved, **{key: options[key] for key in explicit if key in RUN_OPTIONS}}
-    merged = _json_options(merged)
-    for key in _must_match(saved) + _must_match(merged):
-        if saved[key] != merged[key]:
+    if cfg.out is not None and Path(cfg.out).resolve() != ckpt.parent.resolve():
+        raise FastGPTError(f"--out {cfg.out}: a resumed run continues in its own directory {ckpt.parent}")
+    original, merged = merge_for_resume(saved, cfg, explicit - {"out"})
+    for key in _must_match(original) + _must_match(merged):
+        if getattr(original, key) != getattr(merged, key):
             flag = "--" + key.replace("_", "-")
-            raise FastGPTError(f"--resume {ckpt}: the run was made with {flag} {saved[key]} but this run asks "
-                               f"for {flag} {merged[key]}; start a new --out to change it")
+            raise FastGPTError(f"--resume {ckpt}: the run was made with {flag} {getattr(original, key)} but this run "
+                               f"asks for {flag} {getattr(merged, key)}; start a new --out to change it")
+    merged.out = str(ckpt.parent)
     return ckpt, state, merged
 
 
-def finetune_instruct(model: str | None = None, data: str | None = None, out: str | None = None, *,
-                      template: str = "alpaca", mask_prompt: bool = False,
-                      trainable: str = "all", last_n: int = 1, lora_rank: int = 8, lora_alpha: float = 16.0,
-                      lora_targets=DEFAULT_LORA_TARGETS,
-                      max_length: int | None = None, split_fractions=(0.85, 0.10, 0.05), epochs: float = 2,
-                      max_steps: int | None = None, lr: float = 5e-5, min_lr: float | None = None,
-                      warmup_steps: int | None = None, weight_decay: float = 0.1, batch_size: int = 8,
-                      grad_clip: float = 1.0, eval_interval: int | None = None, ckpt_interval: int = 0,
-                      keep_last: int = 1, eval_batches: int | None = None, dtype: str = "auto", device: str = "auto",
-                      seed: int = 123, max_new_tokens: int = 256, generate_responses: bool = True,
-                      test_limit: int | None = None, resume=None, explicit: set[str] | None = None,
-                      overwrite: bool = False, judge=None, log=print) -> dict:
-    """Fine-tune on instruction records with the trainer's pieces (AdamW groups, warmup +
-    cosine, autocast + GradScaler, metrics.jsonl, atomic checkpoints, loss plot); answer the
+def finetune_instruct(model: str | None = None, data: str | None = None, out: str | None = None, *, resume=None,
+                      explicit: set[str] | None = None, judge=None, log=print, **options) -> dict:
+    """Fine-tune on instruction records with the trainer's pieces (`fastgpt.train.step`, AdamW groups,
+    warmup + cosine, autocast + GradScaler, metrics.jsonl, atomic checkpoints, loss plot); answer the
     test split; score; save the model with its template. Returns the report (report.json).
 
-    `trainable` (`fastgpt.finetune.trainable`): all weights, the last `last_n` blocks, or LoRA
-    adapters; with LoRA the adapters are saved alone (lora_adapters.safetensors) and merged
-    into the saved model, an ordinary fastgpt model directory.
+    `options`: the fields of `InstructConfig`. `trainable` (`fastgpt.finetune.trainable`): all
+    weights, the last `last_n` blocks, or LoRA adapters; with LoRA the adapters are saved alone
+    (lora_adapters.safetensors) and merged into the saved model, an ordinary fastgpt model directory.
     `eval_batches` caps the validation batches per evaluation (the first ones: always the
     same records); `test_limit` answers only the first records of the test split.
     Checkpoints (every `ckpt_interval` steps and at the end; the newest `keep_last` kept, 0: all)
     hold everything a run needs to go on: `resume` (a run dir or one of its checkpoints)
     continues it bit for bit with the saved options, overridden by those in `explicit`
-    (default: the arguments that differ from their defaults). A fresh run refuses an `out`
-    that holds checkpoints unless `overwrite`."""
-    options = _json_options({name: value for name, value in locals().items() if name in RUN_OPTIONS})
+    (default: the options that differ from their defaults). A fresh run refuses an `out`
+    that holds checkpoints unless `overwrite`. `judge`: record -> score, beside ROUGE-L."""
+    cfg = InstructConfig(model=model, data=data, out=None if out is None else str(out), **options).validate()
     checkpoint = None
     if resume is not None:
-        if explicit is None:
-            defaults = inspect.signature(finetune_instruct).parameters
-            explicit = {name for name in RUN_OPTIONS
-                        if _json_options({**options, name: defaults[name].default})[name] != options[name]}
-        *checkpoint, options = resume_options(resume, options, explicit, out)
-        out = checkpoint[0].parent
+        *checkpoint, cfg = resume_config(resume, cfg, explicit if explicit is not None else explicit_fields(cfg))
     else:
-        for name, value in (("--model", model), ("--data", data), ("--out", out)):
-            if value is None:
-                raise FastGPTError(f"{name} is required (unless continuing a run with --resume)")
-    return _train(Path(out), checkpoint, overwrite, judge, log, **options)
+        require(cfg, InstructConfig.REQUIRED, " (unless continuing a run with --resume)")
+    return _train(cfg, checkpoint, judge, log)
 
 
-def _train(out: Path, checkpoint, overwrite: bool, judge, log, *, model, data, template, mask_prompt, trainable,
-           last_n, lora_rank, lora_alpha, lora_targets, max_length, split_fractions, epochs, max_steps, lr, min_lr,
-           warmup_steps, weight_decay, batch_size, grad_clip, eval_interval, ckpt_interval, keep_last, eval_batches,
-           dtype, device, seed, max_new_tokens, generate_responses, test_limit) -> dict:
+def _train(cfg: InstructConfig, checkpoint, judge, log) -> dict:
     """The run itself; `checkpoint`: None, or (checkpoint dir, its state.json) to continue from."""
-    from ..tokenizer import Tokenizer
-    from ..train import checkpoint as ckpt_io
-    from ..train.evaluate import mean_loss
-    from ..train.loop import autocast_factory, resolve_dtype
-    from ..train.metrics import MetricsLog, eval_line, perplexity, plot_losses, step_line
-    from ..train.optim import make_optimizer
-    from ..train.schedule import learning_rate
-    from .checkpoint import load_model, model_tokenizer, save_model
-    from .files import write_json
-    from .lora import count_parameters, load_adapters, merge_lora, save_adapters, trainable_summary, unmerged_base
-
-    options = {name: value for name, value in locals().items() if name in RUN_OPTIONS}
     ckpt, state = checkpoint or (None, None)
-    get_template(template)
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
-    dtype = resolve_dtype(dtype, device)
+    out = Path(cfg.out)
+    get_template(cfg.template)
+    cfg.dtype = canonical_dtype_name(cfg.dtype)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device, "train")
     autocast = autocast_factory(device, dtype)
-    torch.manual_seed(seed)
-    if ckpt is None and ckpt_io.list_checkpoints(out) and not overwrite:
-        raise FastGPTError(f"--out {out} already holds checkpoints ({ckpt_io.list_checkpoints(out)[-1].name}); "
-                           f"continue it with --resume {out} or start over with --overwrite")
+    torch.manual_seed(cfg.seed)
+    replaced = [] if ckpt else refuse_existing(out, cfg.overwrite, "--out")
 
-    records = load_records(data)
-    train_records, val_records, test_records = split_in_order(records, split_fractions)
+    records = load_records(cfg.data)
+    train_records, val_records, test_records = split_in_order(records, cfg.split_fractions)
     if not train_records:
-        raise FastGPTError(f"{data}: {len(records)} records leave no training examples with --split {list(split_fractions)}")
+        raise FastGPTError(f"{cfg.data}: {len(records)} records leave no training examples with --split "
+                           f"{cfg.split_fractions}")
     log(f"{len(records)} records: {len(train_records)} train / {len(val_records)} val / {len(test_records)} test")
 
-    gpt, base_meta = load_model(model, device)
+    gpt, base_meta = load_model(cfg.model, device)
     if ckpt is not None:  # all weights, or LoRA's frozen base; and the RNG states
         ckpt_io.load_weights_and_rng(ckpt, gpt)
     # LoRA's random adapter init is overwritten on resume: it must not draw from the restored generators.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=ckpt is not None):
-        set_trainable(gpt, trainable, last_n, lora_rank, lora_alpha, lora_targets)
+        set_trainable(gpt, cfg.trainable, cfg.last_n, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     lora_config = dict(getattr(gpt, "lora_config", None) or {}) or None
     if ckpt is not None and lora_config:
         load_adapters(gpt, ckpt / ADAPTER_FILE)
     context = gpt.config.context_length
-    if max_length is None:
-        max_length = context
-    elif not 2 <= max_length <= context:
-        raise FastGPTError(f"--max-length: must be between 2 and the model's context length {context}, got {max_length}")
-    tokenizer = model_tokenizer(model)
+    max_length = context if cfg.max_length is None else cfg.max_length
+    if not 2 <= max_length <= context:
+        raise FastGPTError(f"--max-length: must be between 2 and the model's context length {context}, "
+                           f"got {max_length}")
+    tokenizer = model_tokenizer(cfg.model)
     own_tokenizer = None if isinstance(tokenizer, Tokenizer) else tokenizer  # saved with each checkpoint's model
-    collate_args = {"max_length": max_length, "mask_prompt": mask_prompt, "pad_id": tokenizer.eot_id}
-    train_set = encode_records(train_records, tokenizer, template)
-    val_batches = [b for b in _batches(encode_records(val_records, tokenizer, template), batch_size, **collate_args)
-                   if _has_targets(b[1])][:eval_batches]
+    collate_args = {"max_length": max_length, "mask_prompt": cfg.mask_prompt, "pad_id": tokenizer.eot_id}
+    train_set = encode_records(train_records, tokenizer, cfg.template)
+    batch_size = cfg.batch_size
+    val_batches = [b for b in _batches(encode_records(val_records, tokenizer, cfg.template), batch_size,
+                                       **collate_args) if _has_targets(b[1])][:cfg.eval_batches]
     train_eval = [b for b in _batches(train_set[:len(val_records) or batch_size * 4], batch_size, **collate_args)
-                  if _has_targets(b[1])][:eval_batches]  # a fixed slice of the training data, beside validation
+                  if _has_targets(b[1])][:cfg.eval_batches]  # a fixed slice of the training data, beside validation
 
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
-    max_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
-    warmup_steps = max(1, max_steps // 20) if warmup_steps is None else warmup_steps
-    min_lr = lr / 10 if min_lr is None else min_lr
-    eval_interval = eval_interval or max(1, steps_per_epoch // 2)
+    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup_steps = max(1, max_steps // 20) if cfg.warmup_steps is None else cfg.warmup_steps
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    eval_interval = cfg.eval_interval or max(1, steps_per_epoch // 2)
 
     # The data order: one seeded permutation per epoch. A resumed run replays the
     # generator up to its epoch and skips the batches that epoch already gave.
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
     progress = state["finetune"] if state else {"step": 0, "tokens_seen": 0, "epoch": 1, "position": 0}
     epoch, position = progress["epoch"], progress["position"]
     for _ in range(epoch - 1):
         _order(len(train_set), generator)
     epoch_batches = _batches(train_set, batch_size, generator, **collate_args)
     if not any(_has_targets(y) for _, y in epoch_batches):
-        raise FastGPTError(f"--max-length {max_length}{' with --mask-prompt' if mask_prompt else ''} leaves no "
+        raise FastGPTError(f"--max-length {max_length}{' with --mask-prompt' if cfg.mask_prompt else ''} leaves no "
                            "response token to learn in any training example")
 
     gpt.train()
-    optimizer = make_optimizer(gpt, lr, weight_decay, (0.9, 0.999), 1e-8, device)
+    optimizer = make_optimizer(gpt, cfg.lr, cfg.weight_decay, (0.9, 0.999), 1e-8, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if ckpt is not None:
         saved = ckpt_io.load_optimizer_file(ckpt, device)
@@ -382,18 +349,9 @@ def _train(out: Path, checkpoint, overwrite: bool, judge, log, *, model, data, t
             scaler.load_state_dict(saved["scaler"])
 
     # Everything is validated: only now is the run directory written.
-    out.mkdir(parents=True, exist_ok=True)
-    for partial in ckpt_io.clean_partial(out):
-        log(f"removed a half-written checkpoint: {partial}")
-    metrics = MetricsLog(out)
-    if ckpt is None:
-        for old in ckpt_io.list_checkpoints(out):  # only here with overwrite
-            shutil.rmtree(old)
-        metrics.path.unlink(missing_ok=True)
-    else:
-        metrics.truncate_after(state["step"])  # records of steps after the checkpoint are redone
-    log(f"model {gpt.config} | {trainable_summary(gpt)} ({trainable}) | device {device} | "
-        f"dtype {str(dtype).removeprefix('torch.')} | template {template} | max length {max_length} | "
+    metrics = open_run_dir(out, state["step"] if ckpt else None, log, replaced)
+    log(f"model {gpt.config} | {trainable_summary(gpt)} ({cfg.trainable}) | device {device} | "
+        f"dtype {dtype_name(dtype)} | template {cfg.template} | max length {max_length} | "
         f"{max_steps} steps ({max_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch})")
 
     def evaluate(step: int, tokens: int) -> dict:
@@ -405,16 +363,18 @@ def _train(out: Path, checkpoint, overwrite: bool, judge, log, *, model, data, t
         log(eval_line(step, train_loss, val_loss))
         return row
 
-    def save_checkpoint() -> None:
+    def save(directory: Path) -> Path:
         """Atomic (`fastgpt.train.checkpoint`); a LoRA run stores its frozen base and the adapters
         (lora_adapters.safetensors), not a merged model: merging cannot be undone exactly."""
-        ckpt_io.save_checkpoint(
-            out / f"ckpt_{step:06d}", unmerged_base(gpt) if lora_config else gpt, optimizer.state_dict(), scaler,
+        return ckpt_io.save_checkpoint(
+            directory, unmerged_base(gpt) if lora_config else gpt, optimizer.state_dict(), scaler,
             {"step": step, "tokens_seen": tokens_seen,
              "finetune": {"step": step, "tokens_seen": tokens_seen, "epoch": epoch, "position": position,
-                          "first_eval": evals[0], "last_eval": evals[-1], "options": options}},
+                          "first_eval": evals[0], "last_eval": evals[-1], "options": cfg.to_dict()}},
             own_tokenizer, extra=(lambda tmp: save_adapters(gpt, tmp / ADAPTER_FILE)) if lora_config else None)
-        ckpt_io.prune(out, keep_last)
+
+    def loss_fn(batch) -> torch.Tensor:
+        return gpt(batch[0].to(device), batch[1].to(device))
 
     step, tokens_seen = progress["step"], progress["tokens_seen"]
     if ckpt is None:
@@ -422,6 +382,7 @@ def _train(out: Path, checkpoint, overwrite: bool, judge, log, *, model, data, t
     else:
         evals = [progress["first_eval"], progress["last_eval"]]
         log(f"resumed from {ckpt} at step {step} (epoch {epoch}, batch {position})")
+    parameters, pending = list(gpt.parameters()), PendingSteps(device)
     while step < max_steps:
         if position == len(epoch_batches):
             epoch_batches, epoch, position = _batches(train_set, batch_size, generator, **collate_args), epoch + 1, 0
@@ -430,55 +391,45 @@ def _train(out: Path, checkpoint, overwrite: bool, judge, log, *, model, data, t
         if not _has_targets(y):  # a fully masked batch (prompt longer than max_length) teaches nothing
             continue
         t0 = time.perf_counter()
-        current_lr = learning_rate(step, lr, min_lr, warmup_steps, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = current_lr
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            loss = gpt(x, y)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(gpt.parameters(), grad_clip if grad_clip > 0 else math.inf)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FastGPTError(f"loss became {loss_value} at step {step + 1}: stopping without saving "
-                               "(try a lower --lr or --dtype fp32)")
+        result = train_step(loss_fn, [(x, y)], optimizer, parameters, grad_clip=cfg.grad_clip, autocast=autocast,
+                            lr=learning_rate(step, cfg.lr, min_lr, warmup_steps, max_steps), scaler=scaler)
         step += 1
         tokens_seen += x.numel()
-        dt = time.perf_counter() - t0
-        metrics.write({"kind": "train", "step": step, "tokens": tokens_seen, "loss": loss_value, "lr": current_lr,
-                       "norm": float(norm), "ms": dt * 1e3, "tok_s": x.numel() / dt})
-        if step % 10 == 0 or step == max_steps:
-            log(step_line(step, max_steps, loss_value, current_lr, float(norm), dt * 1e3, x.numel() / dt, ""))
-        if step % eval_interval == 0 or step == max_steps:
+        pending.add(step, result, x.numel(), tokens_seen, t0)
+        evaluating = step % eval_interval == 0 or step == max_steps
+        saving = (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == max_steps
+        if step % 10 == 0 or evaluating or saving:  # the losses are read here, not at every step
+            for record in pending.read():
+                metrics.write(record.row())
+                if record.step % 10 == 0 or record.step == max_steps:
+                    log(step_line(record.step, max_steps, record.loss, record.lr, record.grad_norm,
+                                  record.seconds * 1e3, record.tokens_per_second, ""))
+        if evaluating:
             evals.append(evaluate(step, tokens_seen))
-        if (ckpt_interval and step % ckpt_interval == 0) or step == max_steps:
-            save_checkpoint()
+        if saving:
+            save_and_prune(out, step, save, cfg.keep_last)
     plot_losses(out)
 
     trainable_parameters, total_parameters = count_parameters(gpt)
     if lora_config:
         save_adapters(gpt, out / ADAPTER_FILE)  # the adapters alone, to reuse or share
         merge_lora(gpt)  # the saved model is a plain GPT: `fastgpt chat` needs to know nothing about LoRA
-    save_model(gpt, out, {"template": template, "base_model": str(model), "finetune": "instruct",
-                          "trainable": trainable, **({"lora": lora_config} if lora_config else {}),
+    save_model(gpt, out, {"template": cfg.template, "base_model": str(cfg.model), "finetune": "instruct",
+                          "trainable": cfg.trainable, **({"lora": lora_config} if lora_config else {}),
                           **({"base": base_meta} if base_meta else {})}, tokenizer)
-    log(f"saved the fine-tuned model to {out} (metadata template={template!r})")
+    log(f"saved the fine-tuned model to {out} (metadata template={cfg.template!r})")
 
-    report = {"data": str(data), "model": str(model), "template": template, "mask_prompt": mask_prompt,
-              "max_length": max_length, "steps": step, "trainable": trainable,
+    report = {"data": str(cfg.data), "model": str(cfg.model), "template": cfg.template, "mask_prompt": cfg.mask_prompt,
+              "max_length": max_length, "steps": step, "trainable": cfg.trainable,
               "trainable_parameters": trainable_parameters, "total_parameters": total_parameters,
               **({"lora": lora_config} if lora_config else {}),
               "split_sizes": {"train": len(train_records), "val": len(val_records), "test": len(test_records)},
               "val_loss_before": evals[0]["val_loss"], "val_loss_after": evals[-1]["val_loss"],
               "val_perplexity_after": evals[-1]["val_perplexity"]}
-    test_records = test_records[:test_limit]
-    if generate_responses and test_records:
-        responses = answer(gpt, tokenizer, test_records, template, max_new_tokens)
-        scored = [dict(r, model_response=resp) for r, resp in zip(test_records, responses)]
+    test_records = test_records[:cfg.test_limit]
+    if cfg.generate_responses and test_records:
+        responses = answer(gpt, tokenizer, test_records, cfg.template, cfg.max_new_tokens)
+        scored = [dict(r, model_response=resp) for r, resp in zip(test_records, responses, strict=True)]
         report["test_scores"] = score_responses(scored, judge)
         write_json(out / "test_responses.json", scored)
         log(f"test responses: {out / 'test_responses.json'} | ROUGE-L F1 {report['test_scores']['rouge_l_f1']:.3f} "
@@ -491,8 +442,6 @@ def _train(out: Path, checkpoint, overwrite: bool, judge, log, *, model, data, t
 def answer(model, tokenizer, records: list[dict], template: str, max_new_tokens: int = 256,
            batch_size: int = 16) -> list[str]:
     """Greedy responses of `model` to each record's instruction and input."""
-    from ..generate import generate
-
     headers = get_template(template)
     stops = [h.strip() for h in (headers.instruction, headers.response) if h.strip()]
     responses = []

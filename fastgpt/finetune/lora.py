@@ -10,6 +10,7 @@ can be folded into W (`merge_lora`), which costs nothing at inference.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -18,10 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..errors import FastGPTError
+from .config import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS
 from .files import write_atomic
-from .trainable import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS
 
 CONFIG_KEY = "lora_config"
 
@@ -125,8 +128,6 @@ def unmerged_base(model: nn.Module) -> nn.Module:
     """A plain copy of `model` without its adapters (not merged into it): the frozen weights
     that LoRA trains around, which a resumable checkpoint must store exactly. The copy
     shares every parameter and buffer with `model`, so it costs no memory."""
-    import copy
-
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     base = copy.deepcopy(model, memo=shared)
 
@@ -158,8 +159,6 @@ def trainable_summary(model: nn.Module) -> str:
 # ---------------------------------------------------------------------- adapter files
 def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     """Only the adapter matrices (and the LoRA config) to one safetensors file, atomically."""
-    from safetensors.torch import save_file
-
     layers = lora_layers(model)
     if not layers:
         raise FastGPTError("save_adapters: the model has no LoRA layers (call apply_lora first)")
@@ -175,8 +174,6 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Add the adapters of `path` to `model` (wrapping its layers first if needed)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FastGPTError(f"{path}: no such adapter file")

@@ -2,14 +2,13 @@
 
 Shared by `finetune classify` and `finetune instruct`, so that `--trainable` means the
 same in both; a task adds its own extras afterwards (the classifier unfreezes its head).
-No torch import here: the CLI reads the mode names without paying for it.
+The mode names live in `fastgpt.finetune.config`, which the CLI reads without torch.
 """
 from __future__ import annotations
 
 from ..errors import FastGPTError
-
-TRAINABLE = ("last-n", "all", "lora")
-DEFAULT_LORA_TARGETS = ("qkv", "proj", "fc")  # lora.DEFAULT_TARGETS; defined here, where no torch is imported
+from .config import DEFAULT_LORA_TARGETS, TRAINABLE
+from .lora import apply_lora
 
 
 def set_trainable(gpt, mode: str = "all", last_n: int = 1, lora_rank: int = 8, lora_alpha: float = 16.0,
@@ -23,7 +22,6 @@ def set_trainable(gpt, mode: str = "all", last_n: int = 1, lora_rank: int = 8, l
     if mode not in modes:
         raise FastGPTError(f"--trainable: unknown mode {mode!r} (choose from: {', '.join(modes)})")
     if mode == "lora":
-        from .lora import apply_lora
         if not isinstance(lora_rank, int) or lora_rank < 1:
             raise FastGPTError(f"--lora-rank: must be a positive integer, got {lora_rank}")
         apply_lora(gpt, lora_rank, lora_alpha, lora_targets, lora_dropout)  # freezes the base itself

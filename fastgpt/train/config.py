@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 from ..config import INIT_SCHEMES, PRESETS, GPTConfig, preset
 from ..errors import FastGPTError
+from . import options
 
 # Keys that define the network's shape: a checkpoint can only resume with the same values.
 ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "context_length", "vocab_size", "tie_embeddings")
@@ -56,12 +57,12 @@ class TrainConfig:
     grad_clip: float = 1.0           # max global gradient norm; 0 disables clipping
     # --- execution
     device: str = "auto"             # "auto", "cpu", "cuda", "cuda:1", ...
-    dtype: str = "auto"              # "auto", "fp32", "bf16", "fp16" (autocast; fp16 adds a GradScaler)
+    dtype: str = "auto"              # "auto", "fp32", "bf16", "fp16" or torch's names (autocast; fp16: a GradScaler)
     backend: str = "auto"            # fastgpt.ops backend: "auto", "torch", "triton"
     compile: bool = False            # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
     distributed: str = "ddp"         # under torchrun: "ddp" or "fsdp"
-    threads: int | None = None       # CPU threads for torch (None = torch's default)
+    threads: int | None = None       # CPU threads for torch (None = fastgpt.runtime.default_threads(): physical cores)
     seed: int = 1337
     # --- evaluation and sampling
     eval_interval: int = 100         # evaluate every N steps (and at the end); 0 = only at the end
@@ -101,8 +102,6 @@ class TrainConfig:
             raise FastGPTError(f"--sampling must be 'random' or 'epoch', got {self.sampling!r}")
         if self.preset not in PRESETS:
             raise FastGPTError(f"--preset: unknown preset {self.preset!r} (choose from: {', '.join(PRESETS)})")
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise FastGPTError(f"--dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         if self.backend not in ("auto", "torch", "triton"):
             raise FastGPTError(f"--backend must be auto, torch or triton, got {self.backend!r}")
         if self.distributed not in ("ddp", "fsdp"):
@@ -145,86 +144,26 @@ class TrainConfig:
 
 
 def option_names() -> list[str]:
-    return [f.name for f in fields(TrainConfig)]
-
-
-def option_types() -> dict[str, Any]:
-    return get_type_hints(TrainConfig)
-
-
-def coerce(key: str, value: Any, source: str) -> Any:
-    """Check a file/override value against the field's type (ints accepted for floats)."""
-    hint = option_types()[key]
-    allowed = getattr(hint, "__args__", (hint,))
-    if value is None and type(None) in allowed:
-        return None
-    for kind in allowed:
-        if kind is bool and isinstance(value, bool):
-            return value
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is str and isinstance(value, str):
-            return value
-    names = "/".join(k.__name__ for k in allowed if k is not type(None))
-    raise FastGPTError(f"{source}: key {key!r} must be {names}, got {value!r}")
+    return options.option_names(TrainConfig)
 
 
 def load_config_file(path: str | Path) -> dict:
-    """Read a TOML or YAML run description into {option: value}; unknown keys are errors.
-
-    Sections are allowed for readability ([data], [model], [optim], ...): their keys
-    are flattened, so `[optim] lr = 3e-4` is the same as top-level `lr = 3e-4`.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FastGPTError(f"--config: no such file {path}")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            raw = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-            raw = yaml.safe_load(text) or {}
-        else:
-            raise FastGPTError(f"{path}: config files must end in .toml, .yaml or .yml")
-    except FastGPTError:
-        raise
-    except Exception as err:  # the parsers' own messages name the line
-        raise FastGPTError(f"{path}: cannot parse: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise FastGPTError(f"{path}: expected a table of options at the top level")
-    flat: dict[str, Any] = {}
-    known = set(option_names())
-    for key, value in raw.items():
-        items = value.items() if isinstance(value, dict) else [(key, value)]  # no option is a table
-        for sub_key, sub_value in items:
-            if sub_key not in known:
-                raise FastGPTError(f"{path}: unknown key {sub_key!r}")
-            flat[sub_key] = coerce(sub_key, sub_value, str(path))
-    return flat
+    """A TOML/YAML run description as {option: value} (`fastgpt.train.options.load_config_file`)."""
+    return options.load_config_file(path, TrainConfig)
 
 
 def resolve(file_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:
     """Defaults <- config file <- explicit overrides, validated."""
-    values = {**(file_values or {}), **(overrides or {})}
-    unknown = sorted(set(values) - set(option_names()))
-    if unknown:
-        raise FastGPTError(f"unknown option {unknown[0]!r}")
-    return TrainConfig(**values).validate()
+    return options.resolve(TrainConfig, file_values, overrides)
 
 
 # `fastgpt pretrain --demo`: a small GPT on Shakespeare in about 4 minutes on 2 CPU cores (faster on a GPU:
 # the time budget then allows all max_steps). A 4096-token BPE learned on the plays themselves (fastgpt.bpe,
 # ~2 s) instead of GPT-2's 50257 tokens makes the LM head a small part of the compute, so the budget goes
 # into the blocks and into many more steps; whole words per token also make early samples readable.
-# One torch thread: on the shared 2-core machine a step took ~140 ms with 1 thread and 0.7-6 s with 2
-# (OpenMP threads wait for each other whenever another process holds a core); idle, 2 would gain < 2x.
+# Threads: fastgpt.runtime.default_threads(), the physical cores (or OMP_NUM_THREADS). On a machine
+# busy with other jobs, fewer threads can be faster (OpenMP threads wait for each other whenever another
+# process holds a core): pass --threads 1 there.
 DEMO: dict[str, Any] = dict(
     corpus="shakespeare", tokenizer="bpe:4096",
     preset="mini",
@@ -232,7 +171,7 @@ DEMO: dict[str, Any] = dict(
     micro_batch=8,
     max_steps=3000, time_budget=220.0,
     lr=2e-3, min_lr=2e-4, warmup_steps=50,
-    weight_decay=0.1, grad_clip=1.0, threads=1,
+    weight_decay=0.1, grad_clip=1.0,
     eval_interval=0, eval_batches=8, log_interval=50,
     sample_prompt="ROMEO:\n", sample_tokens=160, sample_temperature=0.8, sample_top_k=40,
     ckpt_interval=100, keep_last=1,

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..runtime import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -37,13 +39,9 @@ def setup(device_request: str) -> tuple[DistInfo, torch.device]:
     """Join the process group if launched by torchrun; pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_request == "auto":
-        device_request = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_request)
+    device = resolve_device(device_request)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
-    elif device.type == "cuda" and device.index is None:  # plain "cuda": the current GPU, by index
-        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():

@@ -1,42 +1,42 @@
 """The training loop: `train(TrainConfig) -> TrainResult`.
 
-One optimizer step =
-    for each of `accum_steps` micro-batches:   loss = model(x, y) / accum_steps; backward
-    (DDP: gradients are all-reduced only on the last micro-batch)
-    clip the global gradient norm, AdamW step at the scheduled learning rate
-then, every so often: evaluate on fixed batches, print a text sample, and
-write an atomic checkpoint from which the run resumes bit-for-bit.
+Each optimizer step is `fastgpt.train.step.train_step` over `accum_steps` micro-batches
+(loss = model(x, y); DDP all-reduces gradients on the last one only), at the scheduled
+learning rate; losses and norms are read from the device only when the loop logs. Every
+so often it evaluates on fixed batches, prints a text sample, and writes an atomic
+checkpoint from which the run resumes bit-for-bit.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import json
 import math
-import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from tqdm import tqdm
 
 from .. import ops
 from ..errors import FastGPTError
+from ..model import GPT
+from ..runtime import autocast_factory, canonical_dtype_name, dtype_name, resolve_dtype, set_threads
 from ..tokenizer import TOKENIZER_DIR
 from . import checkpoint as ckpt_io
+from . import distributed as dist
+from . import options
 from .batches import BatchPlan, load_corpus, load_shards, load_text_file
 from .config import ARCHITECTURE_KEYS, TrainConfig
-from .distributed import (DistInfo, any_rank, barrier, full_state, gradient_sync, load_optimizer_state,
-                          mean_across_ranks, setup, teardown, wrap_model)
 from .evaluate import mean_loss, sample_text
-from .metrics import MetricsLog, eval_line, plot_losses, step_line
+from .metrics import eval_line, plot_losses, step_line
 from .mfu import mfu_text, model_flops_per_token
 from .optim import make_optimizer
 from .recompute import enable_activation_checkpointing
+from .run_dir import checkpoint_dir, open_run_dir, refuse_existing, write_json
 from .schedule import learning_rate
+from .step import PendingSteps, StepRecord, train_step
 
 GPT2_VOCAB_SIZE = 50257  # ids of GPT-2's tokenizer (tiktoken's gpt2 encoding)
 
@@ -59,34 +59,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------- setup helpers
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): then bf16 autocast beats fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto': bf16 on GPUs that have it, fp16 on older GPUs; on CPUs bf16 where the CPU has bf16
-    instructions (measured ~1.3x faster than fp32 on a 2-core AMD EPYC with AVX512-BF16), else fp32."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise FastGPTError(f"--dtype bf16: {torch.cuda.get_device_name(device)} does not support bfloat16")
-    return dtype
-
-
-def autocast_factory(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext
-    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
-
-
 def load_data(cfg: TrainConfig, saved_tokenizer: Path | None = None):
     """(train split, val split, the run's own tokenizer or None for GPT-2's)."""
     if cfg.data:
@@ -98,30 +70,31 @@ def load_data(cfg: TrainConfig, saved_tokenizer: Path | None = None):
     raise FastGPTError("no training data: give --data DIR, --text FILE or --corpus shakespeare")
 
 
-def explicit_fields(cfg: TrainConfig) -> set[str]:
-    """Fields that differ from the defaults (what a caller asked for)."""
-    default = TrainConfig()
-    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+def resolve_run(cfg: TrainConfig, resume, explicit: set[str] | None):
+    """(config, checkpoint or None, its state.json, the options the caller set).
 
-
-def merge_for_resume(saved: dict, cfg: TrainConfig, explicit: set[str], ckpt: Path) -> TrainConfig:
-    """The checkpoint's config, with what this invocation explicitly asked for on top.
-
-    Anything that changes the network's shape is refused: the weights would not fit.
-    So is another `init`: the checkpoint's weights were not made with it.
+    A resumed run continues with its checkpoint's config, and what this invocation explicitly
+    asked for on top. This happens before the device, dtype or threads are chosen: a run made
+    with --device cpu resumes on the CPU on a host with a GPU (resolving the invocation's
+    default `auto` first sent the resumed steps to the GPU there, and they differed from step 1
+    after the checkpoint). A different network shape is refused (the weights would not fit),
+    and so is another `init` (the checkpoint's weights were not made with it).
     """
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    merged = TrainConfig(**{k: v for k, v in saved.items() if k in known})
-    for key in explicit:
-        setattr(merged, key, getattr(cfg, key))
-    merged.validate()
-    old, new = TrainConfig(**{k: v for k, v in saved.items() if k in known}).model_config(), merged.model_config()
-    for key in (*ARCHITECTURE_KEYS, "init"):
-        if getattr(old, key) != getattr(new, key):
-            why = "another initialisation" if key == "init" else "a different architecture"
-            raise FastGPTError(f"--resume {ckpt}: the checkpoint has {key}={getattr(old, key)} but this run "
-                               f"asks for {key}={getattr(new, key)} ({why})")
-    return merged
+    asked = explicit if explicit is not None else options.explicit_fields(cfg)
+    resume_from, state = None, None
+    if resume is not None:
+        resume_from = ckpt_io.find_checkpoint(resume)
+        state = ckpt_io.read_state(resume_from)
+        original, cfg = options.merge_for_resume(state["config"], cfg, asked)
+        old, new = original.model_config(), cfg.model_config()
+        for key in (*ARCHITECTURE_KEYS, "init"):
+            if getattr(old, key) != getattr(new, key):
+                why = "another initialisation" if key == "init" else "a different architecture"
+                raise FastGPTError(f"--resume {resume_from}: the checkpoint has {key}={getattr(old, key)} but this "
+                                   f"run asks for {key}={getattr(new, key)} ({why})")
+        cfg.out_dir = str(resume_from.parent)
+    cfg.dtype = canonical_dtype_name(cfg.dtype)
+    return cfg, resume_from, state, asked
 
 
 def use_own_vocabulary(cfg: TrainConfig, tokenizer) -> None:
@@ -137,7 +110,6 @@ def use_own_vocabulary(cfg: TrainConfig, tokenizer) -> None:
 
 
 def build_model(cfg: TrainConfig):
-    from ..model import GPT
     if cfg.init_from:
         path = cfg.init_from  # a fastgpt, Hugging Face or OpenAI directory, or a downloaded model's name
         config, weights, _ = ckpt_io.load_model_state(Path(path))
@@ -179,24 +151,6 @@ class _StopFlag:
         return False
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def _prepare_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
-    existing = ckpt_io.list_checkpoints(run_dir) + ([run_dir / "best"] if (run_dir / "best").exists() else [])
-    if existing and not overwrite:
-        raise FastGPTError(f"--out-dir {run_dir} already holds checkpoints ({existing[-1].name}); "
-                           f"continue it with --resume {run_dir} or start over with --overwrite")
-    for path in existing:
-        shutil.rmtree(path)
-    for name in ("metrics.jsonl", "loss.png", "config.json"):
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / TOKENIZER_DIR, ignore_errors=True)
-
-
 def _steps_within_budget(cfg: TrainConfig, step: int, step_times: list[float], elapsed: float, eval_bs: int,
                          say, first: bool, cap: int) -> int:
     """The max_steps that fits cfg.time_budget, judged from the steps timed so far.
@@ -227,38 +181,33 @@ def train(config: TrainConfig, resume: str | Path | None = None, explicit: set[s
     `explicit`: the config keys the user set (for resume, these override the
     checkpoint's config); defaults to the fields that differ from TrainConfig().
     """
-    from tqdm import tqdm
-    cfg = dataclasses.replace(config).validate()
-    info, device = setup(cfg.device)
+    cfg, resume_from, state, asked = resolve_run(dataclasses.replace(config).validate(), resume, explicit)
+    info, device = dist.setup(cfg.device)
     threads, backend = torch.get_num_threads(), ops.get_backend()
     try:
-        return _train(cfg, resume, explicit, log, info, device, tqdm)
+        return _train(cfg, resume_from, state, asked, log, info, device)
     finally:
         torch.set_num_threads(threads)
         ops.set_backend(backend)
-        teardown()
+        dist.teardown()
 
 
-def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainResult:
+def _read_steps(pending: PendingSteps, last_ckpt, losses: list[float], step_times: list[float]) -> list[StepRecord]:
+    records = pending.read(last_ckpt)
+    losses += [r.loss for r in records]
+    step_times += [r.seconds for r in records]
+    return records
+
+
+def _train(cfg, resume_from, state, asked, log, info: dist.DistInfo, device) -> TrainResult:
     started = time.perf_counter()
     say = (log or tqdm.write) if info.is_main else (lambda *a, **k: None)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-
-    # ---- resolve the run: fresh, or continuing a checkpoint (validated before anything is written)
-    resume_from, state = None, None
-    if resume is not None:
-        resume_from = ckpt_io.find_checkpoint(resume)
-        state = ckpt_io.read_state(resume_from)
-        cfg = merge_for_resume(state["config"], cfg, explicit if explicit is not None else explicit_fields(cfg),
-                               resume_from)
-        cfg.out_dir = str(resume_from.parent)
+    set_threads(cfg.threads)
     run_dir = Path(cfg.out_dir)
     ops.set_backend(cfg.backend)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, "train")
     autocast = autocast_factory(device, dtype)
 
-    asked = explicit if explicit is not None else explicit_fields(cfg)
     if cfg.init_from and resume_from is None and not cfg.data and "tokenizer" not in asked:
         starting_vocabulary = Path(cfg.init_from) / TOKENIZER_DIR
         if starting_vocabulary.is_dir():  # keep training in the starting model's own BPE
@@ -298,15 +247,14 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
     eval_bs = cfg.eval_batch_size or cfg.micro_batch
     budget_cap = cfg.max_steps  # the most a time budget may allow
 
+    metrics = None
     if info.is_main:
-        if resume_from is None:
-            _prepare_fresh_run_dir(run_dir, cfg.overwrite)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        replaced = [] if resume_from else refuse_existing(run_dir, cfg.overwrite, "--out-dir", also=("best",))
+        metrics = open_run_dir(run_dir, state["step"] if resume_from else None, say, replaced,
+                               outputs=("loss.png", "config.json", TOKENIZER_DIR))
         if tokenizer is not None and resume_from is None:
             tokenizer.save(run_dir / TOKENIZER_DIR)
-        for partial in ckpt_io.clean_partial(run_dir):
-            say(f"removed a half-written checkpoint: {partial}")
-    barrier(info)
+    dist.barrier(info)
 
     model.to(device)
     if cfg.activation_checkpointing:
@@ -314,23 +262,20 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
     sharded = cfg.distributed == "fsdp" and info.enabled
     optimizer_format = "fsdp-full" if sharded else "torch"
     step, tokens_seen, best_val = 0, 0, None
-    metrics = MetricsLog(run_dir)
     if resume_from is not None:
         if state.get("optimizer_format", "torch") != optimizer_format:
             raise FastGPTError(f"--resume {resume_from}: its optimizer state was saved as "
                                f"{state.get('optimizer_format', 'torch')!r}; resume it with the same --distributed")
         state = ckpt_io.load_weights_and_rng(resume_from, model)  # weights go in before sharding
         step, tokens_seen, best_val = state["step"], state["tokens_seen"], state.get("best_val_loss")
-        if info.is_main:
-            metrics.truncate_after(step)
     if info.rank > 0:  # distinct dropout masks per rank (resume is bit-exact for one process only)
         torch.manual_seed(cfg.seed + info.rank + 7919 * step)
-    trained = wrap_model(model, cfg.distributed, info, device)  # FSDP shards `model` in place
+    trained = dist.wrap_model(model, cfg.distributed, info, device)  # FSDP shards `model` in place
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if resume_from is not None:
         saved = ckpt_io.load_optimizer_file(resume_from, device)
-        load_optimizer_state(model, optimizer, saved["optimizer"], cfg.distributed, info)
+        dist.load_optimizer_state(model, optimizer, saved["optimizer"], cfg.distributed, info)
         if saved.get("scaler") is not None and scaler.is_enabled():
             scaler.load_state_dict(saved["scaler"])
     if cfg.compile:
@@ -340,15 +285,17 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
     if info.is_main:
         say(f"resolved config{' (resumed from ' + str(resume_from) + ')' if resume_from else ''}:\n{cfg.summary()}")
         say(f"model: {model.num_parameters() / 1e6:.2f}M parameters | {model.config} | device {device} | "
-            f"dtype {str(dtype).removeprefix('torch.')} | backend {cfg.backend} | processes {info.world_size}")
+            f"dtype {dtype_name(dtype)} | backend {cfg.backend} | processes {info.world_size} | "
+            f"threads {torch.get_num_threads()}")
         say(f"data: {len(train_split):,} train / {len(val_split):,} val tokens | global batch "
             f"{plan.global_rows} x {T} = {plan.tokens_per_step:,} tokens ({cfg.micro_batch} per micro-step, "
-            f"{accum} accumulation steps) | {cfg.max_steps} steps = {cfg.max_steps / plan.steps_per_epoch():.2f} epochs")
+            f"{accum} accumulation steps) | {cfg.max_steps} steps = "
+            f"{cfg.max_steps / plan.steps_per_epoch():.2f} epochs")
         unigram = train_split.unigram_entropy()
         if unigram is not None:
             say(f"baseline: predicting the train split's token frequencies (unigram) costs {unigram:.2f} nats/token; "
                 f"an untrained model {math.log(model.config.vocab_size):.2f}")
-        _write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        write_json(run_dir / "config.json", cfg.to_dict())
 
     eval_cache: dict[str, list] = {}
 
@@ -362,8 +309,6 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
 
     def unsharded_copy():
         """FSDP: a plain model with the gathered weights (every rank must call; rank 0 gets the copy)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        from ..model import GPT
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not info.is_main:
             return None
@@ -375,76 +320,66 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
         """Called on every rank (FSDP gathers the shards); rank 0 writes."""
         if not (sharded or info.is_main):
             return None
-        model_state, optimizer_state = full_state(model, optimizer, cfg.distributed, info)
+        model_state, optimizer_state = dist.full_state(model, optimizer, cfg.distributed, info)
         if not info.is_main:
             return None
         payload = {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val,
                    "config": cfg.to_dict(), "world_size": info.world_size, "optimizer_format": optimizer_format}
         to_save = model
         if sharded:  # a plain CPU copy of the gathered weights for the model files
-            from ..model import GPT
             to_save = GPT(model.config)
             to_save.load_state_dict(model_state)
         return ckpt_io.save_checkpoint(directory, to_save, optimizer_state, scaler, payload, tokenizer)
 
+    def loss_fn(batch) -> torch.Tensor:
+        x, y = batch
+        return trained(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+
+    def sync(last: bool):
+        return dist.gradient_sync(trained, info, cfg.distributed, enabled=last)
+
+    parameters = list(model.parameters())
+    pending = PendingSteps(device)  # losses and norms stay on the device until a log, eval or save reads them
     losses: list[float] = []
     step_times: list[float] = []
     last_ckpt, train_loss, val_loss, sample = None, None, None, None
     interrupted = False
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (info.is_main and cfg.progress),
-               unit="step", dynamic_ncols=True, leave=False)
     trained.train()
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, tqdm(total=cfg.max_steps, initial=step, disable=not (info.is_main and cfg.progress),
+                                   unit="step", dynamic_ncols=True, leave=False) as bar:
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             lr = learning_rate(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            batches = plan.micro_batches(step)
-            for k, (x, y) in enumerate(batches):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                last = k == len(batches) - 1
-                with gradient_sync(trained, info, cfg.distributed, enabled=last):
-                    with autocast():
-                        loss = trained(x, y) / len(batches)
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach().float()
-            loss_value = mean_across_ranks(loss_sum, info).item()
-            if not math.isfinite(loss_value):
-                bar.close()
-                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-                raise FastGPTError(f"loss became {loss_value} at step {step + 1}: stopping without saving "
-                                   f"(try a lower --lr or --dtype fp32){where}")
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            result = train_step(loss_fn, plan.micro_batches(step), optimizer, parameters, lr=lr,
+                                grad_clip=cfg.grad_clip, autocast=autocast, scaler=scaler, sync=sync)
+            result.loss = dist.mean_across_ranks(result.loss, info)
             step += 1
             tokens_seen += plan.tokens_per_step
-            dt = time.perf_counter() - t0
-            tok_s = plan.tokens_per_step / dt
-            losses.append(loss_value)
-            norm_value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            step_times.append(dt)
-            if cfg.time_budget is not None and len(step_times) >= 3 and len(step_times) % 10 == 3:
+            pending.add(step, result, plan.tokens_per_step, tokens_seen, t0)
+            bar.update(1)
+            records = []
+            run_steps = len(step_times) + len(pending)  # steps of this invocation
+            if cfg.time_budget is not None and run_steps >= 3 and run_steps % 10 == 3:
+                records = _read_steps(pending, last_ckpt, losses, step_times)
                 cfg.max_steps = _steps_within_budget(cfg, step, step_times, time.perf_counter() - started,
-                                                     eval_bs, say, first=len(step_times) == 3,
-                                                     cap=budget_cap)
+                                                     eval_bs, say, first=run_steps == 3, cap=budget_cap)
                 bar.total = cfg.max_steps
-            if info.is_main:
-                metrics.write({"kind": "train", "step": step, "tokens": tokens_seen, "loss": loss_value,
-                               "lr": lr, "norm": norm_value, "ms": dt * 1e3, "tok_s": tok_s})
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-                if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                    say(step_line(step, cfg.max_steps, loss_value, lr, norm_value, dt * 1e3, tok_s,
-                                  mfu_text(tok_s, flops_token, device, dtype, info.world_size)))
             final = step == cfg.max_steps
-            if (cfg.eval_interval and step % cfg.eval_interval == 0) or final:
+            evaluating = (cfg.eval_interval and step % cfg.eval_interval == 0) or final
+            sampling = (cfg.sample_interval and step % cfg.sample_interval == 0) or final
+            interrupted = dist.any_rank(stop.requested, info, device)
+            saving = (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or final or interrupted
+            if step % cfg.log_interval == 0 or evaluating or sampling or saving:  # before saving: no NaN is saved
+                records += _read_steps(pending, last_ckpt, losses, step_times)
+            for record in records if info.is_main else ():
+                metrics.write(record.row())
+                if record.step % cfg.log_interval == 0 or record.step == cfg.max_steps:
+                    say(step_line(record.step, cfg.max_steps, record.loss, record.lr, record.grad_norm,
+                                  record.seconds * 1e3, record.tokens_per_second,
+                                  mfu_text(record.tokens_per_second, flops_token, device, dtype, info.world_size)))
+            if records:
+                bar.set_postfix(loss=f"{records[-1].loss:.4f}")
+            if evaluating:
                 train_loss, val_loss = evaluate()
                 improved = best_val is None or val_loss < best_val
                 best_val = val_loss if improved else best_val
@@ -454,23 +389,21 @@ def _train(cfg, resume, explicit, log, info: DistInfo, device, tqdm) -> TrainRes
                     say(eval_line(step, train_loss, val_loss))
                 if improved and cfg.keep_best:
                     save(run_dir / "best")
-            if (cfg.sample_interval and step % cfg.sample_interval == 0) or final:
+            if sampling:
                 sampler = unsharded_copy() if sharded else model
                 if info.is_main:
                     sample = sample_text(sampler, cfg.sample_prompt, cfg.sample_tokens, cfg.sample_temperature,
                                          cfg.sample_top_k, seed=cfg.seed, tokenizer=tokenizer)
                     say(f"sample at step {step}:\n{sample}\n")
-            interrupted = any_rank(stop.requested, info, device)
-            if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or final or interrupted:
-                path = save(run_dir / f"ckpt_{step:06d}")
+            if saving:
+                path = save(checkpoint_dir(run_dir, step))
                 if info.is_main:
                     last_ckpt = path
                     ckpt_io.prune(run_dir, cfg.keep_last)
-                barrier(info)
+                dist.barrier(info)
             if interrupted:
                 say(f"interrupted: saved {last_ckpt} at step {step}; continue with --resume {run_dir}")
                 break
-    bar.close()
     if info.is_main and cfg.loss_plot and step > 0:
         say(f"loss curve: {plot_losses(run_dir)}")
     if last_ckpt is None and ckpt_io.list_checkpoints(run_dir):

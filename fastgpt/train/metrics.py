@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from ..weights.atomic import replace_file
 
 
 def step_line(step: int, max_steps: int, loss: float, lr: float, norm: float | None, ms: float,
@@ -48,9 +49,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [r for r in self.read() if r["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        replace_file(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -80,7 +79,7 @@ def plot_losses(run_dir: str | Path) -> Path:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if train:
-        ax.plot(*zip(*train), lw=0.8, alpha=0.6, label="train (per step)")
+        ax.plot(*zip(*train, strict=True), lw=0.8, alpha=0.6, label="train (per step)")
     if evals:
         tokens = [r["tokens"] for r in evals]
         ax.plot(tokens, [r["train_loss"] for r in evals], "o-", label="train (eval)")
@@ -92,8 +91,6 @@ def plot_losses(run_dir: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     out = run_dir / "loss.png"
-    tmp = run_dir / "loss.tmp.png"
-    fig.savefig(tmp, dpi=110)
+    replace_file(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
