@@ -20,16 +20,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from fastgpt import ops  # noqa: E402
+from fastgpt.bench.nanogpt import make_optimizer as nanogpt_optimizer  # noqa: E402
 from fastgpt.bench.nanogpt import padded_vocab  # noqa: E402
 from fastgpt.bench.train import TrainStep  # noqa: E402
 from fastgpt.config import preset  # noqa: E402
+from fastgpt.model import GPT  # noqa: E402
+from fastgpt.train.optim import make_optimizer  # noqa: E402
 
 
 def profile_step(variant: str, cfg, batch: int, rows: int) -> str:
     """The aten ops of one steady-state training step, by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
     step = TrainStep(variant, cfg, batch, "cpu", torch.float32)
     step()  # optimizer state allocated
     start = time.perf_counter()
@@ -46,6 +49,20 @@ def _fwd_bwd(fn, tensors, others=()):
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         torch.autograd.grad(outs, tensors, [torch.ones_like(o) for o in outs])
     return run
+
+
+def _optimizer_pair(cfg):
+    """One AdamW step over the whole model's parameters: fastgpt's (fused on CPU) vs nanoGPT's (foreach)."""
+    def prepared(model, optimizer):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+
+        def run():
+            optimizer.step()
+        return run
+    ours, theirs = GPT(cfg), GPT(cfg)
+    return (prepared(ours, make_optimizer(ours, 6e-4, 0.1, (0.9, 0.95), 1e-8, torch.device("cpu"))),
+            prepared(theirs, nanogpt_optimizer(theirs)))
 
 
 def op_pairs(cfg, batch: int):
@@ -71,6 +88,7 @@ def op_pairs(cfg, batch: int):
         return call
 
     return [
+        ("adamw step (all parameters)", *_optimizer_pair(cfg)),
         ("attention", _fwd_bwd(torch_backend(ops.attention), [q, k, v]),
          _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v])),
         ("bias_gelu", _fwd_bwd(torch_backend(ops.bias_gelu), [pre, fc_bias]),
