@@ -13,7 +13,8 @@ static KV cache whose batch rows are *slots*:
 
 A request never waits for the running batch to finish: it waits at most one decode
 step plus the prefills admitted before it. Each prefill runs exactly as
-`fastgpt.generate.generate` runs a batch-1 prefill, and the decode rows are padded to
+`fastgpt.generate.generate` runs a batch-1 prefill, each decode step through the same
+`hidden_states_at` / `head_logits` as its decode step, and the decode rows are padded to
 at least MIN_DECODE_ROWS so that a row's arithmetic does not depend on how many other
 requests are running (CPU matrix kernels pick a different, differently-rounded code
 path for very few rows). Text goes through `TextStream`, so a stop string is never
@@ -35,6 +36,7 @@ from typing import Sequence as Seq
 
 import torch
 
+from ..cached_forward import head_logits, hidden_states_at
 from ..errors import FastGPTError
 from ..generate import TextStream
 from ..kv_cache import KVCache
@@ -213,7 +215,7 @@ class Engine:
         view = _cache_rows(self.cache, slot, slot + 1, self.cache.max_length)
         idx = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
         hidden = self.model.hidden_states(idx, view)
-        logits = self.model.lm_head(hidden[:, T - 1])
+        logits = head_logits(self.model, hidden[:, T - 1])
         self.cache.lengths[slot] = T
         seq.text = TextStream(self.tokenizer, seq.stop)
         self._accept(seq, int(sample(logits, seq.params, seq.generator)[0]))
@@ -231,7 +233,7 @@ class Engine:
         longest = int(self.cache.lengths[:rows].max()) + 1
         window = min(self.cache.max_length, -(-longest // WINDOW_STEP) * WINDOW_STEP)
         view = _cache_rows(self.cache, 0, rows, window)
-        logits = self.model.lm_head(self.model.hidden_states(tokens.to(self.device), view)[:, 0])
+        logits = head_logits(self.model, hidden_states_at(self.model, tokens.to(self.device), view)[:, 0])
         view.lengths += advance.to(self.device)
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(occupied))
