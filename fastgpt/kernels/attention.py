@@ -294,49 +294,28 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Tile configs. Each was compiled for sm_80 and sm_90 (see compile_specs) and chosen so that
-# no kernel spills registers, with or without Triton's 16-byte alignment specialisation.
-# The interpreter runs one small fixed config: fast on CPU, and still several tiles per
-# sequence, so that the tests cross every tile boundary.
-_INTERPRETER_FWD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
-_INTERPRETER_DKDV = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
-_INTERPRETER_DQ = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
-
-
-def _fwd_gpu_config(head_dim: int) -> dict:
-    """128 queries against 64-key tiles at d=64; at d=128 the accumulator doubles, so 64 queries."""
-    if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
-
-
-def _dkdv_gpu_config(head_dim: int) -> dict:
-    """BLOCK_N keys owned (dK, dV accumulate in registers), queries streamed BLOCK_M at a time."""
-    if head_dim <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3)
-
-
-def _dq_gpu_config(head_dim: int) -> dict:
-    """BLOCK_M queries owned (dQ accumulates in registers), keys streamed BLOCK_N at a time."""
-    if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-
-
+# Tile configs, one row per kernel: the interpreter's, then the GPU's for head sizes up to 64
+# and up to 128. Each GPU config was compiled for sm_80 and sm_90 (see compile_specs) and
+# chosen so that no kernel spills registers, with or without Triton's 16-byte alignment
+# specialisation. The interpreter runs one small fixed config: fast on CPU, and still
+# several tiles per sequence, so that the tests cross every tile boundary.
+#   fwd:  BLOCK_M queries against BLOCK_N-key tiles (at d=128 the accumulator doubles: 64 queries)
+#   dkdv: BLOCK_N keys owned (dK, dV accumulate in registers), queries streamed BLOCK_M at a time
+#   dq:   BLOCK_M queries owned (dQ accumulates in registers), keys streamed BLOCK_N at a time
+_TILES = {  # kernel: (interpreter, GPU d <= 64, GPU d <= 128) as (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    "fwd": ((64, 32, 4, 1), (128, 64, 8, 3), (64, 64, 8, 2)),
+    "dkdv": ((32, 64, 4, 1), (32, 128, 8, 3), (32, 64, 8, 3)),
+    "dq": ((64, 32, 4, 1), (128, 32, 8, 3), (64, 32, 8, 2)),
+}
 _DELTA_BLOCK_M = 32
 
 
-def _fwd_config(head_dim: int) -> dict:
-    return _INTERPRETER_FWD if _interpreted() else _fwd_gpu_config(head_dim)
-
-
-def _dkdv_config(head_dim: int) -> dict:
-    return _INTERPRETER_DKDV if _interpreted() else _dkdv_gpu_config(head_dim)
-
-
-def _dq_config(head_dim: int) -> dict:
-    return _INTERPRETER_DQ if _interpreted() else _dq_gpu_config(head_dim)
+def _config(kernel: str, head_dim: int, gpu: bool | None = None) -> dict:
+    """Launch config of `kernel` ("fwd", "dkdv", "dq"); gpu=None: the GPU's unless interpreting."""
+    interpreter, small, large = _TILES[kernel]
+    gpu = not _interpreted() if gpu is None else gpu
+    block_m, block_n, num_warps, num_stages = (small if head_dim <= 64 else large) if gpu else interpreter
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -362,7 +341,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: 
     B, H, T, D = q.shape
     out = _bhtd_like(q)
     lse = new_output((B, H, T), torch.float32, q.device)
-    cfg = _fwd_config(D)
+    cfg = _config("fwd", D)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                            H, T, sm_scale, HEAD_DIM=D, INPUT_PRECISION=_input_precision(q.dtype), **cfg)
@@ -379,7 +358,7 @@ def _(q, k, v, sm_scale):
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, T, D = q.shape
-    kv_cfg, q_cfg = _dkdv_config(D), _dq_config(D)
+    kv_cfg, q_cfg = _config("dkdv", D), _config("dq", D)
     precision = _input_precision(q.dtype)
     dq, dk, dv = _bhtd_like(q), _bhtd_like(k), _bhtd_like(v)
     delta = new_output(lse.shape, torch.float32, lse.device)
@@ -466,15 +445,15 @@ def compile_specs():
             tag = f"{dtype}_d{D}"
             specs += [
                 spec(f"attention_fwd_{tag}", _attn_fwd_kernel,
-                     {"Q": ty, "K": ty, "V": ty, "O": ty, "LSE": "*fp32"}, "qkvo", _fwd_gpu_config(D),
+                     {"Q": ty, "K": ty, "V": ty, "O": ty, "LSE": "*fp32"}, "qkvo", _config("fwd", D, gpu=True),
                      HEAD_DIM=D, INPUT_PRECISION="ieee"),
                 spec(f"attention_bwd_delta_{tag}", _attn_bwd_delta_kernel,
                      {"O": ty, "DO": ty, "DELTA": "*fp32"}, ("o", "do"), {}, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M),
                 spec(f"attention_bwd_dkdv_{tag}", _attn_bwd_dkdv_kernel,
                      {"Q": ty, "K": ty, "V": ty, "DO": ty, "DK": ty, "DV": ty, "LSE": "*fp32", "DELTA": "*fp32"},
-                     ("q", "k", "v", "do", "dk", "dv"), _dkdv_gpu_config(D), HEAD_DIM=D, INPUT_PRECISION="ieee"),
+                     ("q", "k", "v", "do", "dk", "dv"), _config("dkdv", D, gpu=True), HEAD_DIM=D, INPUT_PRECISION="ieee"),
                 spec(f"attention_bwd_dq_{tag}", _attn_bwd_dq_kernel,
                      {"Q": ty, "K": ty, "V": ty, "DO": ty, "DQ": ty, "LSE": "*fp32", "DELTA": "*fp32"},
-                     ("q", "k", "v", "do", "dq"), _dq_gpu_config(D), HEAD_DIM=D, INPUT_PRECISION="ieee"),
+                     ("q", "k", "v", "do", "dq"), _config("dq", D, gpu=True), HEAD_DIM=D, INPUT_PRECISION="ieee"),
             ]
     return specs
