@@ -28,3 +28,9 @@ def test_bench_cuda_without_gpu_is_one_line_error(tmp_path, capsys):
         pytest.skip("a GPU is present")
     assert main(["bench", "kernels", "--device", "cuda", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_bench_cpu_sizes_skip_suites_without_a_cpu_case(tmp_path, capsys):
+    assert main(["bench", "attention", "--device", "cpu", "--sizes", "cpu", "--out", str(tmp_path)]) == 0
+    assert "bench attention: no 'cpu' size set; skipped" in capsys.readouterr().out
+    assert not (tmp_path / "attention.csv").exists()
