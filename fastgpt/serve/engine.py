@@ -13,12 +13,16 @@ static KV cache whose batch rows are *slots*:
 
 A request never waits for the running batch to finish: it waits at most one decode
 step plus the prefills admitted before it. Each prefill runs exactly as
-`fastgpt.generate.generate` runs a batch-1 prefill, each decode step through the same
-`hidden_states_at` / `head_logits` as its decode step, and the decode rows are padded to
-at least MIN_DECODE_ROWS so that a row's arithmetic does not depend on how many other
-requests are running (CPU matrix kernels pick a different, differently-rounded code
-path for very few rows). Text goes through `TextStream`, so a stop string is never
-emitted, even when it spans tokens.
+`fastgpt.generate.generate` runs a batch-1 prefill, and each decode step goes through
+the same `hidden_states_at` / `head_logits`. One caveat, measured: CPU matrix kernels
+round a row differently depending on how many rows there are (here a row of a 1- to
+7-row product differed from the same row in an 8+ row one), so a batched row's logits
+can differ from the batch-1 ones in the last bits; greedy tokens then differ only where
+the two best logits tie to ~1e-6.
+Padding the batch to a fixed row count would make rows independent of each other but
+cost ~3x per step for a lone request (GPT-2 MLP, 1 vs 8 rows), and still not equal the
+batch-1 path, so the decode step runs exactly the occupied rows. Text goes through
+`TextStream`, so a stop string is never emitted, even when it spans tokens.
 
 The engine speaks plain Python: `submit()` takes token ids and returns a `Sequence`
 whose `sink` receives `Event`s from the engine thread. The HTTP layer lives elsewhere.
@@ -42,9 +46,6 @@ from ..generate import TextStream
 from ..kv_cache import KVCache
 from ..sampling import SamplingParams, sample
 
-# Decode at least this many rows (free slots ride along): CPU GEMMs round a row the same
-# way whatever the row count from 8 rows up, differently below (measured, MKL/oneDNN fp32).
-MIN_DECODE_ROWS = 8
 # The decode step attends over cache positions [0, window); the window grows in these steps.
 WINDOW_STEP = 64
 
@@ -223,7 +224,7 @@ class Engine:
     def _decode(self) -> None:
         """One token for every occupied slot, each at its own position."""
         occupied = [i for i, s in enumerate(self.slots) if s is not None]
-        rows = min(self.max_batch, max(occupied[-1] + 1, MIN_DECODE_ROWS))
+        rows = occupied[-1] + 1  # free slots below the last occupied one ride along (new ones take the lowest)
         tokens = torch.zeros(rows, 1, dtype=torch.long)
         advance = torch.zeros(rows, dtype=torch.long)
         for i in occupied:
