@@ -33,7 +33,7 @@ except ImportError:  # a dev/serve dependency: the suite then skips with a messa
 from ..errors import FastGPTError
 from .common import Row, markdown_table, suite_main, write_results
 
-SIZES = {
+SIZE_SETS = {
     # preset, clients, requests per client, new tokens per request
     "tiny": {"preset": "tiny", "clients": 4, "requests": 2, "max_tokens": 16},
     "gpt2": {"preset": "gpt2", "clients": 16, "requests": 2, "max_tokens": 64},
@@ -188,9 +188,9 @@ def run(device: str = "cpu", sizes: str = "tiny", out_dir: str | None = None, ur
         print(f"serve: skipped: needs {', '.join(missing + (['httpx'] if httpx is None else []))} "
               f"(pip install 'fastgpt[serve]' httpx)")
         return []
-    if sizes not in SIZES:
-        raise FastGPTError(f"serve: unknown sizes {sizes!r} (choose from: {', '.join(SIZES)})")
-    spec = SIZES[sizes]
+    if sizes not in SIZE_SETS:
+        raise FastGPTError(f"serve: unknown sizes {sizes!r} (choose from: {', '.join(SIZE_SETS)})")
+    spec = SIZE_SETS[sizes]
     clients = clients or spec["clients"]
     requests_per_client = requests_per_client or spec["requests"]
     max_tokens = max_tokens or spec["max_tokens"]
@@ -238,7 +238,7 @@ def _add_arguments(parser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return suite_main(argv, "serve", __doc__, SIZES, run, BASELINE, _add_arguments,
+    return suite_main(argv, "serve", __doc__, SIZE_SETS, run, BASELINE, _add_arguments,
                       lambda a: dict(url=a.url, clients=a.clients, requests_per_client=a.requests_per_client,
                                      max_tokens=a.max_tokens, threads=a.threads))
 
