@@ -400,6 +400,17 @@ def _decode_step(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
     return head_logits(model, hidden_states_at(model, tokens, cache)[:, 0])
 
 
+def sampling_decode_step(model, tokens: torch.Tensor, cache: KVCache, advance: torch.Tensor, params: SamplingParams,
+                         noise: torch.Tensor) -> torch.Tensor:
+    """The whole step a CUDA graph records: logits of `tokens` (B, 1), each sequence's cache
+    length advanced by `advance` (1 active, 0 finished), the next tokens (B,) sampled with
+    `noise`. Pure tensor work on static buffers: no host sync, no allocation that
+    depends on values, so it is as correct replayed as run eagerly (tested on CPU)."""
+    logits = _decode_step(model, tokens, cache)
+    cache.lengths.add_(advance)
+    return sample_with_noise(logits, params, noise)
+
+
 # model -> its compiled decode step (compiled once, reused by later calls)
 _COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -430,9 +441,7 @@ class _CUDAGraphStep:
         lengths = cache.lengths.clone()
 
         def step():
-            logits = _decode_step(model, tokens, cache)
-            cache.lengths.add_(advance)
-            return sample_with_noise(logits, params, self.noise)
+            return sampling_decode_step(model, tokens, cache, advance, params, self.noise)
 
         # Warm up on a side stream (Triton compiles, allocator pools), then capture. The
         # warm-up steps write the slots the real step will write; the lengths are restored.

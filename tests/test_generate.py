@@ -4,13 +4,13 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import requires_gpu, varied_tiny_model
+
 from fastgpt.config import preset
 from fastgpt.errors import FastGPTError
 from fastgpt.generate import TextStream, generate
 from fastgpt.model import GPT
-from fastgpt.sampling import SamplingParams, filter_logits, sample
+from fastgpt.sampling import SamplingParams, filter_logits, sample, sample_with_noise
 from fastgpt.tokenizer import Tokenizer
 
 # Ragged prompts: lengths 1, 5 and 12 share one batch.
@@ -263,6 +263,59 @@ def test_text_stream_holds_back_and_cuts_at_stop_strings(tokenizer):
     assert out == "The answer is 4.\n\n"
 
 
+def test_noise_sampling_draws_in_proportion_and_greedy_ignores_the_noise():
+    """The exponential race that the CUDA-graph step samples with: argmax(probs / Exp(1) noise)."""
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])
+    logits = probs.log().expand(4000, 4)
+    noise = torch.empty(4000, 4).exponential_(generator=torch.Generator().manual_seed(0))
+    drawn = sample_with_noise(logits, SamplingParams(temperature=1.0, top_p=0.7), noise)
+    counts = torch.bincount(drawn, minlength=4).tolist()
+    assert counts[0] == counts[2] == 0
+    assert abs(counts[1] / 4000 - 0.5 / 0.8) < 0.03
+    drawn = sample_with_noise(logits, SamplingParams(temperature=1.0), noise)
+    assert max(abs(c / 4000 - p) for c, p in zip(torch.bincount(drawn, minlength=4).tolist(), probs.tolist(),
+                                                   strict=True)) < 0.03
+    assert sample_with_noise(logits[:2], SamplingParams(temperature=0), noise[:2]).tolist() == [1, 1]
+
+
+def test_the_graph_recorded_step_decodes_a_ragged_batch_like_generate(model):
+    """`sampling_decode_step` is what the CUDA graph records; run eagerly here on a ragged batch
+    where one row finishes early and rides along, it gives each row's own greedy tokens."""
+    from fastgpt.generate import sampling_decode_step
+    from fastgpt.kv_cache import KVCache
+    steps, params = 12, SamplingParams(temperature=0)
+    expected = [generate(model, [p], steps + 1, temperature=0, eos_id=None).tokens[0] for p in PROMPTS]
+    cache = KVCache.for_model(model, len(PROMPTS), 40)
+    lengths = torch.tensor([len(p) for p in PROMPTS])
+    idx = torch.zeros(len(PROMPTS), int(lengths.max()), dtype=torch.long)
+    for b, p in enumerate(PROMPTS):
+        idx[b, :len(p)] = torch.tensor(p)
+    advance = torch.ones(len(PROMPTS), dtype=torch.long)
+    noise = torch.ones(len(PROMPTS), model.config.vocab_size)
+    with torch.inference_mode():
+        hidden = model.hidden_states(idx, cache)
+        cache.lengths.copy_(lengths)
+        tokens = model.lm_head(hidden[torch.arange(len(PROMPTS)), lengths - 1]).argmax(-1)[:, None]
+        got = [[t] for t in tokens[:, 0].tolist()]
+        for step in range(steps):
+            if step == 3:
+                advance[1] = 0  # sequence 1 finishes with this step's token, then stays where it is
+            tokens[:, 0] = sampling_decode_step(model, tokens, cache, advance, params, noise)
+            for b, t in enumerate(tokens[:, 0].tolist()):
+                if b != 1 or step <= 3:
+                    got[b].append(t)
+    assert got[0] == expected[0] and got[2] == expected[2]
+    assert got[1] == expected[1][:5]
+    assert cache.lengths.tolist() == [len(PROMPTS[0]) + steps, len(PROMPTS[1]) + 3, len(PROMPTS[2]) + steps]
+
+
+@pytest.mark.slow  # ~40 s of compilation on 2 shared cores
+def test_compiled_decode_step_gives_the_eager_tokens(model, one_thread):
+    eager = generate(model, PROMPTS, 8, temperature=0, eos_id=None)
+    compiled = generate(model, PROMPTS, 8, temperature=0, eos_id=None, compile=True)
+    assert compiled.tokens == eager.tokens
+
+
 # ------------------------------------------------------------------ GPU
 @requires_gpu
 def test_cuda_graph_decode_equals_eager():
@@ -271,6 +324,17 @@ def test_cuda_graph_decode_equals_eager():
     graphed = generate(model, PROMPTS, 40, temperature=0, eos_id=None, cuda_graph=True)
     eager = generate(model, PROMPTS, 40, temperature=0, eos_id=None, cuda_graph=False)
     assert graphed.tokens == eager.tokens
+
+
+@requires_gpu
+def test_cuda_graph_samples_a_batch_reproducibly_in_the_graph():
+    torch.manual_seed(0)
+    model = GPT("mini").cuda().eval()
+    prompts = PROMPTS * 3  # batch 9, ragged
+    runs = [generate(model, prompts, 30, temperature=0.8, top_k=50, seed=7, eos_id=None, cuda_graph=True)
+            for _ in range(2)]
+    assert runs[0].tokens == runs[1].tokens and all(len(t) == 30 for t in runs[0].tokens)
+    assert len({tuple(t) for t in runs[0].tokens}) > 3  # sampled, not one sequence repeated
 
 
 @requires_gpu
@@ -295,6 +359,7 @@ def test_int8_linear_is_the_dequantized_matmul():
 
 def test_int8_model_stays_close_to_the_float_model_and_generates(model):
     import copy
+
     from fastgpt.quantize import quantize_int8, weight_bytes_per_token
     quantized = quantize_int8(copy.deepcopy(model))
     ids = torch.tensor([PROMPTS[2]])
