@@ -329,3 +329,16 @@ def test_a_full_queue_answers_503_at_once_with_retry_after():
         assert wait_idle(url)["active"] == 0
         after = httpx.post(f"{url}/v1/completions", json={"prompt": "now", "max_tokens": 2}, timeout=30)
         assert after.status_code == 200
+
+
+# ---------------------------------------------------------------------- fastgpt bench serve
+def test_bench_serve_measures_a_running_server(server, tmp_path):
+    from fastgpt.bench import serve as bench_serve
+
+    rows = bench_serve.run(url=server.url, clients=3, requests_per_client=2, max_tokens=4, out_dir=tmp_path)
+    assert [(r.name, r.backend) for r in rows] == [("serve_throughput", "sequential"), ("serve_ttft", "sequential"),
+                                                   ("serve_throughput", "3 clients"), ("serve_ttft", "3 clients")]
+    for row in rows[0], rows[2]:
+        assert row.unit == "tokens/s" and row.median > 0 and "tokens=24;" in row.extra  # 6 requests x 4 tokens
+    assert rows[1].unit == rows[3].unit == "ms" and "p99=" in rows[3].extra
+    assert "| serve_throughput |" in (tmp_path / "serve.md").read_text()
