@@ -1,13 +1,21 @@
-"""Triton bias + GELU (tanh) against an fp64 reference; outputs poisoned with NaN."""
+"""Triton bias + GELU (tanh) against PyTorch's own tanh GELU in fp64; outputs poisoned with NaN.
+
+The ground truth is `F.gelu(..., approximate="tanh")`, not fastgpt's reference: the
+reference shares its constants with the kernel, so a wrong constant in both would pass.
+"""
 import pytest
 import torch
-
+import torch.nn.functional as F
 from conftest import DEVICE, requires_gpu
-from fastgpt import ops
 from kernel_checks import DTYPES, assert_close, poison_outputs  # noqa: F401 (poison_outputs: autouse fixture)
+
+from fastgpt import ops
 from fastgpt.errors import FastGPTError
 from fastgpt.kernels.gelu import bias_gelu_reference, bias_gelu_triton
 
+
+def gelu_fp64(x, bias):
+    return F.gelu(x.double() + bias.double(), approximate="tanh")
 
 
 def make(rows, width, dtype, seed=0):
@@ -23,7 +31,7 @@ def run_both(x, bias, dy):
     y = bias_gelu_triton(xt, bt)
     y.backward(dy)
     xr, br = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
-    yr = bias_gelu_reference(xr, br)
+    yr = gelu_fp64(xr, br)
     yr.backward(dy.double())
     return (y, xt.grad, bt.grad), (yr, xr.grad, br.grad)
 
@@ -61,7 +69,7 @@ def test_non_contiguous_input(layout):
     dy = torch.randn(6, 2 * C, generator=g).to(DEVICE)[:, ::2]
     assert not x.is_contiguous() and not dy.is_contiguous()
     outs, refs = run_both(x, bias, dy)
-    for name, a, r in zip(("y", "dx", "dbias"), outs, refs):
+    for name, a, r in zip(("y", "dx", "dbias"), outs, refs, strict=True):
         assert_close(a, r, torch.float32, name)
 
 
@@ -71,7 +79,12 @@ def test_three_dim_input_and_dispatch():
     with ops.use_backend("triton"):
         y = ops.bias_gelu(x, bias)
     assert y.shape == (2, 5, 24)
-    assert_close(y, bias_gelu_reference(x.double(), bias.double()), torch.float32, "y")
+    assert_close(y, gelu_fp64(x, bias), torch.float32, "y")
+
+
+def test_reference_is_pytorchs_tanh_gelu():
+    x, bias, _ = make(7, 300, torch.float64)
+    torch.testing.assert_close(bias_gelu_reference(x, bias), gelu_fp64(x, bias), rtol=1e-14, atol=1e-14)
 
 
 def test_torch_compile_fullgraph_has_no_graph_break():
