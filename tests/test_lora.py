@@ -3,8 +3,16 @@ import pytest
 import torch
 
 from fastgpt.errors import FastGPTError
-from fastgpt.finetune.lora import (LoRALinear, apply_lora, count_parameters, load_adapters, lora_layers,
-                                   merge_lora, save_adapters, trainable_summary)
+from fastgpt.finetune.lora import (
+    LoRALinear,
+    apply_lora,
+    count_parameters,
+    load_adapters,
+    lora_layers,
+    merge_lora,
+    save_adapters,
+    trainable_summary,
+)
 from fastgpt.model import GPT
 
 
@@ -45,9 +53,34 @@ def test_zero_b_leaves_outputs_unchanged_and_freezes_base():
     assert trainable_summary(model).startswith(f"trainable: {per_layer * model.config.n_layer:,} / ")
 
 
+def test_lora_linear_is_the_written_out_formula_with_rank_other_than_alpha():
+    """y = x W^T + b + (alpha / r) x A^T B^T, with r = 4 and alpha = 2 (so alpha / r = 0.5 and r / alpha = 2
+    differ), for the layer, its bias-free matmul and the merged weight W + (alpha / r) B A."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5)
+    rank, alpha = 4, 2.0
+    layer = LoRALinear(base, rank, alpha)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # B starts at zero: give it values, or the update would vanish
+    x = torch.randn(3, 6, dtype=torch.float64)
+    W, b = base.weight.detach().double(), base.bias.detach().double()
+    A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    expected = x @ W.T + b + (alpha / rank) * (x @ A.T @ B.T)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.float()).double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.matmul_no_bias(x.float()).double(), expected - b, rtol=1e-5, atol=1e-5)
+        merged = layer.merged_linear()
+        torch.testing.assert_close(merged.weight.double(), W + (alpha / rank) * (B @ A), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(merged(x.float()).double(), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(x @ W.T + b + (rank / alpha) * (x @ A.T @ B.T), expected)  # the scale matters
+
+
 def test_training_moves_only_adapters_and_merge_matches():
     model = _tiny()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx_before = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        base_output = model(idx_before)
     apply_lora(model, rank=4, alpha=8)
     idx, losses = _train_a_few_steps(model)
     assert losses[-1] < losses[0]
@@ -60,7 +93,8 @@ def test_training_moves_only_adapters_and_merge_matches():
         merge_lora(model)
         merged = model(idx)
     assert not lora_layers(model)
-    assert not torch.equal(adapted, GPT("tiny").eval()(idx))
+    with torch.no_grad():
+        assert not torch.allclose(model(idx_before), base_output, atol=1e-3)  # trained away from the base model
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
     assert set(model.state_dict()) == set(GPT("tiny").state_dict())  # plain GPT names again
 
