@@ -1,5 +1,6 @@
 """The generation benchmark runs end to end at tiny size (no speed assertions)."""
 import csv
+import dataclasses
 
 import pytest
 
@@ -13,18 +14,63 @@ def test_generation_benchmark_writes_csv_and_markdown(tmp_path):
     with open(tmp_path / "generate.csv") as f:
         written = list(csv.DictReader(f))
     assert {(r["backend"], r["dtype"]) for r in written} == {
-        ("transformers", "float32"), ("fastgpt", "float32"), ("bound (bandwidth)", "float32")}
+        ("transformers", "fp32"), ("fastgpt", "fp32"), ("bound (bandwidth)", "fp32")}
     assert len(written) == len(rows) == 3
     assert all(float(r["median"]) > 0 and r["unit"] == "tokens/s" for r in written)
     fastgpt_row = next(r for r in written if r["backend"] == "fastgpt")
-    assert "first_6_of_6_tokens_equal_transformers_fp32" in fastgpt_row["extra"]
+    extra = dict(item.split("=", 1) for item in fastgpt_row["extra"].split(";"))
+    assert extra["equal_tokens"] == "6/6"
+    assert float(extra["ttft_ms"]) > 0 and 0 < float(extra["bound_share"])
+    assert extra["cpu"] in ("AMX", "AVX512-BF16", "AVX512", "AVX2") or extra["cpu"]
     markdown = (tmp_path / "generate.md").read_text()
-    assert "| transformers | float32 |" in markdown and "| fastgpt | float32 |" in markdown
-    assert "vs transformers float32" in markdown
+    assert "| transformers | fp32 |" in markdown and "| fastgpt | fp32 |" in markdown
+    assert "vs transformers fp32" in markdown and "time to first token" in markdown and "Machine:" in markdown
 
 
-def test_benchmark_rejects_unknown_dtype(tmp_path):
+def test_benchmark_rejects_unknown_modes_and_sizes(tmp_path):
     from fastgpt.bench.generate import run
     from fastgpt.errors import FastGPTError
     with pytest.raises(FastGPTError, match="float8"):
         run("cpu", sizes=("tiny",), out_dir=tmp_path, dtypes=("float8",))
+    with pytest.raises(FastGPTError, match="huge"):
+        run("cpu", sizes=("huge",), out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("native_bf16, f16c, expected", [(True, True, "bf16"), (False, True, "fp16"),
+                                                         (False, False, None)])
+def test_the_16bit_mode_follows_the_cpu(monkeypatch, native_bf16, f16c, expected):
+    """Simulated capabilities: on AVX2 '16-bit weights' means fp16 (F16C), not emulated bf16."""
+    from fastgpt.bench import generate as bench
+    from fastgpt.runtime import cpu_capabilities, dtype_name
+    caps = dataclasses.replace(cpu_capabilities(), avx512_bf16=native_bf16, amx=False, f16c=f16c)
+    monkeypatch.setattr(bench, "cpu_capabilities", lambda: caps)
+    half = bench.half_dtype("cpu")
+    assert (dtype_name(half) if half is not None else None) == expected
+    assert ("16bit" in bench.default_modes("cpu")) == (expected is not None)
+    assert bench.default_modes("cpu")[-2:] == ["int8", "int4"]
+
+
+def test_demo_sized_model_and_the_16bit_mode_run(tmp_path):
+    from fastgpt.bench.generate import half_dtype, run
+    if half_dtype("cpu") is None:
+        pytest.skip("this CPU has no fast 16-bit format")
+    rows = run("cpu", sizes="tiny", out_dir=tmp_path, new_tokens=4, prompt_tokens=4, repeats=1,
+               dtypes=("16bit",), threads=1)
+    assert {(r.backend, r.dtype) for r in rows} == {("transformers", "fp32"), ("fastgpt", "16bit"),
+                                                    ("bound (bandwidth)", "16bit")}
+
+
+def test_speculative_benchmark_checks_identity_and_reports_acceptance(tmp_path):
+    import torch
+
+    from fastgpt.bench.generate import run_speculative
+    from fastgpt.model import GPT
+    from fastgpt.weights import save_fastgpt
+    torch.manual_seed(0)
+    target = save_fastgpt(GPT("tiny"), tmp_path / "target")
+    rows = run_speculative(str(target), str(target), out_dir=tmp_path, new_tokens=6, ks=(2,), repeats=1,
+                           prompts=("Hello", "A B"), threads=1)
+    assert [r.backend for r in rows] == ["target alone", "prompt lookup k=4", "draft k=2"]
+    draft_row = rows[-1]
+    assert "acceptance=100.0%" in draft_row.extra and "tokens_equal_plain=all" in draft_row.extra
+    assert "| draft k=2 |" in (tmp_path / "speculative.md").read_text()

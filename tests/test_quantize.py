@@ -108,7 +108,7 @@ def test_generation_benchmark_takes_one_size_as_a_string_and_measures_int4(tmp_p
     rows = run("cpu", sizes="tiny", out_dir=tmp_path, new_tokens=4, prompt_tokens=4, repeats=1,
                dtypes=("int4",), threads=1)
     assert {(r.backend, r.dtype) for r in rows} == {
-        ("transformers", "float32"), ("fastgpt", "int4"), ("bound (bandwidth)", "int4")}
+        ("transformers", "fp32"), ("fastgpt", "int4"), ("bound (bandwidth)", "int4")}
     assert "teacher_forced_top1_agree" in next(r.extra for r in rows if r.backend == "fastgpt")
     assert "| fastgpt | int4 |" in (tmp_path / "generate.md").read_text()
 

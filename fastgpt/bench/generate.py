@@ -1,18 +1,28 @@
 """Benchmark: greedy generation at batch 1, fastgpt vs Hugging Face `transformers`.
 
-Both run the same random GPT-2 weights (a `GPT2LMHeadModel` is built, saved with
+Both run the same random GPT-2-shaped weights (a `GPT2LMHeadModel` is built, saved with
 `save_pretrained`, and loaded into fastgpt with `fastgpt.weights.load_pretrained`), greedy, with
 their KV caches, `new_tokens` tokens after a short random prompt, in the same run.
 Tokens/s = new tokens / wall time of the whole generate call (prefill included);
 median, p20, p80 over `repeats` calls after a warm-up call, the contenders taking
-turns so that both see the same machine load. The notes add tokens per second of
-process CPU time, which a busy shared machine disturbs far less than wall time.
+turns so that both see the same machine load. Per fastgpt mode the rows also give the
+time to first token, the share of the bandwidth bound reached, how many greedy tokens
+equal transformers' fp32 ones, and tokens per second of process CPU time, which a busy
+shared machine disturbs far less than wall time. Every row records the CPU's capability
+class (AMX, AVX512-BF16, AVX512, AVX2), which decides the modes' dtypes.
 
-Decoding one sequence is memory-bound: every new token reads every weight once.
-The "bound" rows give that limit: memory bandwidth (measured here, in this run, by
-summing a tensor far larger than the caches) / bytes of weights read per token.
+Modes: fp32, bf16, fp16, "16bit" (the 16-bit format this machine reads fastest:
+bf16 on GPUs and CPUs with native bf16, fp16 on other CPUs with F16C), int8, int4
+(fastgpt.quantize: approximate; their activations follow the CPU too), and with
+`compile=True` fp32 through torch.compile.
+
+Decoding one sequence is memory-bound: every new token reads every weight once. The
+"bound" rows give that limit: READ bandwidth (measured here, in this run, by summing a
+tensor far larger than the caches, with the run's thread count) / bytes of weights read
+per token. (Half a copy's bandwidth undercounts it: llama.cpp beat such a bound.)
 
     python3 benchmarks/bench_generate.py --sizes gpt2 --new-tokens 256
+    python3 benchmarks/bench_generate.py --speculative runs/target/model runs/draft/model
 """
 from __future__ import annotations
 
@@ -30,39 +40,74 @@ import torch
 from ..config import preset
 from ..errors import FastGPTError
 from ..quantize import QUANTIZATIONS, quantize, weight_bytes_per_token
+from ..runtime import CANONICAL_DTYPES, canonical_dtype_name, cpu_capabilities, describe_machine
 from ..weights import load_pretrained
 from .common import Row, device_name, quantiles, write_csv
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# fastgpt only, approximate (fastgpt.quantize): "int8" weights with one scale per row,
-# "int4" weights with a scale and zero per group of 32; bf16 activations
-INT8 = "int8"
-INT4 = "int4"
+# model shapes: the presets, and `make demo`'s model (4 layers x 256, its 4096-token BPE)
+SIZES = {"gpt2": preset("gpt2"), "mini": preset("mini"), "tiny": preset("tiny"),
+         "demo": preset("mini", vocab_size=4096, context_length=128)}
+# what `fastgpt bench generate --sizes NAME` measures
+SIZE_SETS = {"tiny": ("tiny",), "gpt2": ("gpt2",), "cpu": ("demo", "gpt2")}
+HALF = "16bit"
+MODES = (*CANONICAL_DTYPES, HALF, *QUANTIZATIONS)
+COMPILED = "fastgpt+compile"
 
 
-def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path = "benchmarks/results", new_tokens: int = 256,
-        prompt_tokens: int = 8, repeats: int = 3, dtypes=None, hf_dtypes=("float32",),
-        threads: int | Sequence[int] | None = None, command: str | None = None) -> list[Row]:
+def half_dtype(device: str) -> torch.dtype | None:
+    """The 16-bit weight format this device reads fastest, or None (no fast 16-bit format).
+    An AVX2 CPU emulates bf16 (~100x slower matmuls) but converts fp16 in hardware (F16C)."""
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    caps = cpu_capabilities()
+    if caps.native_bf16:
+        return torch.bfloat16
+    return torch.float16 if caps.f16c else None
+
+
+def mode_name(name: str) -> str:
+    """'float32' -> 'fp32', 'int8' -> 'int8', '16bit' -> '16bit'; unknown modes are one-line errors."""
+    if name in QUANTIZATIONS or name == HALF:
+        return name
+    try:
+        return canonical_dtype_name(name)
+    except FastGPTError:
+        raise FastGPTError(f"unknown fastgpt mode {name!r} (choose from: {', '.join(MODES)})") from None
+
+
+def default_modes(device: str) -> list[str]:
+    """fp32, the device's 16-bit format, and on CPUs int8 and int4."""
+    modes = ["fp32"]
+    if half_dtype(device) is not None:
+        modes.append(HALF)
+    if not str(device).startswith("cuda"):
+        modes += list(QUANTIZATIONS)
+    return modes
+
+
+def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path | None = "benchmarks/results",
+        new_tokens: int = 256, prompt_tokens: int = 8, repeats: int = 3, dtypes=None, hf_dtypes=("fp32",),
+        threads: int | Sequence[int] | None = None, command: str | None = None, compile: bool = False) -> list[Row]:
     """Measure, write `generate.csv` and `generate.md` into `out_dir`, return the rows.
 
-    `sizes`: a preset name ("gpt2") or a list of them. `dtypes`: fastgpt weight dtypes
-    to measure ("int8", "int4": weight-only quantization with bf16 activations, see
-    fastgpt.quantize; default: all four, int4 on CPU only); `hf_dtypes`: transformers'
-    (its default is float32). `threads`:
-    torch CPU threads for every measurement, or a list of thread counts to measure one
-    after the other (default: torch's current setting). `command`: the command
-    line, written at the top of the Markdown file.
+    `sizes`: a size name ("gpt2", "demo", ...), a size set of `SIZE_SETS`, or a list of
+    names. `dtypes`: fastgpt modes (see the module docstring; default `default_modes`);
+    `hf_dtypes`: transformers' (its default is fp32). `threads`: torch CPU threads for
+    every measurement, or a list of thread counts measured one after the other (default:
+    torch's current setting). `compile`: add fp32 through torch.compile. `command`: the
+    command line, written at the top of the Markdown file.
     """
     if isinstance(sizes, str):
-        sizes = (sizes,)
-    if dtypes is None:  # int4 uses ATen's CPU-only int4 matmul
-        dtypes = ("float32", "bfloat16", INT8) + ((INT4,) if str(device) == "cpu" else ())
-    for name in dtypes:
-        if name not in DTYPES and name not in QUANTIZATIONS:
-            raise FastGPTError(f"unknown fastgpt dtype {name!r} (choose from: {', '.join([*DTYPES, *QUANTIZATIONS])})")
-    for name in hf_dtypes:
-        if name not in DTYPES:
-            raise FastGPTError(f"unknown transformers dtype {name!r} (choose from: {', '.join(DTYPES)})")
+        sizes = SIZE_SETS.get(sizes, (sizes,))
+    for size in sizes:
+        if size not in SIZES:
+            raise FastGPTError(f"unknown size {size!r} (choose from: {', '.join(SIZES)})")
+    modes = [mode_name(d) for d in (dtypes if dtypes is not None else default_modes(device))]
+    if HALF in modes and half_dtype(device) is None:
+        raise FastGPTError(f"mode {HALF}: {describe_machine(torch.device(device))} has no fast 16-bit format")
+    hf_modes = [mode_name(d) for d in hf_dtypes]
+    if any(d not in CANONICAL_DTYPES for d in hf_modes):
+        raise FastGPTError(f"transformers dtypes: choose from {', '.join(CANONICAL_DTYPES)}")
     if repeats < 1 or new_tokens < 2:
         raise FastGPTError("repeats must be >= 1 and new_tokens >= 2")
     rows: list[Row] = []
@@ -70,17 +115,22 @@ def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path = "benchmarks/
         with _threads(n):
             bandwidth = memory_bandwidth_gbs(device)
             for size in sizes:
-                rows += _run_size(device, size, new_tokens, prompt_tokens, repeats, dtypes, hf_dtypes, bandwidth)
-    out_dir = Path(out_dir)
-    write_csv(rows, out_dir / "generate.csv")
-    markdown = markdown_report(rows)
+                rows += _run_size(device, size, new_tokens, prompt_tokens, repeats, modes, hf_modes, bandwidth,
+                                  compile)
+    markdown = markdown_report(rows, machine=describe_machine(torch.device(device)))
     if command:
         markdown = f"Command: `{command}`\n\n{markdown}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "generate.md.tmp"
-    tmp.write_text(markdown)
-    tmp.replace(out_dir / "generate.md")
+    if out_dir is not None:
+        _write(rows, markdown, Path(out_dir), "generate")
     return rows
+
+
+def _write(rows: list[Row], markdown: str, out_dir: Path, stem: str) -> None:
+    write_csv(rows, out_dir / f"{stem}.csv")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f"{stem}.md.tmp"
+    tmp.write_text(markdown)
+    tmp.replace(out_dir / f"{stem}.md")
 
 
 @contextlib.contextmanager
@@ -95,7 +145,8 @@ def _threads(n: int | None):
 
 
 def memory_bandwidth_gbs(device: str, mib: int = 512, repeats: int = 5) -> float:
-    """Read bandwidth in GB/s: the best of a few sums over a tensor far larger than any cache."""
+    """READ bandwidth in GB/s: the best of a few sums over a tensor far larger than any cache
+    (a sum reads each byte once and writes nothing, like a GEMV streaming its weights)."""
     x = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
     best = float("inf")
     for _ in range(repeats + 1):
@@ -113,9 +164,9 @@ def _sync(device: str) -> None:
 
 
 def _hf_model(size: str):
-    """A randomly initialised transformers GPT2LMHeadModel with the preset's shape (eval mode)."""
+    """A randomly initialised transformers GPT2LMHeadModel with the size's shape (eval mode)."""
     import transformers
-    cfg = preset(size)
+    cfg = SIZES[size]
     hf_cfg = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.n_embd,
                                      n_layer=cfg.n_layer, n_head=cfg.n_head, layer_norm_epsilon=cfg.layer_norm_eps)
     torch.manual_seed(0)
@@ -143,9 +194,8 @@ def _time_interleaved(calls: dict, repeats: int, device: str) -> tuple[dict, dic
     return wall, cpu
 
 
-def _run_size(device, size, new_tokens, prompt_tokens, repeats, dtypes, hf_dtypes, bandwidth) -> list[Row]:
+def _run_size(device, size, new_tokens, prompt_tokens, repeats, modes, hf_modes, bandwidth, compile) -> list[Row]:
     from ..generate import generate
-    from ..model import GPT
 
     hf = _hf_model(size)
     # transformers cannot go past its context (tiny: 64 positions); fastgpt would slide its window
@@ -165,52 +215,66 @@ def _run_size(device, size, new_tokens, prompt_tokens, repeats, dtypes, hf_dtype
                                               pad_token_id=0, eos_token_id=None)
         return call
 
-    def our_call(model, key):
+    def our_call(model, key, compiled=False):
         def call():
-            outputs[key] = generate(model, prompt.tolist(), new_tokens, temperature=0, eos_id=None)
+            outputs[key] = generate(model, prompt.tolist(), new_tokens, temperature=0, eos_id=None, compile=compiled)
         return call
 
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)  # the same weights, through fastgpt's Hugging Face loader
-        ours = {d: _load_ours(GPT, tmp, device, d) for d in dtypes}
-    hf_float32 = hf.to(device)
-    for d in hf_dtypes:
-        model = hf_float32 if d == "float32" else copy.deepcopy(hf).to(device=device, dtype=DTYPES[d])
+        ours = {m: _load_ours(tmp, device, m) for m in modes}
+    hf_fp32 = hf.to(device)
+    for d in hf_modes:
+        model = hf_fp32 if d == "fp32" else copy.deepcopy(hf).to(device=device, dtype=CANONICAL_DTYPES[d])
         calls[("transformers", d)] = hf_call(model, ("transformers", d))
-    for d, model in ours.items():
-        calls[("fastgpt", d)] = our_call(model, ("fastgpt", d))
+    for m, model in ours.items():
+        calls[("fastgpt", m)] = our_call(model, ("fastgpt", m))
+    if compile:
+        ours_compiled = ours["fp32"] if "fp32" in ours else _load_ours_from_hf(hf_fp32, device)
+        calls[(COMPILED, "fp32")] = our_call(ours_compiled, (COMPILED, "fp32"), compiled=True)
     seconds, cpu_seconds = _time_interleaved(calls, repeats, device)
 
-    reference = outputs[("transformers", "float32")][0, prompt_tokens:].tolist() \
-        if ("transformers", "float32") in outputs else None
+    reference = outputs[("transformers", "fp32")][0, prompt_tokens:].tolist() \
+        if ("transformers", "fp32") in outputs else None
     agreement = {}
     if reference is not None:  # teacher-forced: each model's logits on transformers' fp32 text
         text = torch.tensor([prompt[0].tolist() + reference], device=device)
         with torch.inference_mode():
-            exact = hf_float32(text).logits[0, prompt_tokens - 1:].float()
-            for d, model in ours.items():
-                agreement[d] = logit_agreement(model(text)[0, prompt_tokens - 1:].float(), exact)
+            exact = hf_fp32(text).logits[0, prompt_tokens - 1:].float()
+            for m, model in ours.items():
+                agreement[m] = logit_agreement(model(text)[0, prompt_tokens - 1:].float(), exact)
+    bounds = {m: bandwidth * 1e9 / weight_bytes_per_token(model) for m, model in ours.items()}
+    level = cpu_capabilities().level if not str(device).startswith("cuda") else "cuda"
     rows = []
     for (backend, d), secs in seconds.items():
         cpu_rate = quantiles([new_tokens / c for c in cpu_seconds[(backend, d)]])[0]
-        extra = f"cpu_time_tokens_per_s={cpu_rate:.1f}"
-        if backend == "fastgpt":
-            stats, tokens = outputs[(backend, d)].stats, outputs[(backend, d)].tokens[0]
-            extra += f";decode_tokens_per_s={stats.decode_tokens_per_s:.1f};ttft_ms={stats.first_token_s * 1e3:.1f}"
-            if reference is not None:  # greedy tokens equal to transformers' float32 ones
-                same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(reference))
-                extra += f";first_{same}_of_{new_tokens}_tokens_equal_transformers_fp32"
-            if d in agreement:
+        extra = f"cpu={level};cpu_time_tokens_per_s={cpu_rate:.1f}"
+        if backend != "transformers":
+            result = outputs[(backend, d)]
+            stats, tokens = result.stats, result.tokens[0]
+            extra += f";ttft_ms={stats.first_token_s * 1e3:.1f};decode_tokens_per_s={stats.decode_tokens_per_s:.1f}"
+            extra += f";activations={_activation_name(ours.get(d) or ours_compiled)}"
+            if d in bounds:
+                extra += f";bound_share={quantiles([new_tokens / s for s in secs])[0] / bounds[d]:.3f}"
+            if reference is not None:  # greedy tokens equal to transformers' fp32 ones
+                same = next((i for i, (a, b) in enumerate(zip(tokens, reference, strict=False)) if a != b),
+                            len(reference))
+                extra += f";equal_tokens={same}/{new_tokens}"
+            if backend == "fastgpt" and d in agreement:
                 extra += ";" + agreement[d]
         rows.append(_row(name, backend, shape, d, new_tokens, secs, device, extra))
-    for d, model in ours.items():
+    for m, model in ours.items():
         # The limit: every weight read once per token.
         weight_bytes = weight_bytes_per_token(model)
-        bound = bandwidth * 1e9 / weight_bytes
-        rows.append(Row(name, "bound (bandwidth)", shape, d, bound, bound, bound, "tokens/s",
+        rows.append(Row(name, "bound (bandwidth)", shape, m, bounds[m], bounds[m], bounds[m], "tokens/s",
                         device=device_name(device),
-                        extra=f"bandwidth_GBps={bandwidth:.1f};weight_MB={weight_bytes / 1e6:.0f}"))
+                        extra=f"cpu={level};read_bandwidth_GBps={bandwidth:.1f};weight_MB={weight_bytes / 1e6:.0f}"))
     return rows
+
+
+def _activation_name(model) -> str:
+    from ..runtime import dtype_name
+    return dtype_name(model.tok_emb.weight.dtype)
 
 
 def logit_agreement(logits: torch.Tensor, exact: torch.Tensor) -> str:
@@ -222,10 +286,18 @@ def logit_agreement(logits: torch.Tensor, exact: torch.Tensor) -> str:
     return f"teacher_forced_top1_agree={top1:.1%};logit_max_abs_err={max_err:.3g};logit_rel_err={rel_err:.3g}"
 
 
-def _load_ours(GPT, directory, device, dtype_name):
-    if dtype_name in QUANTIZATIONS:
-        return quantize(load_pretrained(directory, device=device), dtype_name)
-    return load_pretrained(directory, device=device, dtype=DTYPES[dtype_name])
+def _load_ours(directory, device, mode):
+    """fastgpt's model in `mode`: quantized ones get the CPU's activation dtype (fastgpt.quantize)."""
+    if mode in QUANTIZATIONS:
+        return quantize(load_pretrained(directory, device=device), mode)
+    dtype = half_dtype(device) if mode == HALF else CANONICAL_DTYPES[mode]
+    return load_pretrained(directory, device=device, dtype=dtype)
+
+
+def _load_ours_from_hf(hf, device):
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        return load_pretrained(tmp, device=device)
 
 
 def _row(name, backend, shape, dtype_name, new_tokens, seconds, device, extra="") -> Row:
@@ -235,46 +307,142 @@ def _row(name, backend, shape, dtype_name, new_tokens, seconds, device, extra=""
                extra=extra)
 
 
-def markdown_report(rows: list[Row]) -> str:
+def _extra(row: Row, key: str, default: str = "") -> str:
+    for item in row.extra.split(";"):
+        k, _, v = item.partition("=")
+        if k == key:
+            return v
+    return default
+
+
+def markdown_report(rows: list[Row], machine: str = "") -> str:
     """One table per model size and thread count, every row's ratio against transformers
-    at float32 of the same table."""
-    lines = []
+    at fp32 of the same table."""
+    lines = [f"Machine: {machine}", ""] if machine else []
     for name, shape in dict.fromkeys((r.name, r.shape) for r in rows):
         group = [r for r in rows if (r.name, r.shape) == (name, shape)]
-        base = next((r for r in group if r.backend == "transformers" and r.dtype == "float32"), None)
+        base = next((r for r in group if r.backend == "transformers" and r.dtype == "fp32"), None)
         lines += [f"### {name} ({group[0].shape}, {group[0].device}, {group[0].date}, commit {group[0].commit})", "",
-                  "| backend | dtype | tokens/s median | p20 | p80 | vs transformers float32 | notes |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+                  "| backend | mode | tokens/s median | p20 | p80 | vs transformers fp32 | time to first token "
+                  "| share of bound | greedy tokens equal to transformers fp32 | notes |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
         for r in group:
             ratio = f"{r.median / base.median:.2f}x" if base and base.median else ""
+            ttft = _extra(r, "ttft_ms")
+            share = _extra(r, "bound_share")
+            share = f"{float(share):.0%}" if share else ""
+            notes = ", ".join(i for i in r.extra.split(";")
+                              if i.partition("=")[0] not in ("ttft_ms", "bound_share", "equal_tokens"))
             lines.append(f"| {r.backend} | {r.dtype} | {r.median:.1f} | {r.p20:.1f} | {r.p80:.1f} | {ratio} "
-                         f"| {r.extra.replace(';', ', ')} |")
+                         f"| {ttft + ' ms' if ttft else ''} | {share} | {_extra(r, 'equal_tokens')} | {notes} |")
         lines.append("")
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------- speculative decoding
+SPECULATIVE_PROMPTS = ("ROMEO:\n", "KING HENRY V:\n", "First Citizen:\nBefore we proceed any further, hear me speak.\n",
+                       "HAMLET:\nTo be, or not to be")
+
+
+def run_speculative(model_dir: str, draft_dir: str, out_dir: str | Path | None = "benchmarks/results",
+                    new_tokens: int = 128, ks: Sequence[int] = (2, 4, 6), repeats: int = 3,
+                    prompts: Sequence[str] = SPECULATIVE_PROMPTS, threads: int | None = None,
+                    command: str | None = None) -> list[Row]:
+    """Greedy decoding of trained models on CPU: the target alone vs speculative decoding
+    with the draft (each k of `ks`) and with prompt lookup, on the same prompts, in turns.
+    Every speculative output must equal the plain one token for token (else an error);
+    rows give tokens/s, the speedup, the acceptance rate and the mean accepted length."""
+    from ..generate import generate
+    from ..tokenizer import load_tokenizer
+    from ..weights import load_fastgpt, resolve
+
+    with _threads(threads):
+        target, _ = load_fastgpt(model_dir, device="cpu", dtype=torch.float32)
+        draft, _ = load_fastgpt(draft_dir, device="cpu", dtype=torch.float32)
+        tokenizer = load_tokenizer(resolve(model_dir))
+        ids = [tokenizer.encode(p) for p in prompts]
+        contenders = {"target alone": {}, "prompt lookup k=4": dict(prompt_lookup=True, speculate_k=4)}
+        contenders |= {f"draft k={k}": dict(draft=draft, speculate_k=k) for k in ks}
+        outputs: dict[str, list] = {}
+
+        def call(key, options):
+            def run_all():
+                outputs[key] = [generate(target, [p], new_tokens, temperature=0, eos_id=None, **options) for p in ids]
+            return run_all
+
+        wall, cpu = _time_interleaved({k: call(k, o) for k, o in contenders.items()}, repeats, "cpu")
+        shape = (f"B=1 prompts={len(ids)} new={new_tokens} threads={torch.get_num_threads()} "
+                 f"target={target.num_parameters() / 1e6:.1f}M draft={draft.num_parameters() / 1e6:.1f}M")
+        total = new_tokens * len(ids)
+        base = quantiles([total / s for s in wall["target alone"]])[0]
+        rows = []
+        for key in contenders:
+            plain = [r.tokens for r in outputs["target alone"]]
+            if [r.tokens for r in outputs[key]] != plain:
+                raise FastGPTError(f"speculative benchmark: {key} changed the greedy tokens")
+            extra = f"cpu={cpu_capabilities().level};cpu_time_tokens_per_s={total / min(cpu[key]):.1f}"
+            if key != "target alone":
+                proposed = sum(r.speculation.proposed for r in outputs[key])
+                accepted = sum(r.speculation.accepted for r in outputs[key])
+                steps = sum(r.speculation.steps for r in outputs[key])
+                median = quantiles([total / s for s in wall[key]])[0]
+                extra += (f";speedup={median / base:.2f}x;acceptance={accepted / max(proposed, 1):.1%}"
+                          f";mean_accepted={accepted / max(steps, 1):.2f};tokens_equal_plain=all")
+            rows.append(_row("speculative greedy", key, shape, "fp32", total, wall[key], "cpu", extra))
+    lines = [f"Machine: {describe_machine(torch.device('cpu'))}", "",
+             f"### speculative greedy decoding ({shape}, {rows[0].date}, commit {rows[0].commit})", "",
+             "| contender | tokens/s median | p20 | p80 | speedup | acceptance | mean accepted per pass | notes |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r.backend} | {r.median:.1f} | {r.p20:.1f} | {r.p80:.1f} | {_extra(r, 'speedup', '1.00x')} "
+                     f"| {_extra(r, 'acceptance')} | {_extra(r, 'mean_accepted')} "
+                     f"| {_extra(r, 'cpu_time_tokens_per_s')} tokens/s of CPU time |")
+    markdown = "\n".join(lines) + "\n"
+    if command:
+        markdown = f"Command: `{command}`\n\n{markdown}"
+    if out_dir is not None:
+        _write(rows, markdown, Path(out_dir), "speculative")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Greedy generation at batch 1: fastgpt vs transformers, "
-                                                 "plus the memory-bandwidth bound.")
+                                                 "plus the memory-bandwidth bound; or speculative decoding.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", nargs="+", default=["gpt2"], choices=["gpt2", "tiny", "mini"])
+    parser.add_argument("--sizes", nargs="+", default=["gpt2"], choices=[*SIZES, *SIZE_SETS])
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtypes", nargs="+", default=None,
-                        choices=[*DTYPES, *QUANTIZATIONS],
-                        help="fastgpt weight dtypes (int8, int4: weight-only quantization, bf16 activations, "
-                             "approximate; default: all, int4 on CPU only)")
-    parser.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
+    parser.add_argument("--dtypes", nargs="+", default=None, metavar="MODE",
+                        help=f"fastgpt modes: {', '.join(MODES)} (torch's dtype names too; int8/int4: "
+                             "approximate; default: fp32, 16bit, and on CPUs int8, int4)")
+    parser.add_argument("--hf-dtypes", nargs="+", default=["fp32"])
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="torch CPU threads; several counts are measured one after the other "
                              "(default: torch's, one per core)")
+    parser.add_argument("--compile", action="store_true", help="add fastgpt fp32 through torch.compile")
+    parser.add_argument("--speculative", nargs=2, metavar=("MODEL", "DRAFT"), default=None,
+                        help="instead: speculative greedy decoding of trained MODEL with DRAFT (and prompt "
+                             "lookup) against MODEL alone, on CPU")
+    parser.add_argument("--speculate-k", type=int, nargs="+", default=[2, 4, 6])
     args = parser.parse_args(argv)
-    command = "PYTHONPATH=. python3 benchmarks/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    rows = run(args.device, args.sizes, args.out_dir, args.new_tokens, args.prompt_tokens, args.repeats,
-               args.dtypes, args.hf_dtypes, args.threads, command=command)
-    print(markdown_report(rows))
+    given = argv if argv is not None else sys.argv[1:]
+    command = "PYTHONPATH=. python3 benchmarks/bench_generate.py " + " ".join(given)
+    try:
+        if args.speculative:
+            rows = run_speculative(*args.speculative, out_dir=args.out_dir, new_tokens=args.new_tokens,
+                                   ks=args.speculate_k, repeats=args.repeats,
+                                   threads=args.threads[0] if args.threads else None, command=command)
+            print((Path(args.out_dir) / "speculative.md").read_text())
+            return 0
+        sizes = [s for name in args.sizes for s in SIZE_SETS.get(name, (name,))]
+        rows = run(args.device, sizes, args.out_dir, args.new_tokens, args.prompt_tokens, args.repeats,
+                   args.dtypes, args.hf_dtypes, args.threads, command=command, compile=args.compile)
+    except FastGPTError as err:
+        print(f"bench_generate: error: {err}", file=sys.stderr)
+        return 2
+    print(markdown_report(rows, machine=describe_machine(torch.device(args.device))))
     return 0
 
 
