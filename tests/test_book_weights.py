@@ -171,7 +171,7 @@ def test_prefixes_and_training_checkpoint_wrapper(tmp_path, prefix):
     assert_same_logits(ours, book, tokens(book))
 
 
-def test_standard_width_needs_no_head_count_through_from_pretrained(tmp_path):
+def test_standard_width_needs_no_head_count_in_load_pretrained(tmp_path):
     book = book_model(vocab=50, context=8, d=768, layers=1, heads=12)
     torch.save(book.state_dict(), tmp_path / "gpt2-small.pth")
     ids = tokens(book)
@@ -274,6 +274,12 @@ def test_files_that_are_not_book_checkpoints(tmp_path, capsys):
         load_pretrained(tmp_path / "pickled.pth")
     with pytest.raises(FastGPTError, match="holds several checkpoints"):
         load_pretrained(tmp_path)
+    training_checkpoint = tmp_path / "ckpt_000010"  # fastgpt's own: optimizer.pt and rng.pt are not models
+    training_checkpoint.mkdir()
+    torch.save({"step": torch.tensor(1)}, training_checkpoint / "optimizer.pt")
+    torch.save({"cpu": torch.zeros(2)}, training_checkpoint / "rng.pt")
+    with pytest.raises(FastGPTError, match="not a model directory"):
+        load_pretrained(training_checkpoint)
     (tmp_path / "notes.txt").write_text("hello")
     assert "expected a .pth or .pt file" in _one_line_error(
         ["convert", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "o")], capsys)

@@ -70,8 +70,10 @@ def is_book_file(path: Path) -> bool:
 
 
 def find_book_file(directory: Path) -> Path | None:
-    """The one book checkpoint in `directory` (None if it holds none; several are an error)."""
-    found = sorted(p for p in directory.iterdir() if is_book_file(p))
+    """The one `.pth` file in `directory` (None if it holds none; several are an error).
+
+    Only `.pth`, the book's name: a training checkpoint's directory holds `optimizer.pt` and `rng.pt`."""
+    found = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() == ".pth")
     if len(found) > 1:
         raise FastGPTError(f"{directory}: holds several checkpoints ({', '.join(p.name for p in found)}); "
                            "name the one to load")
