@@ -15,11 +15,12 @@ Contenders, on the same shapes in the same run:
                      on CPU it is the same code as `fastgpt` and is skipped;
   textbook+compile - that reference under torch.compile (CUDA; on request).
 Ratios are against nanogpt. Timing: samples of several steps each (so p20/p80 describe
-steps, not single stalls), samples interleaved across contenders so a shared machine's
-load changes hit all of them alike. Reported per batch size: tokens/s (MFU in `extra`,
-FLOPs per token 6N + 12*L*H*Q*T of the unpadded model, see fastgpt.train.mfu), and on
-CUDA the peak memory of a steady-state step (weights, gradients and optimizer state
-included) and the largest batch that fits (doubling, then bisection; one step per probe).
+steps, not single stalls); on a CPU the samples are interleaved across contenders so a
+shared machine's load changes hit all of them alike; on a GPU each contender runs alone.
+Reported per batch size: tokens/s (MFU in `extra`, FLOPs per token 6N + 12*L*H*Q*T of
+the unpadded model, see fastgpt.train.mfu), and on CUDA the peak memory of a steady-state
+step (weights, gradients and optimizer state included) and the largest batch that fits
+(doubling, then bisection; one step per probe).
 
 Size sets:
   gpt2       (CUDA, bf16 autocast): GPT-2 124M, T=1024, B=8 and B=32;
@@ -180,7 +181,7 @@ def _throughput_rows(steps: dict[str, TrainStep], cfg, batch, device, dtype, spe
 
 
 def _peak_memory_row(step: TrainStep, cfg, device, dtype) -> Row:
-    """Total peak CUDA memory of one steady-state step of this contender alone."""
+    """Total peak CUDA memory of one steady-state step (run with this contender alone on the GPU)."""
     mib = cuda_peak_mib(step, device)
     return Row(name="train_step_peak_memory", backend=step.variant,
                shape=f"{_model_name(cfg)} B={step.batch} T={cfg.context_length}", dtype=dtype_name(dtype),
@@ -216,6 +217,37 @@ def _largest_batch_row(step: TrainStep, cfg, device, dtype, limit: int = 1024) -
                device=device_name(device), extra=f"limit={limit}")
 
 
+def _measure_group(group: list[str], cfg, batches, device, dtype, spec, on_cuda: bool) -> list[Row]:
+    """Throughput of the contenders in `group` at each batch (interleaved), then on CUDA each
+    one's peak memory at each batch and its largest batch. A batch that does not fit is
+    reported as such and skipped."""
+    rows: list[Row] = []
+    steps = {v: TrainStep(v, cfg, batches[0], device, dtype) for v in group}
+    for batch in batches:
+        new = None
+        try:
+            new = _throughput_rows(steps, cfg, batch, device, dtype, spec)
+            if spec["memory"] and on_cuda:
+                new += [_peak_memory_row(step, cfg, device, dtype) for step in steps.values()]
+        except torch.cuda.OutOfMemoryError:
+            print(f"train: {', '.join(group)} at B={batch}: out of memory; no rows", flush=True)
+        if new is None:  # outside the except block: its traceback no longer holds the step's tensors
+            for step in steps.values():
+                step.optimizer.zero_grad(set_to_none=True)
+            free_memory(device)
+            continue
+        for row in new:
+            _print(row)
+        rows += new
+    if spec["memory"] and on_cuda:
+        for step in steps.values():
+            rows.append(_largest_batch_row(step, cfg, device, dtype))
+            _print(rows[-1])
+    del steps
+    free_memory(device)
+    return rows
+
+
 def _print(row: Row) -> None:
     print(f"train: {row.backend:16s} {row.shape:24s} {row.dtype} {row.median:,.1f} {row.unit} ({row.extra})",
           flush=True)
@@ -244,28 +276,15 @@ def run(device: str = "cuda", sizes: str = "gpt2", out_dir: str | Path | None = 
     previous_precision = torch.get_float32_matmul_precision()
     if on_cuda:
         torch.set_float32_matmul_precision("high")  # TF32 on, as the recipe sets it (for every contender)
+    # A shared CPU: contenders interleaved, so load changes hit all alike. A GPU: one at a
+    # time, so that each has the whole memory and its peak is its own.
+    groups = [[v] for v in usable] if on_cuda else [usable]
     rows: list[Row] = []
     try:
         for case in spec["cases"]:
             cfg = case.config()
-            steps_by_name = {v: TrainStep(v, cfg, case.batches[0], device, dtype) for v in usable}
-            for batch in case.batches:
-                for row in _throughput_rows(steps_by_name, cfg, batch, device, dtype, spec):
-                    rows.append(row)
-                    _print(row)
-                if spec["memory"] and on_cuda:
-                    for step in steps_by_name.values():
-                        rows.append(_peak_memory_row(step, cfg, device, dtype))
-                        _print(rows[-1])
-            del steps_by_name
-            free_memory(device)
-            if spec["memory"] and on_cuda:
-                for variant in usable:
-                    step = TrainStep(variant, cfg, 1, device, dtype)
-                    rows.append(_largest_batch_row(step, cfg, device, dtype))
-                    _print(rows[-1])
-                    del step
-                    free_memory(device)
+            for group in groups:
+                rows += _measure_group(group, cfg, case.batches, device, dtype, spec, on_cuda)
     finally:
         torch.set_float32_matmul_precision(previous_precision)
     if out_dir is not None and rows:
