@@ -103,3 +103,15 @@ def test_gpu_check_dry_run_on_cpu_writes_train_results(tmp_path):
     assert "commit: abc1234" in readme and "bench train exit code: 0" in readme
     assert "abc1234" in (tmp_path / "train.csv").read_text()
     assert "vs nanogpt" in (tmp_path / "train.md").read_text()
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 5, 234, 1023, 1024, 5000])
+def test_largest_batch_search_finds_the_capacity_with_few_probes(capacity):
+    probes = []
+
+    def fits(b):
+        probes.append(b)
+        return b <= capacity
+
+    assert train.largest_fitting(fits, limit=1024) == min(capacity, 1024)
+    assert len(probes) <= 2 * 11

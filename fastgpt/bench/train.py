@@ -202,16 +202,21 @@ def _fits(step: TrainStep, batch: int) -> bool:
         free_memory(step.device)
 
 
-def _largest_batch_row(step: TrainStep, cfg, device, dtype, limit: int = 1024) -> Row:
-    """Largest B (<= limit) whose training step fits: doubling, then bisection."""
+def largest_fitting(fits, limit: int) -> int:
+    """Largest b in 1..limit with fits(b) (0 if none), fits being monotone: doubling, then bisection."""
     good, b = 0, 1
-    while b <= limit and _fits(step, b):
+    while b <= limit and fits(b):
         good, b = b, b * 2
-    bad = b if b <= limit else None
-    if bad is not None:
-        while bad - good > 1:
-            mid = (good + bad) // 2
-            good, bad = (mid, bad) if _fits(step, mid) else (good, mid)
+    bad = b if b <= limit else limit + 1
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def _largest_batch_row(step: TrainStep, cfg, device, dtype, limit: int = 1024) -> Row:
+    """The largest batch whose training step fits in memory (one step per probe)."""
+    good = largest_fitting(lambda b: _fits(step, b), limit)
     return Row(name="train_largest_batch", backend=step.variant, shape=f"{_model_name(cfg)} T={cfg.context_length}",
                dtype=dtype_name(dtype), median=good, p20=good, p80=good, unit="sequences",
                device=device_name(device), extra=f"limit={limit}")
