@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from train_helpers import as_flags, tiny_options, train_losses, word_text
 
 from fastgpt.cli import main
 from fastgpt.train import TrainConfig, train
 from fastgpt.train.checkpoint import CRASH_IN_SAVE_ENV, load_model_state, read_state
-from train_helpers import as_flags, tiny_options, train_losses, word_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,24 +37,98 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> Non
         time.sleep(0.01)
 
 
+# Oversubscribed OpenMP/MKL pools (as on a many-core host) must not matter: the run's own --threads wins.
+MANY_CORES = {"OMP_NUM_THREADS": "16", "MKL_NUM_THREADS": "16"}
+
+
 def test_sigkill_then_resume_matches_uninterrupted_bitwise(tmp_path):
     text = word_text(tmp_path / "words.txt")
     common = dict(max_steps=30, ckpt_interval=4, keep_last=0, dropout=0.1)  # dropout: RNG state must resume too
     reference = train(TrainConfig(**tiny_options(text, tmp_path / "reference", **common)))
 
     run = tmp_path / "killed"
-    proc = _launch(tiny_options(text, run, **common))
+    proc = _launch(tiny_options(text, run, **common), env=MANY_CORES)
     _wait_for(run / "ckpt_000008", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (run / "ckpt_000030").exists()
 
-    resumed = _launch({"threads": 1, "progress": False}, "--resume", str(run))
+    # Only --resume: device (cpu) and threads (1) come from the checkpoint, as they must on any host.
+    resumed = _launch({"progress": False}, "--resume", str(run), env=MANY_CORES)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
     losses = train_losses(run)
     assert sorted(losses) == list(range(1, 31))
     assert losses == dict(enumerate(reference.losses, start=1))  # exact float equality
+
+
+def test_resume_runs_on_the_checkpoints_device_and_threads(tmp_path, monkeypatch):
+    """The cause of the step-9 divergence on the H100 host: `--resume` alone left the invocation's
+    defaults (device auto, torch's thread count) in force, so a CPU run resumed on the GPU there.
+    Simulated here by recording which device is asked for and how many threads the steps run with."""
+    from fastgpt.train import distributed, loop
+
+    text = word_text(tmp_path / "words.txt")
+    run = tmp_path / "run"
+    train(TrainConfig(**tiny_options(text, run, max_steps=2, ckpt_interval=1)))  # device cpu, 1 thread
+    requested, threads = [], []
+    real_setup, real_step = distributed.setup, loop.train_step
+    monkeypatch.setattr(distributed, "setup", lambda name: (requested.append(name), real_setup("cpu"))[1])
+    monkeypatch.setattr(loop, "train_step", lambda *args, **kwargs: (threads.append(torch.get_num_threads()),
+                                                                     real_step(*args, **kwargs))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = train(TrainConfig(max_steps=3, progress=False, loss_plot=False), resume=run)
+    finally:
+        torch.set_num_threads(before)
+    assert result.step == 3 and result.config["device"] == "cpu" and result.config["threads"] == 1
+    assert requested == ["cpu"] and threads == [1]
+
+
+def test_fused_adamw_continues_bitwise_from_its_saved_state(tmp_path):
+    """The optimizer (fused AdamW on CPU where torch has it) continues from optimizer.pt exactly, and its
+    update does not depend on the thread count. (The forward and backward do: measured here, 1 and 2
+    threads give different weights after two steps, which is why a resumed run takes its --threads
+    from the checkpoint.)"""
+    from fastgpt.model import GPT
+    from fastgpt.train.optim import make_optimizer
+    from fastgpt.train.step import train_step
+
+    torch.manual_seed(0)
+    config = TrainConfig(preset="tiny", n_embd=32, n_head=2, n_layer=2, context_length=16).model_config()
+    batches = [[(torch.randint(0, 500, (2, 16)), torch.randint(0, 500, (2, 16)))] for _ in range(5)]
+
+    def with_threads(threads, work):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            work()
+        finally:
+            torch.set_num_threads(before)
+
+    def run(model, optimizer, steps):
+        for batch in steps:
+            train_step(lambda b: model(*b), batch, optimizer, list(model.parameters()), lr=1e-2, grad_clip=1.0)
+
+    a, b = GPT(config), GPT(config)
+    opt_a = make_optimizer(a, 1e-2, 0.1, (0.9, 0.95), 1e-8, torch.device("cpu"))
+    with_threads(1, lambda: run(a, opt_a, batches[:3]))
+    torch.save(opt_a.state_dict(), tmp_path / "optimizer.pt")
+    b.load_state_dict(a.state_dict())
+    opt_b = make_optimizer(b, 1e-2, 0.1, (0.9, 0.95), 1e-8, torch.device("cpu"))
+    opt_b.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    with_threads(1, lambda: (run(a, opt_a, batches[3:]), run(b, opt_b, batches[3:])))
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+    grads = [torch.randn_like(p) for p in a.parameters()]
+    for model, optimizer, threads in ((a, opt_a, 1), (b, opt_b, 2)):  # the same gradients, 1 and 2 threads
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.grad = g.clone()
+        with_threads(threads, optimizer.step)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), name
 
 
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
