@@ -3,9 +3,20 @@ import pytest
 import torch
 
 from fastgpt.errors import FastGPTError
-from fastgpt.finetune.classify import (Example, GPTClassifier, balance, class_names, configure_trainable,
-                                       confusion_matrix, encode, pad_batch, per_class_metrics,
-                                       read_labeled_texts, split, train_classifier)
+from fastgpt.finetune.classify import (
+    Example,
+    GPTClassifier,
+    balance,
+    class_names,
+    configure_trainable,
+    confusion_matrix,
+    encode,
+    pad_batch,
+    per_class_metrics,
+    read_labeled_texts,
+    split,
+    train_classifier,
+)
 from fastgpt.model import GPT
 from fastgpt.tokenizer import Tokenizer
 

@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import shared_file
+
 from fastgpt.cli import main
 from fastgpt.finetune.checkpoint import load_classifier
 from fastgpt.finetune.classify import balance, class_names, read_labeled_texts, split
@@ -28,7 +28,7 @@ def test_classify_with_lora_then_classify_command(tmp_path, capsys):
     assert report["labels"] == ["ham", "spam"] and report["split_sizes"] == {"train": 33, "val": 4, "test": 11}
     assert sum(map(sum, report["confusion_matrix"])) == 11
     assert set(report["per_class"]["spam"]) == {"precision", "recall", "f1", "support"}
-    assert {"train", "eval"} == {json.loads(l)["kind"] for l in (out / "metrics.jsonl").read_text().splitlines()}
+    assert {"train", "eval"} == {json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()}
     assert (out / "loss.png").is_file()
 
     assert (out / "lora_adapters.safetensors").is_file()
@@ -181,7 +181,8 @@ def test_instruct_resume_from_the_command_line(tmp_path, capsys):
     assert main(["finetune", "instruct", "--model", str(base), "--data", str(data), "--template", "phi3",
                  "--max-steps", "4", "--batch-size", "4", "--ckpt-interval", "2", "--keep-last", "0",
                  "--no-responses", "--out", str(run)]) == 0
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
     shutil.rmtree(run / "ckpt_000004")
     capsys.readouterr()
     # the default value given explicitly still counts as asking for it

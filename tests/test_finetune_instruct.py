@@ -4,11 +4,21 @@ import sys
 
 import pytest
 import torch
-
 from conftest import shared_file
+
 from fastgpt.errors import FastGPTError
-from fastgpt.finetune.instruct import (EncodedExample, collate, command_judge, exact_match, finetune_instruct,
-                                       lcs_length, load_records, rouge_l_f1, score_responses, split_in_order)
+from fastgpt.finetune.instruct import (
+    EncodedExample,
+    collate,
+    command_judge,
+    exact_match,
+    finetune_instruct,
+    lcs_length,
+    load_records,
+    rouge_l_f1,
+    score_responses,
+    split_in_order,
+)
 from fastgpt.finetune.templates import extract_response, format_prompt
 
 EOT, IGN = 50256, -100
@@ -54,7 +64,8 @@ def test_records_json_and_jsonl_and_split(tmp_path):
     ("syntax.json", '[{"instruction": "a",\n "output": }]', r"syntax.json:2: invalid JSON"),
     ("empty.json", "", r"empty.json: file is empty"),
     ("none.json", "[]", r"none.json: no records"),
-    ("lines.jsonl", '{"instruction": "a", "output": "b"}\n{"output": "b"}\n', r"lines.jsonl:2: missing field 'instruction'"),
+    ("lines.jsonl", '{"instruction": "a", "output": "b"}\n{"output": "b"}\n',
+     r"lines.jsonl:2: missing field 'instruction'"),
     ("bytes.json", b'[{"instruction": "\xe9", "output": "b"}]', r"bytes.json:1: not valid UTF-8"),
 ])
 def test_bad_records_name_file_record_and_field(tmp_path, name, content, message):
@@ -120,7 +131,8 @@ def _toy_records(n=24):
 def test_instruction_training_lowers_validation_loss(tmp_path):
     data = tmp_path / "toy.json"
     data.write_text(json.dumps(_toy_records()))
-    report = finetune_instruct("tiny", str(data), str(tmp_path / "out"), template="phi3", split_fractions=(0.75, 0.125, 0.125),
+    report = finetune_instruct("tiny", str(data), str(tmp_path / "out"), template="phi3",
+                               split_fractions=(0.75, 0.125, 0.125),
                                max_steps=12, batch_size=6, lr=3e-3, warmup_steps=1, eval_interval=12,
                                max_new_tokens=4, log=lambda *_: None)
     assert report["val_loss_after"] < report["val_loss_before"] - 0.5
@@ -184,7 +196,8 @@ def test_lora_trains_only_adapters_and_saves_a_plain_merged_model(tmp_path):
     assert model_tokenizer(str(out)).encode("It is red.") == tokenizer.encode("It is red.")
     base_state, saved_state = base.state_dict(), saved.state_dict()
     assert saved_state.keys() == base_state.keys()
-    adapted = {f"blocks.{i}.{name}.weight" for i in range(L) for name in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+    adapted = {f"blocks.{i}.{name}.weight" for i in range(L)
+               for name in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
     for name, before in base_state.items():
         if name in adapted:  # the frozen base plus a rank-r update, nothing else
             delta = (saved_state[name] - before).double()

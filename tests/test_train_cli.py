@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_helpers import as_flags, tiny_options, word_text
 
 from fastgpt.cli import main
-from train_helpers import as_flags, tiny_options, word_text
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_helpers import as_flags, tiny_options, train_losses, word_text
 
 from fastgpt.train import TrainConfig, train
-from train_helpers import as_flags, tiny_options, train_losses, word_text
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 
 from conftest import requires_gpu
-from fastgpt.train import TrainConfig, train
 from train_helpers import tiny_options, train_losses, word_text
+
+from fastgpt.train import TrainConfig, train
 
 
 @requires_gpu

@@ -5,13 +5,13 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from train_helpers import as_flags, tiny_options, train_losses, word_text
 
 from fastgpt.bpe import BPETokenizer
 from fastgpt.cli import main
 from fastgpt.tokenizer import Tokenizer, load_tokenizer
 from fastgpt.train import TrainConfig, train
 from fastgpt.weights import load_fastgpt
-from train_helpers import as_flags, tiny_options, train_losses, word_text
 
 PROMPT = "the king is dead long live the queen"
 

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import shared_file
+
 from fastgpt.train import train
 from fastgpt.train.config import load_config_file, resolve
 from fastgpt.train.metrics import read_metrics
@@ -45,7 +45,8 @@ def test_gpt2_shape_overfits_the_verdict(tmp_path):
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
     print(f"\nthe-verdict, {result.step} steps in {minutes:.1f} min:")
     for r in records:
-        print(f"  step {r['step']:3d} (epoch {r['step'] / 9:.1f}): train {r['train_loss']:.3f}  val {r['val_loss']:.3f}")
+        print(f"  step {r['step']:3d} (epoch {r['step'] / 9:.1f}): train {r['train_loss']:.3f}  "
+              f"val {r['val_loss']:.3f}")
     print(result.sample)
     assert result.step == 90  # 18 windows of 256 tokens, 2 per step, 10 epochs
     assert result.train_loss < 1.0                    # memorised the training text
