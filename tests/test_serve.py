@@ -187,7 +187,7 @@ def test_32_concurrent_streaming_clients_each_get_their_sequential_greedy_answer
     steps_before = server.engine.steps
     got = asyncio.run(all_clients())
     assert got == want
-    assert server.engine.peak_batch > 1  # they really decoded together
+    assert server.engine.peak_batch > 1 and server.engine.peak_prefill > 1  # they really ran together
     assert server.engine.steps - steps_before < sum(max_tokens)
     assert wait_idle(server.url)["active"] == 0
 

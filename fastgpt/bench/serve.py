@@ -23,8 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 try:
     import httpx
 except ImportError:  # a dev/serve dependency: the suite then skips with a message
@@ -222,8 +220,9 @@ def run(device: str = "cpu", sizes: str = "tiny", out_dir: str | None = None, ur
                         percentile(ttft, 20), percentile(ttft, 80), "ms", extra=f"p99={percentile(ttft, 99):.1f}"))
     base = rows[0].median
     concurrent = rows[2].median
+    threads_note = f", server threads {threads}" if url is None and threads else ""
     print(f"serve: {clients} clients give {concurrent / base:.2f}x the tokens/s of one-at-a-time serving "
-          f"(machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()})", flush=True)
+          f"(machine: {os.cpu_count()} CPUs{threads_note})", flush=True)
     if out_dir is not None:
         write_results(rows, out_dir, "serve", "# serve\n\n" + markdown_table(rows, baseline=BASELINE))
     return rows

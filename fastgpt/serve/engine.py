@@ -6,14 +6,15 @@ for 16 sequences costs little more. So one background thread owns the model and 
 static KV cache whose batch rows are *slots*:
 
     loop:  drop cancelled requests (their slots free up)
-           admit waiting requests into free slots: prefill each prompt into its own
-               slot (the others' cached keys/values are untouched), sample its first token
+           admit waiting requests into free slots: prefill their prompts (together, one
+               forward pass) into their own slots (the others' cached keys/values are
+               untouched), sample each first token
            one decode step for every occupied slot, each at its own position
            sample each row with that request's own parameters and generator
 
 A request never waits for the running batch to finish: it waits at most one decode
-step plus the prefills admitted before it. Each prefill runs exactly as
-`fastgpt.generate.generate` runs a batch-1 prefill, and each decode step goes through
+step plus one prefill. The prompts admitted together are prefilled as
+`fastgpt.generate.generate` prefills a ragged batch, and each decode step goes through
 the same `hidden_states_at` / `head_logits`. One caveat, measured: CPU matrix kernels
 round a row differently depending on how many rows there are (here a row of a 1- to
 7-row product differed from the same row in an 8+ row one), so a batched row's logits
@@ -46,6 +47,9 @@ from ..generate import TextStream
 from ..kv_cache import KVCache
 from ..sampling import SamplingParams, sample
 
+# Prompts prefilled together in one forward pass: at most this many (padded) tokens, so a
+# burst of long prompts does not stall the running decode steps for long.
+PREFILL_TOKEN_BUDGET = 2048
 # The decode step attends over cache positions [0, window); the window grows in these steps.
 WINDOW_STEP = 64
 
@@ -108,6 +112,7 @@ class Engine:
         self.stopping = False
         self.steps = 0            # decode steps run (for tests and stats)
         self.peak_batch = 0       # most sequences decoding together so far
+        self.peak_prefill = 0     # most prompts prefilled together so far
         self.cancelled = 0        # sequences dropped because their client went away
 
     # ------------------------------------------------------------------ public API
@@ -194,32 +199,51 @@ class Engine:
                 seq.finish_reason = "cancelled"
                 self.cancelled += 1
                 self._free(slot)
-        while True:
-            with self.lock:
-                free = next((i for i, s in enumerate(self.slots) if s is None), None)
-                if free is None or not self.waiting:
-                    break
+        admitted = []
+        with self.lock:
+            while self.waiting and None in self.slots:
                 seq = self.waiting.popleft()
                 if seq.cancelled:
                     seq.finish_reason = "cancelled"
                     self.cancelled += 1
                     continue
-                self.slots[free] = seq
-            seq.slot = free
-            self._prefill(seq)
+                seq.slot = self.slots.index(None)
+                self.slots[seq.slot] = seq
+                admitted.append(seq)
+        group: list[Sequence] = []
+        for seq in admitted:  # prefill together, as generate() prefills a batch, within the token budget
+            longest = max([len(seq.prompt_ids)] + [len(s.prompt_ids) for s in group])
+            if group and (len(group) + 1) * longest > PREFILL_TOKEN_BUDGET:
+                self._prefill(group)
+                group = []
+            group.append(seq)
+        if group:
+            self._prefill(group)
         if any(s is not None for s in self.slots):
             self._decode()
 
-    def _prefill(self, seq: Sequence) -> None:
-        """Run the prompt through the model into its slot's cache rows; sample the first token."""
-        slot, T = seq.slot, len(seq.prompt_ids)
-        view = _cache_rows(self.cache, slot, slot + 1, self.cache.max_length)
-        idx = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-        hidden = self.model.hidden_states(idx, view)
-        logits = head_logits(self.model, hidden[:, T - 1])
-        self.cache.lengths[slot] = T
-        seq.text = TextStream(self.tokenizer, seq.stop)
-        self._accept(seq, int(sample(logits, seq.params, seq.generator)[0]))
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Run the prompts through the model (right-padded, one forward pass, as
+        `generate` prefills a batch), copy each one's keys/values into its slot, and
+        sample each first token. One pass reads the weights once for all the prompts:
+        16 clients arriving together wait for one prefill, not for 16 in turn."""
+        lengths = [len(seq.prompt_ids) for seq in seqs]
+        self.peak_prefill = max(self.peak_prefill, len(seqs))
+        idx = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+        for j, seq in enumerate(seqs):
+            idx[j, :lengths[j]] = torch.tensor(seq.prompt_ids)
+        scratch = KVCache.for_model(self.model, len(seqs), max_length=max(lengths))
+        hidden = self.model.hidden_states(idx.to(self.device), scratch)
+        rows = torch.arange(len(seqs), device=self.device)
+        logits = head_logits(self.model, hidden[rows, torch.tensor(lengths, device=self.device) - 1])
+        for j, seq in enumerate(seqs):
+            T = lengths[j]
+            self.cache.k[:, seq.slot, :, :T] = scratch.k[:, j, :, :T]
+            self.cache.v[:, seq.slot, :, :T] = scratch.v[:, j, :, :T]
+            self.cache.lengths[seq.slot] = T
+        for j, seq in enumerate(seqs):
+            seq.text = TextStream(self.tokenizer, seq.stop)
+            self._accept(seq, int(sample(logits[j:j + 1], seq.params, seq.generator)[0]))
 
     def _decode(self) -> None:
         """One token for every occupied slot, each at its own position."""
