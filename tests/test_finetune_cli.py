@@ -196,3 +196,22 @@ def test_instruct_resume_from_the_command_line(tmp_path, capsys):
             if r["kind"] == "train"] == losses
     assert main(["finetune", "instruct", "--data", str(data), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.strip().endswith("--model is required (unless continuing a run with --resume)")
+
+
+def test_finetune_options_from_a_config_file_with_flags_on_top(tmp_path, capsys):
+    """The same mechanism as `pretrain --config`: file values, typed flags win, unknown keys name the file."""
+    data, out = _toy_tsv(tmp_path / "toy.tsv"), tmp_path / "clf"
+    config = tmp_path / "clf.toml"
+    config.write_text(f'model = "tiny"\ndata = "{data}"\nout = "{out}"\ndtype = "float32"\nepochs = 3\n'
+                      '[optim]\nbatch_size = 16\nlr = 1e-3\n')
+    assert main(["finetune", "classify", "--config", str(config), "--epochs", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "dtype fp32" in printed and "epoch 1/1" in printed and "epoch 2" not in printed
+    assert json.loads((out / "report.json").read_text())["labels"] == ["ham", "spam"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("template: phi3\nlearning_rate: 0.1\n")
+    assert main(["finetune", "instruct", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and "unknown key 'learning_rate'" in err
+    assert main(["finetune", "classify", "--data", str(data), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().endswith("--model is required")

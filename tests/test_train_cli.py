@@ -1,6 +1,7 @@
 """`fastgpt pretrain` from the command line: help, bad input as one line with exit 2, nothing written."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,15 @@ def test_trains_from_prepared_shards(tmp_path, capsys):
     assert (tmp_path / "run" / "ckpt_000003" / "state.json").is_file()
     err = _error(capsys, ["pretrain", "--data", str(tmp_path / "nothing"), *as_flags(options)])
     assert "nothing" in err
+
+
+def test_dtype_accepts_torch_names_and_prints_the_canonical_one(tmp_path, capsys):
+    text = word_text(tmp_path / "words.txt")
+    options = tiny_options(text, tmp_path / "run", max_steps=1, dtype="float32")
+    assert main(["pretrain", *as_flags(options)]) == 0
+    out = capsys.readouterr()
+    assert "dtype fp32" in out.out + out.err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dtype"] == "fp32"
+    options = tiny_options(text, tmp_path / "bad", max_steps=1, dtype="fp64")
+    err = _error(capsys, ["pretrain", *as_flags(options)])
+    assert "--dtype 'fp64'" in err and "fp32" in err
