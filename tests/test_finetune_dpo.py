@@ -15,7 +15,7 @@ from fastgpt.finetune.dpo import (
     batch_loss,
     disable_dropout,
     encode_pairs,
-    evaluate,
+    evaluate_pairs,
     fits,
     load_preference_records,
     pair_batches,
@@ -211,7 +211,7 @@ def test_training_on_a_toy_preference_set_lowers_the_loss(tokenizer):
     _, val_batches = _batches(tokenizer, records[24:])
     reference = reference_logprobs(model, train_batches, "sum", contextlib.nullcontext)
     val_reference = reference_logprobs(model, val_batches, "sum", contextlib.nullcontext)
-    before = evaluate(model, val_batches, val_reference, 0.1, "sum", contextlib.nullcontext)
+    before = evaluate_pairs(model, val_batches, val_reference, 0.1, "sum", contextlib.nullcontext)
     assert abs(before["loss"] - math.log(2)) < 1e-6
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for batch in train_batches:
@@ -219,7 +219,124 @@ def test_training_on_a_toy_preference_set_lowers_the_loss(tokenizer):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    after = evaluate(model, val_batches, val_reference, 0.1, "sum", contextlib.nullcontext)
+    after = evaluate_pairs(model, val_batches, val_reference, 0.1, "sum", contextlib.nullcontext)
     assert after["loss"] < before["loss"] - 0.2
     assert after["margin"] > 0.5 and after["accuracy"] == 1.0
     assert after["chosen_reward"] > after["rejected_reward"]
+
+
+# ---------------------------------------------------------------------- the run
+def _instruction_model(directory, tokenizer, template="phi3"):
+    """A random tiny model saved as if `finetune instruct` had made it (its template in the metadata)."""
+    from fastgpt.finetune.checkpoint import save_model
+    save_model(_model(tokenizer), directory, {"template": template} if template else {}, tokenizer)
+    return str(directory)
+
+
+def _run_options(**overrides):
+    return dict(split_fractions=(0.75, 0.125, 0.125), max_steps=6, batch_size=4, lr=3e-3, warmup_steps=1,
+                eval_interval=3, ckpt_interval=2, keep_last=0, max_new_tokens=3, log=lambda *_: None, **overrides)
+
+
+def _rows(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("ms", "tok_s")} for row in rows]
+
+
+def test_finetune_dpo_run_logs_preferences_and_answers_side_by_side(tmp_path, tokenizer):
+    from fastgpt.finetune.dpo import finetune_dpo
+    from fastgpt.weights import load_fastgpt
+
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(_toy_records(32)))
+    out = tmp_path / "out"
+    report = finetune_dpo(_instruction_model(tmp_path / "base", tokenizer), str(data), str(out), **_run_options())
+    assert report["split_sizes"] == {"train": 24, "val": 4, "test": 4} and report["template"] == "phi3"
+    rows = _rows(out)
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert abs(evals[0]["val_loss"] - math.log(2)) < 1e-6 and evals[0]["val_margin"] == 0.0
+    assert evals[-1]["val_loss"] < math.log(2) - 0.2 and evals[-1]["val_accuracy"] == 1.0
+    assert evals[-1]["val_chosen_reward"] > evals[-1]["val_rejected_reward"]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert len(train_rows) == 6 and abs(train_rows[0]["loss"] - math.log(2)) < 1e-6
+    assert all({"chosen_reward", "rejected_reward", "margin", "accuracy"} <= set(r) for r in train_rows)
+    assert (out / "loss.png").is_file() and (out / "preferences.png").is_file()
+    responses = json.loads((out / "test_responses.json").read_text())
+    assert [r["input"] for r in responses] == [f"item {k}" for k in range(28, 32)]
+    assert all({"chosen", "rejected", "reference_response", "policy_response"} <= set(r) for r in responses)
+    _, metadata = load_fastgpt(out)
+    assert metadata["finetune"] == "dpo" and metadata["template"] == "phi3" and metadata["dpo"]["beta"] == 0.1
+
+
+def test_dpo_lora_resume_is_bit_exact(tmp_path, tokenizer):
+    import shutil
+
+    from fastgpt.finetune.dpo import finetune_dpo
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(_toy_records(32)))
+    base = _instruction_model(tmp_path / "base", tokenizer)
+    options = _run_options(trainable="lora", lora_rank=2, lora_alpha=4.0, logprob="mean", beta=0.5)
+    report = finetune_dpo(base, str(data), str(tmp_path / "reference"), **options)
+    run = tmp_path / "killed"  # the run as it was when the process died just after checkpoint 4
+    shutil.copytree(tmp_path / "reference", run)
+    for path in run.iterdir():
+        if path.name == "ckpt_000006" or path.suffix in (".safetensors", ".png", ".json"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = finetune_dpo(resume=str(run), **options)
+    assert resumed == report and _rows(run) == _rows(tmp_path / "reference")
+    assert (run / "lora_adapters.safetensors").is_file()
+    with pytest.raises(FastGPTError, match="the run was made with --logprob mean but this run asks for --logprob sum"):
+        finetune_dpo(resume=str(run), explicit={"logprob"}, **{**options, "logprob": "sum"})
+
+
+def test_dpo_refuses_an_instruct_checkpoint_and_a_model_without_template(tmp_path, tokenizer):
+    from fastgpt.finetune.dpo import finetune_dpo
+    from fastgpt.finetune.instruct import finetune_instruct
+
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(_toy_records(16)))
+    plain = _instruction_model(tmp_path / "plain", tokenizer, template=None)
+    with pytest.raises(FastGPTError, match="no prompt template in its metadata .*give --template"):
+        finetune_dpo(plain, str(data), str(tmp_path / "out"), **_run_options())
+    assert not (tmp_path / "out").exists()
+    finetune_instruct(plain, str(data), str(tmp_path / "instruct"), template="phi3", max_steps=1,
+                      generate_responses=False, log=lambda *_: None)
+    with pytest.raises(FastGPTError, match="not a resumable `fastgpt finetune dpo` checkpoint"):
+        finetune_dpo(resume=str(tmp_path / "instruct"), log=lambda *_: None)
+
+
+# ---------------------------------------------------------------------- command line
+def test_cli_missing_chosen_is_one_line_and_writes_nothing(tmp_path, capsys, tokenizer):
+    from fastgpt.cli import main
+
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([*_toy_records(2), {"instruction": "a", "input": "", "rejected": "b"}]))
+    model = _instruction_model(tmp_path / "base", tokenizer)
+    assert main(["finetune", "dpo", "--model", model, "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "d.json: record 2: missing field 'chosen'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["finetune", "dpo", "--model", model, "--data", str(data), "--out", str(tmp_path / "o"),
+              "--logprob", "max"])
+    assert exit_.value.code == 2 and "invalid choice: 'max'" in capsys.readouterr().err
+
+
+def test_cli_run_with_flags_and_help_explains_the_logprob_default(tmp_path, capsys, tokenizer):
+    from fastgpt.cli import main
+
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(_toy_records(16)))
+    model = _instruction_model(tmp_path / "base", tokenizer)
+    out = tmp_path / "o"
+    assert main(["finetune", "dpo", "--model", model, "--data", str(data), "--out", str(out), "--max-steps", "2",
+                 "--batch-size", "4", "--beta", "0.3", "--logprob", "mean", "--dtype", "float32", "--lr", "1e-3",
+                 "--no-responses"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["beta"], report["logprob"], report["steps"]) == (0.3, "mean", 2)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["finetune", "dpo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the DPO paper's and TRL's, the default" in text and "(default: sum)" in text and "(default: 0.1)" in text

@@ -1,4 +1,4 @@
-"""`fastgpt finetune classify|instruct`: turn a pretrained GPT into a classifier or an assistant.
+"""`fastgpt finetune classify|instruct|dpo`: turn a pretrained GPT into a classifier or an assistant.
 
 The flags are made from `fastgpt.finetune.config`'s dataclasses by `fastgpt.train.options`,
 as `fastgpt pretrain`'s are from TrainConfig: a --config TOML/YAML file sets any option, flags
@@ -8,7 +8,7 @@ flags typed beside --resume. Imports of torch-heavy modules sit inside the funct
 """
 from __future__ import annotations
 
-from ..finetune.config import ClassifyConfig, InstructConfig
+from ..finetune.config import ClassifyConfig, DPOConfig, InstructConfig
 from ..train.options import add_flags, given_flags, load_config_file, resolve
 
 MODEL_HELP = ("model to start from: a fastgpt / Hugging Face / OpenAI GPT-2 directory, a name fetched by "
@@ -75,12 +75,37 @@ INSTRUCT_HELP = {
     "generate_responses": "generate and score test responses (--no-responses skips them)",
 }
 
+DPO_HELP = {
+    **INSTRUCT_HELP,
+    "model": "the policy's and the frozen reference's starting point: an instruction-tuned model (its stored "
+             "template is used), or any model with --template (required unless --resume)",
+    "data": "a JSON list (or .jsonl) of records with 'instruction', 'chosen', 'rejected' and optional 'input' "
+            "('output' is ignored) (required unless --resume)",
+    "out": "directory for the model, checkpoints, metrics.jsonl, loss.png, preferences.png, test_responses.json "
+           "(reference and policy answers side by side), report.json (required unless --resume)",
+    "template": "prompt template: alpaca or phi3 (default: the one stored in the model's metadata)",
+    "seed": "seed for the data order and LoRA init (dropout is off in DPO, as in TRL)",
+    "batch_size": "preference pairs per step (each is two sequences: chosen and rejected)",
+    "beta": "DPO's beta: how far the policy may move from the reference (the loss is "
+            "-logsigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))))",
+    "logprob": "a response's log-probability: sum over its tokens (the DPO paper's and TRL's, the default: the "
+               "implicit reward beta * log(pi/ref) is then of the whole answer, and beta = 0.1 means what it means "
+               "there) or mean per token (the book's: no preference for the shorter answer, but beta acts about "
+               "1/length as strongly)",
+    "lr": "AdamW peak learning rate (the book's DPO uses 5e-6 for GPT-2 355M; a small model can take more)",
+    "eval_interval": "loss, rewards, margin and accuracy on train and val every N steps (default: twice per epoch)",
+    "max_new_tokens": "length limit of each test answer (reference and policy)",
+    "test_limit": "answer only the first N test prompts",
+    "generate_responses": "write the reference's and the policy's answers to the test prompts (--no-responses "
+                          "skips them)",
+}
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "finetune", help="fine-tune a model: text classifier or instruction follower",
         description="Fine-tune a pretrained GPT: `classify` trains a text classifier (e.g. spam), "
-                    "`instruct` trains it to follow Alpaca-style instructions.")
+                    "`instruct` trains it to follow Alpaca-style instructions, `dpo` to prefer chosen answers.")
     sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
 
     cls = sub.add_parser(
@@ -110,6 +135,20 @@ def register(subparsers) -> None:
     add_flags(ins.add_argument_group("options (also settable in --config files)"), InstructConfig, INSTRUCT_HELP)
     ins.set_defaults(func=_instruct)
 
+    dpo = sub.add_parser(
+        "dpo", help="preference-tune an instruction model (DPO: chosen vs rejected answers)",
+        description="Direct Preference Optimization on {instruction, input, chosen, rejected} records: the policy "
+                    "learns to prefer the chosen answer more than the frozen reference (the starting model) does. "
+                    "The reference's log-probabilities are computed once, before training. Logs loss, chosen and "
+                    "rejected rewards, reward margin and accuracy for train and val; --trainable, checkpoints, "
+                    "--resume and --dtype work as for `finetune instruct`.")
+    dpo.add_argument("--config", metavar="FILE", help="options in a .toml/.yaml file; flags override it")
+    dpo.add_argument("--resume", metavar="RUN_DIR|CKPT",
+                     help="continue an interrupted run from a checkpoint, or a run dir's latest, bit for bit; "
+                          "changing --template, --logprob, --trainable or its LoRA / last-n settings is refused")
+    add_flags(dpo.add_argument_group("options (also settable in --config files)"), DPOConfig, DPO_HELP)
+    dpo.set_defaults(func=_dpo)
+
 
 def _options(args, cls) -> tuple[dict, set[str]]:
     """(the config file's options with the typed flags on top, the names of both: what the user set)."""
@@ -133,4 +172,12 @@ def _instruct(args) -> int:
     cfg = resolve(InstructConfig, values)
     finetune_instruct(**cfg.to_dict(), resume=args.resume, explicit=explicit,
                       judge=command_judge(args.judge) if args.judge else None)
+    return 0
+
+
+def _dpo(args) -> int:
+    from ..finetune.dpo import finetune_dpo
+
+    values, explicit = _options(args, DPOConfig)
+    finetune_dpo(**resolve(DPOConfig, values).to_dict(), resume=args.resume, explicit=explicit)
     return 0

@@ -78,10 +78,9 @@ class ClassifyConfig(FinetuneConfig):
 
 
 @dataclass
-class InstructConfig(FinetuneConfig):
-    """`fastgpt finetune instruct`: an instruction follower; saved in every checkpoint for --resume."""
-    template: str = "alpaca"
-    mask_prompt: bool = False
+class StepwiseConfig(FinetuneConfig):
+    """The options of a run trained step by step with checkpoints (`fastgpt.finetune.run`): instruct and dpo;
+    saved in every checkpoint for --resume."""
     split_fractions: list[float] = _split_field([0.85, 0.10, 0.05])
     max_steps: int | None = None
     min_lr: float | None = None        # default lr / 10
@@ -97,9 +96,38 @@ class InstructConfig(FinetuneConfig):
 
     POSITIVE = (*FinetuneConfig.POSITIVE, "max_steps", "max_new_tokens", "eval_batches", "test_limit")
     REQUIRED = ("model", "data", "out")
+    TASK = ""                 # the subcommand, recorded in checkpoints
+    FIXED_ON_RESUME = ()      # options a resumed run may not change (besides what trains)
 
     def validate(self):
         super().validate()
         if self.keep_last < 0:
             raise FastGPTError(f"--keep-last: must be 0 (keep all) or more, got {self.keep_last}")
         return self
+
+
+@dataclass
+class InstructConfig(StepwiseConfig):
+    """`fastgpt finetune instruct`: an instruction follower."""
+    template: str = "alpaca"
+    mask_prompt: bool = False
+
+    TASK = "instruct"
+    FIXED_ON_RESUME = ("template",)
+
+
+LOGPROB_MODES = ("sum", "mean")
+
+
+@dataclass
+class DPOConfig(StepwiseConfig):
+    """`fastgpt finetune dpo`: preference tuning of an instruction model (`fastgpt.finetune.dpo`)."""
+    template: str | None = None        # default: the one stored in the model's metadata
+    beta: float = 0.1
+    logprob: str = field(default="sum", metadata={"choices": LOGPROB_MODES})
+    lr: float = 5e-6
+    epochs: float = 1.0
+
+    POSITIVE = (*StepwiseConfig.POSITIVE, "beta")
+    TASK = "dpo"
+    FIXED_ON_RESUME = ("template", "logprob")

@@ -17,6 +17,7 @@ with <|endoftext|>, as in instruction tuning, so where to stop is part of what i
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +26,22 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..errors import FastGPTError
-from .files import read_jsonl, read_text
-from .instruct import IGNORE_INDEX, EncodedExample, collate, encode_records
+from ..runtime import autocast_factory, canonical_dtype_name, dtype_name, resolve_device, resolve_dtype
+from ..tokenizer import Tokenizer
+from ..train.metrics import plot_losses, read_metrics
+from ..train.options import explicit_fields, require
+from ..train.run_dir import open_run_dir, refuse_existing
+from ..weights.atomic import replace_file
+from .checkpoint import load_model, model_tokenizer
+from .config import LOGPROB_MODES, DPOConfig
+from .files import read_jsonl, read_text, write_json
+from .instruct import IGNORE_INDEX, EncodedExample, answer, collate, encode_records, split_in_order
+from .lora import trainable_summary
+from .run import Schedule, Task, make_trainee, resume_config, save_final, train
+from .templates import METADATA_KEY, TEMPLATES, get_template
 
 FIELDS = ("instruction", "input", "chosen", "rejected")  # `output`, if present, is ignored
-LOGPROB_MODES = ("sum", "mean")
-DEFAULT_BETA = 0.1
+DEFAULT_BETA = DPOConfig.beta
 
 
 # ---------------------------------------------------------------------- data
@@ -177,7 +188,7 @@ STATS = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy")
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[PreferenceBatch], reference: torch.Tensor, beta: float, mode: str,
+def evaluate_pairs(model, batches: list[PreferenceBatch], reference: torch.Tensor, beta: float, mode: str,
              autocast) -> dict:
     """Loss, rewards, margin and accuracy averaged over every pair of `batches`, in eval mode."""
     was_training = model.training
@@ -202,3 +213,166 @@ def disable_dropout(model) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attn_dropout", None), float):
             module.attn_dropout = 0.0
+
+
+# ---------------------------------------------------------------------- reporting
+def plot_preference_metrics(run_dir) -> Path:
+    """Rewards (chosen and rejected), reward margin and accuracy at each evaluation, train and val,
+    -> RUN_DIR/preferences.png (the loss itself: `fastgpt.train.metrics.plot_losses`, loss.png)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
+    steps = [r["step"] for r in evals]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    panels = [("reward (beta * (log pi - log ref))", [("chosen_reward", "chosen"), ("rejected_reward", "rejected")]),
+              ("reward margin (chosen - rejected)", [("margin", "")]),
+              ("accuracy (margin > 0)", [("accuracy", "")])]
+    for ax, (title, series) in zip(axes, panels, strict=True):
+        for key, label in series:
+            for split, style in (("train", "o-"), ("val", "s-")):
+                name = f"{split} {label}".strip()
+                ax.plot(steps, [r[f"{split}_{key}"] for r in evals], style, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{run_dir.name}: DPO")
+    fig.tight_layout()
+    out = run_dir / "preferences.png"
+    replace_file(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return out
+
+
+def side_by_side(records: list[dict], reference_responses: list[str], policy_responses: list[str]) -> list[dict]:
+    """Test records with the reference's and the policy's answers next to the chosen and rejected ones."""
+    return [{**record, "reference_response": ref, "policy_response": pol}
+            for record, ref, pol in zip(records, reference_responses, policy_responses, strict=True)]
+
+
+# ---------------------------------------------------------------------- the run
+def finetune_dpo(model: str | None = None, data: str | None = None, out: str | None = None, *, resume=None,
+                 explicit: set[str] | None = None, log=print, **options) -> dict:
+    """Preference-tune `model` on `data` (`options`: the fields of `DPOConfig`), with instruction
+    tuning's run (`fastgpt.finetune.run`: --trainable, checkpoints, --resume, dtype, schedule); log
+    loss, rewards, margin and accuracy for train and val (metrics.jsonl, loss.png, preferences.png);
+    save the model; write the reference's and the policy's answers to the test split side by side
+    (test_responses.json). Returns the report (report.json)."""
+    cfg = DPOConfig(model=model, data=data, out=None if out is None else str(out), **options).validate()
+    checkpoint = None
+    if resume is not None:
+        *checkpoint, cfg = resume_config(resume, cfg, explicit if explicit is not None else explicit_fields(cfg))
+    else:
+        require(cfg, DPOConfig.REQUIRED, " (unless continuing a run with --resume)")
+    return _train(cfg, checkpoint, log)
+
+
+def _stats_text(stats: dict) -> str:
+    return (f"loss {stats['loss']:.4f} margin {stats['margin']:+.3f} (chosen {stats['chosen_reward']:+.3f}, "
+            f"rejected {stats['rejected_reward']:+.3f}) accuracy {stats['accuracy']:.1%}")
+
+
+def _train(cfg: DPOConfig, checkpoint, log) -> dict:
+    """The run itself; `checkpoint`: None, or (checkpoint dir, its state.json) to continue from."""
+    ckpt, state = checkpoint or (None, None)
+    out = Path(cfg.out)
+    cfg.dtype = canonical_dtype_name(cfg.dtype)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device, "train")
+    autocast = autocast_factory(device, dtype)
+    torch.manual_seed(cfg.seed)
+    replaced = [] if ckpt else refuse_existing(out, cfg.overwrite, "--out")
+
+    records = load_preference_records(cfg.data)
+    splits = split_in_order(records, cfg.split_fractions)
+    if not splits[0]:
+        raise FastGPTError(f"{cfg.data}: {len(records)} records leave no training pairs with --split "
+                           f"{cfg.split_fractions}")
+    log(f"{len(records)} preference records: {' / '.join(str(len(s)) for s in splits)} train / val / test")
+
+    gpt, base_meta = load_model(cfg.model, device)
+    if cfg.template is None:
+        cfg.template = base_meta.get(METADATA_KEY)
+        if cfg.template is None:
+            raise FastGPTError(f"--model {cfg.model}: no prompt template in its metadata (not made by `fastgpt "
+                               f"finetune instruct`); give --template ({', '.join(TEMPLATES)})")
+    get_template(cfg.template)
+    disable_dropout(gpt)
+    context = gpt.config.context_length
+    max_length = context if cfg.max_length is None else cfg.max_length
+    if not 2 <= max_length <= context:
+        raise FastGPTError(f"--max-length: must be between 2 and the model's context length {context}, "
+                           f"got {max_length}")
+    tokenizer = model_tokenizer(cfg.model)
+    own_tokenizer = None if isinstance(tokenizer, Tokenizer) else tokenizer  # saved with each checkpoint's model
+    train_pairs, val_pairs = ([p for p in encode_pairs(split, tokenizer, cfg.template) if fits(p, max_length)]
+                              for split in splits[:2])
+    if not train_pairs:
+        raise FastGPTError(f"--max-length {max_length}: every training prompt fills it, no response token is left")
+    skipped = len(splits[0]) + len(splits[1]) - len(train_pairs) - len(val_pairs)
+    if skipped:
+        log(f"{skipped} pairs left out: their prompt alone fills --max-length {max_length}")
+
+    def batches(pairs, order=None):
+        return pair_batches(pairs, cfg.batch_size, tokenizer.eot_id, max_length, order)
+
+    val_batches = batches(val_pairs)[:cfg.eval_batches]
+    train_eval = batches(train_pairs[:len(val_pairs) or cfg.batch_size * 4])[:cfg.eval_batches]
+    t0 = time.perf_counter()
+    train_reference = reference_logprobs(gpt, batches(train_pairs), cfg.logprob, autocast)
+    val_reference = reference_logprobs(gpt, val_batches, cfg.logprob, autocast)
+    log(f"reference log-probabilities ({cfg.logprob}) of {len(train_pairs)} train and "
+        f"{sum(b.pairs for b in val_batches)} val pairs cached in {time.perf_counter() - t0:.1f} s")
+
+    trainee = make_trainee(gpt, cfg, device, dtype, ckpt)
+    schedule = Schedule.of(cfg, len(train_pairs))
+    # Everything is validated: only now is the run directory written.
+    metrics = open_run_dir(out, state["step"] if ckpt else None, log, replaced)
+    log(f"model {gpt.config} | {trainable_summary(gpt)} ({cfg.trainable}) | device {device} | "
+        f"dtype {dtype_name(dtype)} | template {cfg.template} | beta {cfg.beta} | logprob {cfg.logprob} | "
+        f"max length {max_length} | {schedule.describe()}")
+
+    def evaluate(step: int, tokens: int) -> dict:
+        train_stats = evaluate_pairs(gpt, train_eval, train_reference, cfg.beta, cfg.logprob, autocast)
+        val_stats = evaluate_pairs(gpt, val_batches, val_reference, cfg.beta, cfg.logprob, autocast)
+        row = {"kind": "eval", "step": step, "tokens": tokens, **{f"train_{k}": v for k, v in train_stats.items()},
+               **{f"val_{k}": v for k, v in val_stats.items()}}
+        metrics.write(row)
+        log(f"eval step {step} | train {_stats_text(train_stats)} | val {_stats_text(val_stats)}")
+        return row
+
+    last_stats = {}
+
+    def loss(batch: PreferenceBatch) -> torch.Tensor:
+        value, stats = batch_loss(gpt, batch, train_reference, cfg.beta, cfg.logprob)
+        last_stats.update(stats)
+        return value
+
+    task = Task(len(train_pairs), lambda order: batches(train_pairs, order), loss,
+                tokens=lambda batch: batch.inputs.numel(), evaluate=evaluate, step_stats=lambda: dict(last_stats))
+    step, evals = train(task, trainee, cfg, schedule, out, metrics, autocast, device, own_tokenizer, state, ckpt, log)
+    plot_losses(out)
+    plot_preference_metrics(out)
+
+    counts = save_final(trainee, out, {"template": cfg.template, "base_model": str(cfg.model), "finetune": "dpo",
+                                       "dpo": {"beta": cfg.beta, "logprob": cfg.logprob}, "trainable": cfg.trainable,
+                                       **({"base": base_meta} if base_meta else {})}, tokenizer)
+    log(f"saved the preference-tuned model to {out} (metadata template={cfg.template!r})")
+    report = {"data": str(cfg.data), "model": str(cfg.model), "template": cfg.template, "beta": cfg.beta,
+              "logprob": cfg.logprob, "max_length": max_length, "steps": step, "trainable": cfg.trainable, **counts,
+              "split_sizes": dict(zip(("train", "val", "test"), map(len, splits), strict=True)),
+              "pairs_left_out": skipped, "first_eval": evals[0], "last_eval": evals[-1]}
+    test_records = splits[2][:cfg.test_limit]
+    if cfg.generate_responses and test_records:
+        reference, _ = load_model(cfg.model, device)
+        responses = side_by_side(test_records, answer(reference.eval(), tokenizer, test_records, cfg.template,
+                                                      cfg.max_new_tokens),
+                                 answer(gpt.eval(), tokenizer, test_records, cfg.template, cfg.max_new_tokens))
+        write_json(out / "test_responses.json", responses)
+        report["test_responses"] = len(responses)
+        log(f"reference and policy answers to {len(responses)} test prompts: {out / 'test_responses.json'}")
+    write_json(out / "report.json", report)
+    return report

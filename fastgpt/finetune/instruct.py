@@ -12,7 +12,6 @@ import json
 import math
 import shlex
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,20 +21,16 @@ from ..errors import FastGPTError
 from ..generate import generate
 from ..runtime import autocast_factory, canonical_dtype_name, dtype_name, resolve_device, resolve_dtype
 from ..tokenizer import EOT_ID, Tokenizer
-from ..train import checkpoint as ckpt_io
 from ..train.evaluate import mean_loss
-from ..train.metrics import eval_line, perplexity, plot_losses, step_line
-from ..train.optim import make_optimizer
-from ..train.options import explicit_fields, merge_for_resume, option_names, require
-from ..train.run_dir import open_run_dir, refuse_existing, save_and_prune
-from ..train.schedule import learning_rate
-from ..train.step import PendingSteps, train_step
-from .checkpoint import load_model, model_tokenizer, save_model
+from ..train.metrics import eval_line, perplexity, plot_losses
+from ..train.options import explicit_fields, require
+from ..train.run_dir import open_run_dir, refuse_existing
+from .checkpoint import load_model, model_tokenizer
 from .config import InstructConfig
 from .files import read_jsonl, read_text, write_json
-from .lora import count_parameters, load_adapters, merge_lora, save_adapters, trainable_summary, unmerged_base
+from .lora import trainable_summary
+from .run import Schedule, Task, make_trainee, resume_config, save_final, train
 from .templates import extract_response, format_prompt, get_template
-from .trainable import set_trainable
 
 IGNORE_INDEX = -100
 FIELDS = ("instruction", "input", "output")
@@ -205,49 +200,14 @@ def response_text(template: str, generated: str) -> str:
 
 
 # ---------------------------------------------------------------------- training
-ADAPTER_FILE = "lora_adapters.safetensors"
-
-
-def _order(n: int, generator) -> list[int]:
-    return torch.randperm(n, generator=generator).tolist()
-
-
-def _batches(examples: list[EncodedExample], batch_size: int, generator=None, **collate_args):
-    order = _order(len(examples), generator) if generator else list(range(len(examples)))
+def _batches(examples: list[EncodedExample], batch_size: int, order: list[int] | None = None, **collate_args):
+    order = list(range(len(examples))) if order is None else order
     return [collate([examples[i] for i in order[s:s + batch_size]], **collate_args)
             for s in range(0, len(order), batch_size)]
 
 
 def _has_targets(y: torch.Tensor) -> bool:
     return bool((y != IGNORE_INDEX).any())
-
-
-def _must_match(cfg: InstructConfig) -> tuple[str, ...]:
-    """Options a resumed run cannot change: they decide which weights exist and what the model learns to read."""
-    mode = cfg.trainable
-    return ("template", "trainable", *(("last_n",) if mode == "last-n" else ()),
-            *(("lora_rank", "lora_alpha", "lora_targets") if mode == "lora" else ()))
-
-
-def resume_config(resume, cfg: InstructConfig, explicit: set[str]):
-    """(checkpoint dir, its state.json, the config to continue with): the checkpoint's own
-    options with the `explicit` ones of `cfg` on top; a change of template or of what trains is refused."""
-    ckpt = ckpt_io.find_checkpoint(resume)
-    state = ckpt_io.read_state(ckpt)
-    saved = (state.get("finetune") or {}).get("options")
-    if not isinstance(saved, dict) or "trainable" not in saved or not set(saved) <= set(option_names(InstructConfig)):
-        raise FastGPTError(f"--resume {ckpt}: not a resumable `fastgpt finetune instruct` checkpoint "
-                           "(no saved run options)")
-    if cfg.out is not None and Path(cfg.out).resolve() != ckpt.parent.resolve():
-        raise FastGPTError(f"--out {cfg.out}: a resumed run continues in its own directory {ckpt.parent}")
-    original, merged = merge_for_resume(saved, cfg, explicit - {"out"})
-    for key in _must_match(original) + _must_match(merged):
-        if getattr(original, key) != getattr(merged, key):
-            flag = "--" + key.replace("_", "-")
-            raise FastGPTError(f"--resume {ckpt}: the run was made with {flag} {getattr(original, key)} but this run "
-                               f"asks for {flag} {getattr(merged, key)}; start a new --out to change it")
-    merged.out = str(ckpt.parent)
-    return ckpt, state, merged
 
 
 def finetune_instruct(model: str | None = None, data: str | None = None, out: str | None = None, *, resume=None,
@@ -295,14 +255,7 @@ def _train(cfg: InstructConfig, checkpoint, judge, log) -> dict:
     log(f"{len(records)} records: {len(train_records)} train / {len(val_records)} val / {len(test_records)} test")
 
     gpt, base_meta = load_model(cfg.model, device)
-    if ckpt is not None:  # all weights, or LoRA's frozen base; and the RNG states
-        ckpt_io.load_weights_and_rng(ckpt, gpt)
-    # LoRA's random adapter init is overwritten on resume: it must not draw from the restored generators.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=ckpt is not None):
-        set_trainable(gpt, cfg.trainable, cfg.last_n, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    lora_config = dict(getattr(gpt, "lora_config", None) or {}) or None
-    if ckpt is not None and lora_config:
-        load_adapters(gpt, ckpt / ADAPTER_FILE)
+    trainee = make_trainee(gpt, cfg, device, dtype, ckpt)
     context = gpt.config.context_length
     max_length = context if cfg.max_length is None else cfg.max_length
     if not 2 <= max_length <= context:
@@ -318,41 +271,16 @@ def _train(cfg: InstructConfig, checkpoint, judge, log) -> dict:
     train_eval = [b for b in _batches(train_set[:len(val_records) or batch_size * 4], batch_size, **collate_args)
                   if _has_targets(b[1])][:cfg.eval_batches]  # a fixed slice of the training data, beside validation
 
-    steps_per_epoch = math.ceil(len(train_set) / batch_size)
-    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup_steps = max(1, max_steps // 20) if cfg.warmup_steps is None else cfg.warmup_steps
-    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
-    eval_interval = cfg.eval_interval or max(1, steps_per_epoch // 2)
-
-    # The data order: one seeded permutation per epoch. A resumed run replays the
-    # generator up to its epoch and skips the batches that epoch already gave.
-    generator = torch.Generator().manual_seed(cfg.seed)
-    progress = state["finetune"] if state else {"step": 0, "tokens_seen": 0, "epoch": 1, "position": 0}
-    epoch, position = progress["epoch"], progress["position"]
-    for _ in range(epoch - 1):
-        _order(len(train_set), generator)
-    epoch_batches = _batches(train_set, batch_size, generator, **collate_args)
-    if not any(_has_targets(y) for _, y in epoch_batches):
+    schedule = Schedule.of(cfg, len(train_set))
+    if not any(_has_targets(y) for _, y in _batches(train_set, batch_size, **collate_args)):
         raise FastGPTError(f"--max-length {max_length}{' with --mask-prompt' if cfg.mask_prompt else ''} leaves no "
                            "response token to learn in any training example")
-
-    gpt.train()
-    optimizer = make_optimizer(gpt, cfg.lr, cfg.weight_decay, (0.9, 0.999), 1e-8, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if ckpt is not None:
-        saved = ckpt_io.load_optimizer_file(ckpt, device)
-        try:
-            optimizer.load_state_dict(saved["optimizer"])
-        except ValueError as err:
-            raise FastGPTError(f"{ckpt / 'optimizer.pt'}: does not fit this run's trainable weights ({err})") from None
-        if saved.get("scaler") is not None and scaler.is_enabled():
-            scaler.load_state_dict(saved["scaler"])
 
     # Everything is validated: only now is the run directory written.
     metrics = open_run_dir(out, state["step"] if ckpt else None, log, replaced)
     log(f"model {gpt.config} | {trainable_summary(gpt)} ({cfg.trainable}) | device {device} | "
         f"dtype {dtype_name(dtype)} | template {cfg.template} | max length {max_length} | "
-        f"{max_steps} steps ({max_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch})")
+        f"{schedule.describe()}")
 
     def evaluate(step: int, tokens: int) -> dict:
         train_loss = mean_loss(gpt, train_eval, device, autocast) if train_eval else float("nan")
@@ -363,66 +291,20 @@ def _train(cfg: InstructConfig, checkpoint, judge, log) -> dict:
         log(eval_line(step, train_loss, val_loss))
         return row
 
-    def save(directory: Path) -> Path:
-        """Atomic (`fastgpt.train.checkpoint`); a LoRA run stores its frozen base and the adapters
-        (lora_adapters.safetensors), not a merged model: merging cannot be undone exactly."""
-        return ckpt_io.save_checkpoint(
-            directory, unmerged_base(gpt) if lora_config else gpt, optimizer.state_dict(), scaler,
-            {"step": step, "tokens_seen": tokens_seen,
-             "finetune": {"step": step, "tokens_seen": tokens_seen, "epoch": epoch, "position": position,
-                          "first_eval": evals[0], "last_eval": evals[-1], "options": cfg.to_dict()}},
-            own_tokenizer, extra=(lambda tmp: save_adapters(gpt, tmp / ADAPTER_FILE)) if lora_config else None)
-
-    def loss_fn(batch) -> torch.Tensor:
-        return gpt(batch[0].to(device), batch[1].to(device))
-
-    step, tokens_seen = progress["step"], progress["tokens_seen"]
-    if ckpt is None:
-        evals = [evaluate(0, 0)]
-    else:
-        evals = [progress["first_eval"], progress["last_eval"]]
-        log(f"resumed from {ckpt} at step {step} (epoch {epoch}, batch {position})")
-    parameters, pending = list(gpt.parameters()), PendingSteps(device)
-    while step < max_steps:
-        if position == len(epoch_batches):
-            epoch_batches, epoch, position = _batches(train_set, batch_size, generator, **collate_args), epoch + 1, 0
-        x, y = epoch_batches[position]
-        position += 1
-        if not _has_targets(y):  # a fully masked batch (prompt longer than max_length) teaches nothing
-            continue
-        t0 = time.perf_counter()
-        result = train_step(loss_fn, [(x, y)], optimizer, parameters, grad_clip=cfg.grad_clip, autocast=autocast,
-                            lr=learning_rate(step, cfg.lr, min_lr, warmup_steps, max_steps), scaler=scaler)
-        step += 1
-        tokens_seen += x.numel()
-        pending.add(step, result, x.numel(), tokens_seen, t0)
-        evaluating = step % eval_interval == 0 or step == max_steps
-        saving = (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == max_steps
-        if step % 10 == 0 or evaluating or saving:  # the losses are read here, not at every step
-            for record in pending.read():
-                metrics.write(record.row())
-                if record.step % 10 == 0 or record.step == max_steps:
-                    log(step_line(record.step, max_steps, record.loss, record.lr, record.grad_norm,
-                                  record.seconds * 1e3, record.tokens_per_second, ""))
-        if evaluating:
-            evals.append(evaluate(step, tokens_seen))
-        if saving:
-            save_and_prune(out, step, save, cfg.keep_last)
+    task = Task(len(train_set), lambda order: _batches(train_set, batch_size, order, **collate_args),
+                loss=lambda batch: gpt(batch[0].to(device), batch[1].to(device)), tokens=lambda batch: batch[0].numel(),
+                evaluate=evaluate, usable=lambda batch: _has_targets(batch[1]))
+    step, evals = train(task, trainee, cfg, schedule, out, metrics, autocast, device, own_tokenizer, state, ckpt, log)
     plot_losses(out)
 
-    trainable_parameters, total_parameters = count_parameters(gpt)
-    if lora_config:
-        save_adapters(gpt, out / ADAPTER_FILE)  # the adapters alone, to reuse or share
-        merge_lora(gpt)  # the saved model is a plain GPT: `fastgpt chat` needs to know nothing about LoRA
-    save_model(gpt, out, {"template": cfg.template, "base_model": str(cfg.model), "finetune": "instruct",
-                          "trainable": cfg.trainable, **({"lora": lora_config} if lora_config else {}),
-                          **({"base": base_meta} if base_meta else {})}, tokenizer)
+    counts = save_final(trainee, out, {"template": cfg.template, "base_model": str(cfg.model), "finetune": "instruct",
+                                       "trainable": cfg.trainable, **({"base": base_meta} if base_meta else {})},
+                        tokenizer)
     log(f"saved the fine-tuned model to {out} (metadata template={cfg.template!r})")
 
     report = {"data": str(cfg.data), "model": str(cfg.model), "template": cfg.template, "mask_prompt": cfg.mask_prompt,
               "max_length": max_length, "steps": step, "trainable": cfg.trainable,
-              "trainable_parameters": trainable_parameters, "total_parameters": total_parameters,
-              **({"lora": lora_config} if lora_config else {}),
+              **counts,
               "split_sizes": {"train": len(train_records), "val": len(val_records), "test": len(test_records)},
               "val_loss_before": evals[0]["val_loss"], "val_loss_after": evals[-1]["val_loss"],
               "val_perplexity_after": evals[-1]["val_perplexity"]}
