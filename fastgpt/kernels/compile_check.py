@@ -28,6 +28,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..weights.atomic import replace_file
+
 ARCHES = (80, 90)
 
 
@@ -78,7 +80,8 @@ def discover_specs(broken: list[CompileResult] | None = None) -> list[tuple[str,
         except Exception as err:
             if broken is None:
                 raise
-            broken.append(CompileResult(info.name, "compile_specs()", 0, 0, 0, error=f"{type(err).__name__}: {err}"[:200]))
+            error = f"{type(err).__name__}: {err}"[:200]
+            broken.append(CompileResult(info.name, "compile_specs()", 0, 0, 0, error=error))
     return found
 
 
@@ -195,10 +198,11 @@ def markdown_report(results: list[CompileResult], command: str = "") -> str:
              f"- date: {datetime.date.today().isoformat()}",
              f"- triton: {triton.__version__}",
              f"- command: `{command or 'python3 -m fastgpt compile-check'}`",
-             "- registers and spills: the `ptxas -v` log of the ptxas run that built each cubin; shared memory: Triton's "
-             "kernel metadata (bytes); mma: tensor-core `mma.sync`/`wgmma` in the PTX",
+             "- registers and spills: the `ptxas -v` log of the ptxas run that built each cubin; "
+             "shared memory: Triton's kernel metadata (bytes); mma: tensor-core `mma.sync`/`wgmma` in the PTX",
              "",
-             "| module | kernel | sm | warps | stages | registers | spill st/ld (B) | shared (B) | mma | wgmma | status |",
+             "| module | kernel | sm | warps | stages | registers | spill st/ld (B) | shared (B) | mma | wgmma "
+             "| status |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
     for r in results:
         spill = "?" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
@@ -252,11 +256,8 @@ def report(arches, only, out, command) -> int:
     text = markdown_report(results, command)
     print(text, end="")
     if out:
-        path = Path(out)
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            replace_file(out, lambda tmp: tmp.write_text(text))
         except OSError as err:
             from ..errors import FastGPTError
             raise FastGPTError(f"--out {out}: cannot write the report ({err.strerror or err})") from None

@@ -17,11 +17,11 @@ the metaindex and index handles, zero padding to 40 bytes and a fixed magic numb
 """
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 
 from ..errors import FastGPTError
+from .atomic import replace_file
 from .crc32c import crc32c, mask, unmask
 
 MAGIC = 0xDB4775248B80FB57
@@ -182,7 +182,7 @@ def write_table(path: str | Path, entries: list[tuple[bytes, bytes]], block_size
                 restart_interval: int = 16) -> None:
     """Write sorted, unique-keyed `entries` as an uncompressed table (atomically)."""
     keys = [key for key, _ in entries]
-    if any(a >= b for a, b in zip(keys, keys[1:])):
+    if any(a >= b for a, b in zip(keys, keys[1:], strict=False)):
         raise ValueError("table keys must be unique and sorted")
     out, index = bytearray(), []
 
@@ -205,7 +205,4 @@ def write_table(path: str | Path, entries: list[tuple[bytes, bytes]], block_size
     index_handle = emit(_build_block(index, 1))
     footer = (metaindex_handle + index_handle).ljust(FOOTER_SIZE - 8, b"\0") + struct.pack("<Q", MAGIC)
     out += footer
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(out)
-    os.replace(tmp, path)
+    replace_file(path, lambda tmp: tmp.write_bytes(out))

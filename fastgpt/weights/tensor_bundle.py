@@ -14,7 +14,6 @@ by a varint (type 0), 8 bytes (1), a length-prefixed byte string (2) or 4 bytes 
 """
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import FastGPTError
+from .atomic import replace_file
 from .crc32c import crc32c, mask, unmask
 from .sstable import encode_varint, read_table, read_varint, write_table
 
@@ -192,9 +192,10 @@ def write_bundle(prefix: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write `tensors` as a single-shard little-endian checkpoint `prefix.index` + `prefix.data-00000-of-00001`."""
     prefix = Path(prefix)
     data_path = data_filename(prefix, 0, 1)
-    tmp = data_path.with_name(data_path.name + ".tmp")
-    entries, offset = [], 0
-    try:
+    entries = []
+
+    def write_data(tmp: Path) -> None:
+        offset = 0
         with open(tmp, "wb") as out:
             for name in sorted(tensors, key=lambda n: n.encode("utf-8")):
                 tensor = tensors[name].detach().cpu().contiguous()
@@ -207,9 +208,8 @@ def write_bundle(prefix: str | Path, tensors: dict[str, torch.Tensor]) -> None:
                                     mask(crc32c(raw)))
                 entries.append((name.encode("utf-8"), encode_entry(entry)))
                 offset += raw.size
-        os.replace(tmp, data_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    replace_file(data_path, write_data)
     version = _field(1, BUNDLE_VERSION)  # producer = 1, min_consumer = 0
     header = _field(1, 1) + _field(2, LITTLE) + _field(3, version)
     write_table(prefix.with_name(prefix.name + ".index"), [(HEADER_KEY, header)] + entries)
