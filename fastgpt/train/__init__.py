@@ -4,6 +4,7 @@ config.py      what a run is (dataclass, TOML/YAML files, flag overrides)
 options.py     dataclass -> flags, config files, resume merge (pretraining and fine-tuning alike)
 step.py        one optimizer step for every training loop; losses read from the device only when logged
 run_dir.py     run directories: checkpoint names, --overwrite, keep_last, resumed metrics
+interrupt.py   Ctrl-C: finish the step, checkpoint, exit 130
 batches.py     which tokens each step and each process reads
 schedule.py    warmup + cosine learning rate
 optim.py       AdamW with decay on matrices only

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from . import options
 from .batches import BatchPlan, load_corpus, load_shards, load_text_file
 from .config import ARCHITECTURE_KEYS, TrainConfig
 from .evaluate import mean_loss, sample_text
+from .interrupt import StopFlag
 from .metrics import eval_line, plot_losses, step_line
 from .mfu import mfu_text, model_flops_per_token
 from .optim import make_optimizer
@@ -124,31 +124,6 @@ def build_model(cfg: TrainConfig):
         model.load_state_dict(weights)
         return model
     return GPT(cfg.model_config())
-
-
-class _StopFlag:
-    """SIGINT -> finish the current step, checkpoint, exit (a second Ctrl-C interrupts at once)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
 
 
 def _steps_within_budget(cfg: TrainConfig, step: int, step_times: list[float], elapsed: float, eval_bs: int,
@@ -345,7 +320,7 @@ def _train(cfg, resume_from, state, asked, log, info: dist.DistInfo, device) -> 
     last_ckpt, train_loss, val_loss, sample = None, None, None, None
     interrupted = False
     trained.train()
-    with _StopFlag() as stop, tqdm(total=cfg.max_steps, initial=step, disable=not (info.is_main and cfg.progress),
+    with StopFlag() as stop, tqdm(total=cfg.max_steps, initial=step, disable=not (info.is_main and cfg.progress),
                                    unit="step", dynamic_ncols=True, leave=False) as bar:
         while step < cfg.max_steps:
             t0 = time.perf_counter()
