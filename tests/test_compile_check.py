@@ -4,28 +4,55 @@ Compilation runs in a subprocess with TRITON_INTERPRET removed, because the
 interpreter replaces @triton.jit functions with Python.
 """
 import importlib
+import pkgutil
 import re
 
 import pytest
 
-from fastgpt.kernels.compile_check import CompileResult, _parse_ptxas, exit_code, markdown_report, run_in_subprocess
+from fastgpt import kernels
+from fastgpt.kernels.compile_check import (
+    CompileResult,
+    _parse_ptxas,
+    discover_specs,
+    exit_code,
+    markdown_report,
+    run_in_subprocess,
+)
 
-MY_SPECS = ["layer_norm_fwd_add[C=768,fp16]", "layer_norm_bwd_add[C=768,fp16]",
-            "bias_gelu_fwd[C=3072,fp16]", "bias_gelu_bwd[C=3072,fp16]"]
+
+def _kernel_modules() -> list[str]:
+    """The modules of fastgpt.kernels that define @triton.jit entry points (named _*_kernel)."""
+    names = []
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"fastgpt.kernels.{info.name}")
+        if any(re.fullmatch(r"_\w+_kernel", name) for name in vars(module)):
+            names.append(info.name)
+    return sorted(names)
 
 
-def test_layernorm_and_gelu_compile_for_sm80_and_sm90_without_spills():
-    done = run_in_subprocess(["--arch", "80", "90", "--only", *MY_SPECS], timeout=600)
+KERNEL_MODULES = _kernel_modules()
+MATMUL_KERNELS = ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")  # tl.dot: tensor cores expected
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
+    """`fastgpt compile-check --arch 80 90`: every spec of every module (minutes on 2 CPU cores)."""
+    specs = discover_specs()
+    done = run_in_subprocess(["--arch", "80", "90"], timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| layernorm") or line.startswith("| gelu")]
-    assert len(rows) == 2 * len(MY_SPECS), done.stdout
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        module, name, arch, warps, stages, regs, spills, shared, mma, wgmma, status = cells
-        assert arch in ("80", "90") and status == "ok", row
-        assert 0 < int(regs) <= 255 and spills == "0/0", row
-        assert mma == "no" and wgmma == "no", row  # elementwise/row kernels: no matmul
-    assert "triton:" in done.stdout and f"{2 * len(MY_SPECS)} compilations, 0 failing" in done.stdout
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in done.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| module") and not line.startswith("| ---")]
+    assert sorted((r[0], r[1], r[2]) for r in rows) == sorted(
+        (module, spec.name, arch) for module, spec in specs for arch in ("80", "90"))
+    assert {r[0] for r in rows} == set(KERNEL_MODULES)
+    for module, name, arch, _warps, _stages, regs, spills, _shared, mma, wgmma, status in rows:
+        row = f"{module} {name} sm_{arch}"
+        assert status == "ok" and spills == "0/0", row
+        assert 0 < int(regs) <= 255, row
+        if name.startswith(MATMUL_KERNELS):
+            assert mma == "yes" and wgmma == ("yes" if arch == "90" else "no"), row
+        else:
+            assert mma == "no" and wgmma == "no", row  # elementwise/row kernels: no matmul
+    assert "triton:" in done.stdout and f"{2 * len(specs)} compilations, 0 failing" in done.stdout
 
 
 def test_cli_reports_unknown_filter_as_one_line_error():
@@ -60,12 +87,17 @@ def test_spills_and_errors_fail_the_check():
     assert "| SPILLS |" in table and "ERROR CompilationError: boom" in table and "3 compilations, 2 failing" in table
 
 
-@pytest.mark.parametrize("module_name", ["layernorm", "gelu"])
+@pytest.mark.parametrize("module_name", KERNEL_MODULES)
 def test_compile_specs_cover_every_kernel_of_the_module(module_name):
     """Each @triton.jit entry point (named *_kernel) appears in compile_specs()."""
     module = importlib.import_module(f"fastgpt.kernels.{module_name}")
-    kernels = {name for name in vars(module) if re.fullmatch(r"_\w+_kernel", name)}
-    assert kernels
+    kernels_here = {name for name in vars(module) if re.fullmatch(r"_\w+_kernel", name)}
     covered = {spec.fn.__name__ if hasattr(spec.fn, "__name__") else spec.fn.fn.__name__
                for spec in module.compile_specs()}
-    assert kernels <= covered, kernels - covered
+    assert kernels_here <= covered, kernels_here - covered
+
+
+def test_every_kernel_module_is_checked():
+    """The modules the check discovers are exactly those with kernels (none forgotten)."""
+    assert {"attention", "cross_entropy", "decode_attention", "gelu", "layernorm"} <= set(KERNEL_MODULES)
+    assert {module for module, _ in discover_specs()} == set(KERNEL_MODULES)
