@@ -11,7 +11,7 @@ N(0, 0.02) scheme, or PyTorch's module defaults as the book keeps them).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 from .errors import FastGPTError
 

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():

@@ -9,8 +9,8 @@ exact there, so fp32 keeps its 2e-6 on every backend (not yet re-run on a GPU).
 """
 import pytest
 import torch
-
 from conftest import GPU
+
 from fastgpt.kernels import _custom_ops
 
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}

@@ -19,7 +19,7 @@ def naive_merges(text: str, n_merges: int) -> list[tuple[bytes, bytes]]:
     for _ in range(n_merges):
         counts = Counter()
         for w, seq in seqs.items():
-            for pair in zip(seq, seq[1:]):
+            for pair in zip(seq, seq[1:], strict=False):
                 counts[pair] += words[w]
         if not counts:
             break

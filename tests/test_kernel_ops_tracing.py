@@ -8,8 +8,8 @@ does, but needs no C++/GPU code generation, so it runs here in the interpreter t
 from __future__ import annotations
 
 import torch
-
 from conftest import DEVICE
+
 from fastgpt.kernels.attention import attention_triton
 from fastgpt.kernels.cross_entropy import cross_entropy_triton
 from fastgpt.kernels.gelu import bias_gelu_triton
@@ -43,5 +43,5 @@ def test_compiled_forward_and_backward_equal_eager():
     loss_c, grads_c = run(compiled)
     loss_e, grads_e = run(_block)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
-    for gc, ge in zip(grads_c, grads_e):
+    for gc, ge in zip(grads_c, grads_e, strict=True):
         torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)

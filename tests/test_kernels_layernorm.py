@@ -6,14 +6,18 @@ the comparison instead of passing by luck.
 """
 import pytest
 import torch
-
 from conftest import DEVICE, requires_gpu
-from fastgpt import ops
 from kernel_checks import DTYPES, assert_close, poison_outputs  # noqa: F401 (poison_outputs: autouse fixture)
+
+from fastgpt import ops
 from fastgpt.errors import FastGPTError
 from fastgpt.kernels import _custom_ops
-from fastgpt.kernels.layernorm import (add_layer_norm_reference, add_layer_norm_triton, layer_norm_reference,
-                                       layer_norm_triton)
+from fastgpt.kernels.layernorm import (
+    add_layer_norm_reference,
+    add_layer_norm_triton,
+    layer_norm_reference,
+    layer_norm_triton,
+)
 
 EPS = 1e-5
 
@@ -175,7 +179,7 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     expected = block(*args_eager)
     expected.backward()
     assert torch.allclose(out, expected, rtol=1e-6, atol=1e-5)
-    for a, e in zip(args, args_eager):
+    for a, e in zip(args, args_eager, strict=True):
         assert torch.allclose(a.grad, e.grad, rtol=1e-6, atol=1e-5)
 
 

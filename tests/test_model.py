@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from fastgpt import GPT, GPTConfig, KVCache, FastGPTError, preset
+from fastgpt import GPT, FastGPTError, GPTConfig, KVCache, preset
 
 
 @pytest.mark.parametrize("name, tied, untied", [

@@ -3,8 +3,8 @@ exactly the ids of an independent implementation (Hugging Face's), and round-tri
 import random
 
 import pytest
-
 from conftest import shared_file
+
 from fastgpt.bpe import BPETokenizer
 from fastgpt.tokenizer import EOT_ID, Tokenizer, gpt2_file
 
