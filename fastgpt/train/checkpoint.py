@@ -25,6 +25,8 @@ import torch
 
 from ..config import GPTConfig
 from ..errors import FastGPTError
+from ..tokenizer import TOKENIZER_DIR
+from ..weights import load_fastgpt, save_fastgpt
 
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)$")
 # Test hook: exit abruptly inside the save of this step, after the temp dir is written, before the rename.
@@ -32,51 +34,10 @@ CRASH_IN_SAVE_ENV = "FASTGPT_TEST_CRASH_IN_SAVE"
 
 
 # ---------------------------------------------------------------------- model files
-def save_model(model: torch.nn.Module, directory: Path, metadata: dict) -> None:
-    """fastgpt's model format; delegated to fastgpt.weights when it provides save_fastgpt."""
-    try:
-        from ..weights import save_fastgpt
-    except ImportError:
-        _save_model_files(model, directory, metadata)
-    else:
-        save_fastgpt(model, directory, metadata)
-
-
 def load_model_state(directory: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], dict]:
-    """(config, state dict, metadata) of a saved fastgpt model directory."""
-    try:
-        from ..weights import load_fastgpt
-    except ImportError:
-        return _load_model_files(directory)
+    """(config, state dict, metadata) of a saved model directory (fastgpt's format, or any `load_fastgpt` reads)."""
     model, metadata = load_fastgpt(directory)
     return model.config, model.state_dict(), metadata
-
-
-def _save_model_files(model, directory: Path, metadata: dict) -> None:
-    from safetensors.torch import save_file
-    directory.mkdir(parents=True, exist_ok=True)
-    # A tied LM head is the token embedding: store the matrix once.
-    tied = model.config.tie_embeddings
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-               if k != "lm_head.weight" or not tied}
-    save_file(tensors, str(directory / "model.safetensors"))
-    doc = {"format": "fastgpt", "config": model.config.to_dict(), "metadata": metadata}
-    (directory / "config.json").write_text(json.dumps(doc, indent=2))
-
-
-def _load_model_files(directory: Path):
-    from safetensors.torch import load_file
-    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FastGPTError(f"{directory}: not a fastgpt model directory (needs config.json and model.safetensors)")
-    doc = json.loads(config_path.read_text())
-    if doc.get("format") != "fastgpt":
-        raise FastGPTError(f"{config_path}: format is {doc.get('format')!r}, expected 'fastgpt'")
-    config = GPTConfig.from_dict(doc["config"], source=str(config_path))
-    state = load_file(str(weights_path))
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]
-    return config, state, doc.get("metadata", {})
 
 
 # ---------------------------------------------------------------------- RNG
@@ -127,10 +88,9 @@ def save_checkpoint(directory: Path, model, optimizer_state: dict, scaler, state
     tmp.mkdir(parents=True)
     metadata = {"step": state["step"], "tokens_seen": state["tokens_seen"]}
     if tokenizer is not None:
-        from ..tokenizer import TOKENIZER_DIR
         tokenizer.save(tmp / "model" / TOKENIZER_DIR)
         metadata["tokenizer"] = "bpe"  # read back by fastgpt.tokenizer.load_tokenizer(model dir)
-    save_model(model, tmp / "model", metadata)
+    save_fastgpt(model, tmp / "model", metadata)
     torch.save({"optimizer": optimizer_state,
                 "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None},
                tmp / "optimizer.pt")

@@ -11,6 +11,9 @@ import contextlib
 
 import torch
 
+from ..generate import generate
+from ..tokenizer import Tokenizer
+
 
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, batches, device: torch.device, autocast) -> float:
@@ -30,8 +33,6 @@ def sample_text(model: torch.nn.Module, prompt: str, max_new_tokens: int, temper
     """`prompt` continued by up to `max_new_tokens` sampled tokens (fastgpt.generate, private RNG).
 
     `tokenizer`: the run's own (a `BPETokenizer`); None means GPT-2's."""
-    from ..generate import generate
-    from ..tokenizer import Tokenizer
     tok = tokenizer if tokenizer is not None else Tokenizer()
     ids = tok.encode(prompt) or [tok.eot_id]
     with autocast():
