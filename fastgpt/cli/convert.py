@@ -15,6 +15,9 @@ A language model becomes a fastgpt directory (--format fastgpt) for generate, ch
 pretrain --init-from and the finetune commands, or a Hugging Face GPT-2 directory
 (--format hf) for transformers. A chapter-6 classifier (out_head [num_classes, d] with a
 bias) becomes a directory for `fastgpt classify`; name its classes with --labels.
+fastgpt reads the class at each text's last real token. The book's chapter-6 code pads
+every text with <|endoftext|> to the longest training text and reads the last position,
+so fastgpt's answers equal the book's classify_review only for texts of that length.
 Both use GPT-2's tokenizer, as the book does.
 
 fastgpt.weights.load_pretrained("model.pth") and --model model.pth load a language model directly
