@@ -244,9 +244,10 @@ def quantize_int8(model, dtype: torch.dtype | None = None, kernel: str | None = 
     unquantized for lookups, so the LM head is no longer tied to it. Returns the model,
     in eval mode.
     """
-    dtype = dtype or activation_dtype(model.device)
     on_cpu = model.device.type == "cpu"
     kernel = kernel or (default_int8_kernel() if on_cpu else "weight-only")
+    # fbgemm takes fp32 in and out: bf16 activations around it would only add conversions
+    dtype = dtype or (torch.float32 if kernel == "dynamic" else activation_dtype(model.device))
     # The weight-only kernel's fast path on CPUs is bf16, whatever the activations are.
     compute = KERNEL_DTYPE if on_cpu and kernel == "weight-only" else dtype
     model.to(dtype).eval()

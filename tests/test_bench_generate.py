@@ -70,7 +70,8 @@ def test_speculative_benchmark_checks_identity_and_reports_acceptance(tmp_path):
     target = save_fastgpt(GPT("tiny"), tmp_path / "target")
     rows = run_speculative(str(target), str(target), out_dir=tmp_path, new_tokens=6, ks=(2,), repeats=1,
                            prompts=("Hello", "A B"), threads=1)
-    assert [r.backend for r in rows] == ["target alone", "prompt lookup k=4", "draft k=2"]
-    draft_row = rows[-1]
+    assert [r.backend for r in rows] == ["target alone", "prompt lookup k=4", "draft k=2", "target alone, sampling",
+                                         "draft k=2, sampling"]
+    draft_row = rows[2]
     assert "acceptance=100.0%" in draft_row.extra and "tokens_equal_plain=all" in draft_row.extra
     assert "| draft k=2 |" in (tmp_path / "speculative.md").read_text()

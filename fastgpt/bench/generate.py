@@ -13,7 +13,8 @@ class (AMX, AVX512-BF16, AVX512, AVX2), which decides the modes' dtypes.
 
 Modes: fp32, bf16, fp16, "16bit" (the 16-bit format this machine reads fastest:
 bf16 on GPUs and CPUs with native bf16, fp16 on other CPUs with F16C), int8, int4
-(fastgpt.quantize: approximate; their activations follow the CPU too), and with
+(fastgpt.quantize: approximate; their activations follow the CPU too; "int8:dynamic" and
+"int8:weight-only" force one int8 kernel, with the activations it wants), and with
 `compile=True` fp32 through torch.compile.
 
 Decoding one sequence is memory-bound: every new token reads every weight once. The
@@ -39,7 +40,7 @@ import torch
 
 from ..config import preset
 from ..errors import FastGPTError
-from ..quantize import QUANTIZATIONS, quantize, weight_bytes_per_token
+from ..quantize import INT8_KERNELS, QUANTIZATIONS, quantize, weight_bytes_per_token
 from ..runtime import CANONICAL_DTYPES, canonical_dtype_name, cpu_capabilities, describe_machine
 from ..weights import load_pretrained
 from .common import Row, device_name, quantiles, write_csv
@@ -50,7 +51,9 @@ SIZES = {"gpt2": preset("gpt2"), "mini": preset("mini"), "tiny": preset("tiny"),
 # what `fastgpt bench generate --sizes NAME` measures
 SIZE_SETS = {"tiny": ("tiny",), "gpt2": ("gpt2",), "cpu": ("demo", "gpt2")}
 HALF = "16bit"
-MODES = (*CANONICAL_DTYPES, HALF, *QUANTIZATIONS)
+# int8 with a chosen kernel instead of the CPU's default (fastgpt.quantize.INT8_KERNELS)
+INT8_WITH_KERNEL = {f"int8:{kernel}": kernel for kernel in INT8_KERNELS}
+MODES = (*CANONICAL_DTYPES, HALF, *QUANTIZATIONS, *INT8_WITH_KERNEL)
 COMPILED = "fastgpt+compile"
 
 
@@ -67,7 +70,7 @@ def half_dtype(device: str) -> torch.dtype | None:
 
 def mode_name(name: str) -> str:
     """'float32' -> 'fp32', 'int8' -> 'int8', '16bit' -> '16bit'; unknown modes are one-line errors."""
-    if name in QUANTIZATIONS or name == HALF:
+    if name in QUANTIZATIONS or name == HALF or name in INT8_WITH_KERNEL:
         return name
     try:
         return canonical_dtype_name(name)
@@ -290,6 +293,8 @@ def _load_ours(directory, device, mode):
     """fastgpt's model in `mode`: quantized ones get the CPU's activation dtype (fastgpt.quantize)."""
     if mode in QUANTIZATIONS:
         return quantize(load_pretrained(directory, device=device), mode)
+    if mode in INT8_WITH_KERNEL:
+        return quantize(load_pretrained(directory, device=device), "int8", kernel=INT8_WITH_KERNEL[mode])
     dtype = half_dtype(device) if mode == HALF else CANONICAL_DTYPES[mode]
     return load_pretrained(directory, device=device, dtype=dtype)
 
@@ -348,10 +353,11 @@ def run_speculative(model_dir: str, draft_dir: str, out_dir: str | Path | None =
                     new_tokens: int = 128, ks: Sequence[int] = (2, 4, 6), repeats: int = 3,
                     prompts: Sequence[str] = SPECULATIVE_PROMPTS, threads: int | None = None,
                     command: str | None = None) -> list[Row]:
-    """Greedy decoding of trained models on CPU: the target alone vs speculative decoding
-    with the draft (each k of `ks`) and with prompt lookup, on the same prompts, in turns.
-    Every speculative output must equal the plain one token for token (else an error);
-    rows give tokens/s, the speedup, the acceptance rate and the mean accepted length."""
+    """Decoding of trained models on CPU: the target alone vs speculative decoding with the
+    draft (each k of `ks`) and with prompt lookup, greedy, plus the largest k with sampling,
+    on the same prompts, in turns. Every greedy speculative output must equal the plain one
+    token for token (else an error); rows give tokens/s, the speedup over the target alone
+    (greedy or sampling), the acceptance rate and the mean accepted length."""
     from ..generate import generate
     from ..tokenizer import load_tokenizer
     from ..weights import load_fastgpt, resolve
@@ -361,33 +367,41 @@ def run_speculative(model_dir: str, draft_dir: str, out_dir: str | Path | None =
         draft, _ = load_fastgpt(draft_dir, device="cpu", dtype=torch.float32)
         tokenizer = load_tokenizer(resolve(model_dir))
         ids = [tokenizer.encode(p) for p in prompts]
-        contenders = {"target alone": {}, "prompt lookup k=4": dict(prompt_lookup=True, speculate_k=4)}
-        contenders |= {f"draft k={k}": dict(draft=draft, speculate_k=k) for k in ks}
+        greedy, sampled = dict(temperature=0), dict(temperature=0.8, top_k=40, seed=0)
+        contenders = {"target alone": greedy, "prompt lookup k=4": dict(greedy, prompt_lookup=True, speculate_k=4)}
+        contenders |= {f"draft k={k}": dict(greedy, draft=draft, speculate_k=k) for k in ks}
+        # Sampling (T=0.8, top-k 40): no identity to check, but text that does not loop the way
+        # greedy text of a small model does, so its acceptance is the less flattering one.
+        contenders |= {"target alone, sampling": sampled, f"draft k={max(ks)}, sampling": dict(sampled, draft=draft,
+                                                                                                 speculate_k=max(ks))}
         outputs: dict[str, list] = {}
 
         def call(key, options):
             def run_all():
-                outputs[key] = [generate(target, [p], new_tokens, temperature=0, eos_id=None, **options) for p in ids]
+                outputs[key] = [generate(target, [p], new_tokens, eos_id=None, **options) for p in ids]
             return run_all
 
         wall, cpu = _time_interleaved({k: call(k, o) for k, o in contenders.items()}, repeats, "cpu")
         shape = (f"B=1 prompts={len(ids)} new={new_tokens} threads={torch.get_num_threads()} "
                  f"target={target.num_parameters() / 1e6:.1f}M draft={draft.num_parameters() / 1e6:.1f}M")
         total = new_tokens * len(ids)
-        base = quantiles([total / s for s in wall["target alone"]])[0]
         rows = []
         for key in contenders:
-            plain = [r.tokens for r in outputs["target alone"]]
-            if [r.tokens for r in outputs[key]] != plain:
+            is_sampling = key.endswith("sampling")
+            plain = "target alone, sampling" if is_sampling else "target alone"
+            base = quantiles([total / s for s in wall[plain]])[0]
+            if not is_sampling and [r.tokens for r in outputs[key]] != [r.tokens for r in outputs[plain]]:
                 raise FastGPTError(f"speculative benchmark: {key} changed the greedy tokens")
             extra = f"cpu={cpu_capabilities().level};cpu_time_tokens_per_s={total / min(cpu[key]):.1f}"
-            if key != "target alone":
+            if key != plain:
                 proposed = sum(r.speculation.proposed for r in outputs[key])
                 accepted = sum(r.speculation.accepted for r in outputs[key])
                 steps = sum(r.speculation.steps for r in outputs[key])
                 median = quantiles([total / s for s in wall[key]])[0]
                 extra += (f";speedup={median / base:.2f}x;acceptance={accepted / max(proposed, 1):.1%}"
-                          f";mean_accepted={accepted / max(steps, 1):.2f};tokens_equal_plain=all")
+                          f";mean_accepted={accepted / max(steps, 1):.2f}")
+                if not is_sampling:
+                    extra += ";tokens_equal_plain=all"
             rows.append(_row("speculative greedy", key, shape, "fp32", total, wall[key], "cpu", extra))
     lines = [f"Machine: {describe_machine(torch.device('cpu'))}", "",
              f"### speculative greedy decoding ({shape}, {rows[0].date}, commit {rows[0].commit})", "",
