@@ -21,7 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..bpe import BPETokenizer
+from ..corpus import shakespeare_text
+from ..data import TokenShards
 from ..errors import FastGPTError
+from ..tokenizer import Tokenizer
 
 _EVAL_SEED = 0x5EED_E7A1  # eval windows are fixed per run, independent of the training seed's stream
 
@@ -149,7 +153,6 @@ class BatchPlan:
 def tokenize_text(text: str, source: str, tokenizer=None) -> np.ndarray:
     """Token ids of `text` as uint16 (GPT-2's tokenizer by default)."""
     if tokenizer is None:
-        from ..tokenizer import Tokenizer
         tokenizer = Tokenizer()
     if not text.strip():
         raise FastGPTError(f"{source}: no text to train on (empty)")
@@ -171,7 +174,6 @@ def text_tokenizer(spec: str, train_text: str, saved: Path | None = None):
     validation text stays unseen); training is deterministic, but a resumed run
     loads the copy its checkpoint saved (`saved`) rather than relearning it.
     """
-    from ..bpe import BPETokenizer
     if saved is not None:
         return BPETokenizer.load(saved)
     if spec.startswith("bpe:"):
@@ -229,13 +231,11 @@ def load_corpus(name: str, val_fraction: float, tokenizer: str = "gpt2", saved: 
     """(train, val, own tokenizer or None) of a built-in corpus."""
     if name != "shakespeare":
         raise FastGPTError(f"--corpus: unknown corpus {name!r} (choose from: shakespeare)")
-    from ..corpus import shakespeare_text
     return text_splits(shakespeare_text(), "corpus shakespeare", val_fraction, tokenizer, saved)
 
 
 def load_shards(directory: str) -> tuple[TokenSplit, TokenSplit]:
     """Token shards written by `fastgpt prepare`, memory-mapped (never loaded whole)."""
-    from ..data import TokenShards
     path = Path(directory)
     if not path.is_dir():
         raise FastGPTError(f"--data: no such directory {path}")
@@ -255,5 +255,4 @@ def shards_tokenizer(path: Path, meta: dict):
         return None
     if not Path(name).is_dir():
         raise FastGPTError(f"{path / 'meta.json'}: tokenizer {name!r} is not gpt2 or an existing BPE directory")
-    from ..bpe import BPETokenizer
     return BPETokenizer.load(name)

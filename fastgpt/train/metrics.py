@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from ..errors import FastGPTError
 from ..weights.atomic import replace_file
 
 
@@ -64,7 +65,6 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_losses(run_dir: str | Path) -> Path:
     """Train and val loss against tokens seen -> RUN_DIR/loss.png (matplotlib, no display needed)."""
-    from ..errors import FastGPTError
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
