@@ -184,3 +184,21 @@ def test_resume_with_another_architecture_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "init=gpt2" in err and "another initialisation" in err
     assert _tree_digest(run) == before
+
+
+def test_a_cpu_run_on_a_gpu_host_saves_no_cuda_rng_state(monkeypatch):
+    """Simulates a visible GPU that the run never used: its generators are neither read (which would
+    start a CUDA context in a CPU run) nor saved; the CPU state round-trips."""
+    from fastgpt.train.checkpoint import rng_state, set_rng_state
+
+    def untouchable(*args, **kwargs):
+        raise AssertionError("a CPU run touched CUDA")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", untouchable)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", untouchable)
+    plain, tensors = rng_state()
+    assert set(tensors) == {"torch"}
+    expected = torch.rand(4)
+    set_rng_state(plain, tensors)
+    assert torch.equal(torch.rand(4), expected)

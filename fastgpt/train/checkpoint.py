@@ -42,13 +42,14 @@ def load_model_state(directory: Path) -> tuple[GPTConfig, dict[str, torch.Tensor
 
 # ---------------------------------------------------------------------- RNG
 def rng_state() -> tuple[dict, dict]:
-    """(JSON-able Python/numpy states, tensor states for torch CPU/CUDA)."""
+    """(JSON-able Python/numpy states, tensor states for torch CPU and, once this process has used
+    CUDA, the CUDA generators). Asking a GPU's generator for its state would start a CUDA context."""
     py = random.getstate()
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     plain = {"python": [py[0], list(py[1]), py[2]],
              "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
     tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a CPU run on a GPU host leaves CUDA alone
         tensors["cuda"] = torch.cuda.get_rng_state_all()
     return plain, tensors
 
