@@ -209,15 +209,18 @@ def run(device: str = "cpu", sizes: str = "tiny", out_dir: str | None = None, ur
     rows = []
     shape = f"{clients * requests_per_client} requests x {max_tokens} new tokens"
     what = f"{spec['preset']} random weights" if url is None else url
+    # the server's machine and threads, not this client process's
+    where = f"{device} server, {threads or 'default'} threads, {os.cpu_count()} CPUs" if url is None else url
     for label, (wall, results) in runs.items():
         tokens = sum(r.completion_tokens for r in results)
         ttft = [r.ttft_s * 1e3 for r in results]
         extra = (f"model={what};wall_s={wall:.2f};tokens={tokens};ttft_p50_ms={percentile(ttft, 50):.1f};"
                  f"ttft_p99_ms={percentile(ttft, 99):.1f}")
-        rows.append(Row("serve_throughput", label, shape, "fp32" if device == "cpu" else "auto", tokens / wall,
-                        tokens / wall, tokens / wall, "tokens/s", extra=extra))
-        rows.append(Row("serve_ttft", label, shape, "fp32" if device == "cpu" else "auto", percentile(ttft, 50),
-                        percentile(ttft, 20), percentile(ttft, 80), "ms", extra=f"p99={percentile(ttft, 99):.1f}"))
+        dtype = "fp32" if device == "cpu" else "auto"
+        rows.append(Row("serve_throughput", label, shape, dtype, tokens / wall, tokens / wall, tokens / wall,
+                        "tokens/s", device=where, extra=extra))
+        rows.append(Row("serve_ttft", label, shape, dtype, percentile(ttft, 50), percentile(ttft, 20),
+                        percentile(ttft, 80), "ms", device=where, extra=f"p99={percentile(ttft, 99):.1f}"))
     base = rows[0].median
     concurrent = rows[2].median
     threads_note = f", server threads {threads}" if url is None and threads else ""
