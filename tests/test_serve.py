@@ -206,6 +206,8 @@ def test_32_concurrent_streaming_clients_each_get_their_sequential_greedy_answer
     (b'{"prompt": "x", "stop": 5}', "stop"),
     (b'{"prompt": "x", "stream": "yes"}', "stream"),
     (b'{"prompt": "x", "logprobs": 2}', "logprobs is not supported"),
+    (b'{"prompt": "x", "seed": 99999999999999999999}', "seed must be a 64-bit"),
+    (b'{"prompt": "x", "top_k": -5}', "top_k"),
     (b'{"prompt": [99999999]}', "token id 99999999"),
     (b'{"prompt": "' + b"word " * CONTEXT + b'"}', f"maximum context length is {CONTEXT}"),
     (b'{"prompt": "x", "max_tokens": %d}' % CONTEXT, f"maximum context length is {CONTEXT}"),

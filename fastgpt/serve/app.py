@@ -40,6 +40,7 @@ from .protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    checked_seed,
     choices_per_prompt,
     completion_prompts,
     envelope,
@@ -243,6 +244,7 @@ class _Run:
     def start(cls, engine: Engine, served: ServedModel, req, prompts: list[list[int]], *,
               default_max_tokens: int | None, extra_stops: list[str] = ()) -> "_Run":
         params = sampling_params(req)
+        seed = checked_seed(req)
         n = choices_per_prompt(req, engine.max_batch)
         stops = stop_strings(req)
         stops += [s for s in extra_stops if s not in stops]
@@ -258,7 +260,7 @@ class _Run:
                                                                                  context - longest)
         run = cls(served, req, prompts, n)
         loop = asyncio.get_running_loop()
-        entries = [(ids, None if req.seed is None else req.seed + j) for ids in prompts for j in range(n)]
+        entries = [(ids, None if seed is None else seed + j) for ids in prompts for j in range(n)]
         sinks = [run._sink(loop, index) for index in range(len(entries))]
         try:
             run.seqs = engine.submit_many(entries, max_tokens, params, stop=stops, sinks=sinks)

@@ -149,6 +149,13 @@ def requested_max_tokens(req: _Sampling) -> int | None:
     return value
 
 
+def checked_seed(req: _Sampling) -> int | None:
+    """The seed, within the 64-bit range a torch.Generator takes (choice j uses seed + j)."""
+    if req.seed is not None and not -(2 ** 63) <= req.seed < 2 ** 63:
+        raise APIError(400, f"seed must be a 64-bit signed integer, got {req.seed}", param="seed")
+    return req.seed
+
+
 def choices_per_prompt(req: _Sampling, max_batch: int) -> int:
     n = 1 if req.n is None else req.n
     limit = min(MAX_N, max_batch)
