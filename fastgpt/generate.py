@@ -381,7 +381,7 @@ class _Run:
                 else:
                     n, token = accept_sampling(drafts, draft_probs, probabilities(logits, self.params),
                                                self.generator)
-                if proposer is not None:
+                if proposer is not None and drafts:
                     proposer.keep(len(window), n)
                 speculation.proposed += len(drafts)
                 speculation.accepted += n

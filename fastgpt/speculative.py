@@ -146,6 +146,7 @@ class DraftModel:
         self.model = model
         self.cache = KVCache.for_model(model, 1, max_length)
         self.cached = 0
+        self.fed = 0  # drafts of the last proposal that went through the cache
 
     def reset(self) -> None:
         self.cached = 0
@@ -170,7 +171,7 @@ class DraftModel:
             drafts.append(token)
             pending = [token]
         # the last draft was never fed; the others are valid only if the target keeps them
-        self.fed = self.cached - (len(window))  # drafts d1..d_{k-1} now in the cache
+        self.fed = self.cached - len(window)  # drafts d1..d_{k-1} now in the cache
         return drafts, (torch.stack(probs) if probs else None)
 
     def keep(self, window_length_before: int, accepted: int) -> None:

@@ -91,11 +91,14 @@ def test_prompt_lookup_is_greedy_identical_and_accepts_on_repetitive_text(target
     assert spec.speculation.accepted >= 8 and spec.speculation.steps <= 10  # 19 passes without lookup
 
 
-def test_speculation_slides_the_context_like_plain_decoding(target):
-    """Context 64: 100 new tokens force two slides; the tokens still equal plain greedy's."""
+@pytest.mark.parametrize("which_draft", ["the target itself", "another model"])
+def test_speculation_slides_the_context_like_plain_decoding(target, other_draft, which_draft):
+    """Context 64: 100 new tokens force slides (and passes with no room left for drafts);
+    the tokens still equal plain greedy's, with all drafts accepted or many rejected."""
+    draft = copy.deepcopy(target) if which_draft == "the target itself" else other_draft
     prompt = PROMPT * 4  # 48 tokens
     plain = generate(target, [prompt], 100, temperature=0, eos_id=None)
-    spec = generate(target, [prompt], 100, temperature=0, eos_id=None, draft=copy.deepcopy(target), speculate_k=4)
+    spec = generate(target, [prompt], 100, temperature=0, eos_id=None, draft=draft, speculate_k=4)
     assert spec.tokens == plain.tokens and len(spec.tokens[0]) == 100
 
 
