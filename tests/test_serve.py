@@ -315,6 +315,15 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot():
         assert again.status_code == 200
 
 
+def test_a_waiting_non_streaming_client_that_goes_away_frees_its_slot():
+    with running_server(served_tiny(slow_model(0.05)), max_batch=1, max_queue=0) as running:
+        with pytest.raises(httpx.ReadTimeout):  # gives up after 0.5 s of a ~2.5 s answer and closes
+            httpx.post(f"{running.url}/v1/completions", json={"prompt": "Wait", "max_tokens": 50}, timeout=0.5)
+        started = time.monotonic()
+        assert wait_idle(running.url, timeout=10)["active"] == 0
+        assert time.monotonic() - started < 2.0 and running.engine.cancelled == 1
+
+
 def test_a_full_queue_answers_503_at_once_with_retry_after():
     with running_server(served_tiny(slow_model(0.05)), max_batch=1, max_queue=1) as running:
         url = running.url
