@@ -14,8 +14,8 @@ from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT
 from fastgpt.train import TrainConfig, train
 from fastgpt.train.batches import BatchPlan
-from fastgpt.train.loop import build_model, load_data
 from fastgpt.train.optim import make_optimizer
+from fastgpt.train.resolve import build_model, load_data
 from fastgpt.train.schedule import learning_rate
 from fastgpt.train.step import PendingSteps, train_step
 

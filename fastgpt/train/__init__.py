@@ -14,6 +14,7 @@ evaluate.py    loss on fixed batches, text samples
 checkpoint.py  atomic checkpoints and exact resume
 distributed.py torchrun / DDP / FSDP
 recompute.py   activation checkpointing
+resolve.py     what a run trains on: resumed config, data, tokenizer, model, batch plan
 loop.py        the loop itself
 """
 from .config import TrainConfig
