@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from ..runtime import describe_machine
+
 COLUMNS = ["name", "backend", "shape", "dtype", "median", "p20", "p80", "unit", "device", "date", "commit", "extra"]
 
 
@@ -35,10 +37,10 @@ class Row:
 
 
 def device_name(device: str | None = None) -> str:
+    """The card, or the CPU model with its capability class and the threads torch uses."""
     if (device is None and torch.cuda.is_available()) or (device and str(device).startswith("cuda")):
         return torch.cuda.get_device_name()
-    import platform
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    return f"{describe_machine(torch.device('cpu'))}, {torch.get_num_threads()} threads"
 
 
 def git_commit() -> str:
