@@ -63,18 +63,22 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
+        qkv = self.qkv(x)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if cache is None:
+            # Split into heads inside the op, whose backward returns d qkv in one piece.
+            return self.resid_dropout(self.proj(ops.attention_qkv(qkv, self.n_head, dropout_p)))
+        q, k, v = qkv.split(C, dim=2)
         # (B, T, C) -> (B, H, T, D): each head attends in its own D-dimensional subspace.
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        if cache is not None and T == 1:
+        if T == 1:
             # Decode: one new token per sequence attends to everything cached so far.
             cache.write_step(layer, k, v)
             y = ops.decode_attention(q[:, :, 0], cache.k[layer], cache.v[layer], cache.lengths + 1)
             y = y.unsqueeze(2)
         else:
-            if cache is not None:
-                cache.write_prefill(layer, k, v)
-            y = ops.attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+            cache.write_prefill(layer, k, v)
+            y = ops.attention(q, k, v, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)  # concatenate the heads
         return self.resid_dropout(self.proj(y))
 

@@ -52,6 +52,7 @@ _REFERENCE = {
     "cross_entropy": reference.cross_entropy_reference,
     "linear_cross_entropy": reference.linear_cross_entropy_reference,
     "attention": reference.attention_reference,
+    "attention_qkv": reference.attention_qkv_reference,
     "decode_attention": reference.decode_attention_reference,
 }
 _TRITON = {
@@ -61,6 +62,7 @@ _TRITON = {
     "cross_entropy": _cross_entropy.cross_entropy_triton,
     "linear_cross_entropy": _linear_cross_entropy.linear_cross_entropy_triton,
     "attention": _attention.attention_triton,
+    "attention_qkv": _attention.attention_qkv_triton,
     "decode_attention": _decode_attention.decode_attention_triton,
 } if TRITON_AVAILABLE else {}
 
@@ -146,6 +148,15 @@ def attention(q, k, v, dropout_p: float = 0.0):
     if dropout_p > 0.0:
         return _implementation("attention", q, triton_supported=False)(q, k, v, dropout_p)
     return _implementation("attention", q)(q, k, v)
+
+
+def attention_qkv(qkv, n_head: int, dropout_p: float = 0.0):
+    """Causal self-attention of the fused projection qkv (B, T, 3C) -> (B, T, C), heads
+    concatenated. The fused kernel's backward writes d qkv as one tensor (no concatenation
+    of dQ, dK, dV); attention dropout takes the reference path, as in `attention`."""
+    if dropout_p > 0.0:
+        return _implementation("attention_qkv", qkv, triton_supported=False)(qkv, n_head, dropout_p)
+    return _implementation("attention_qkv", qkv)(qkv, n_head)
 
 
 def decode_attention(q, k_cache, v_cache, lengths):

@@ -13,7 +13,9 @@ from conftest import DEVICE, GPU, requires_gpu
 from kernel_checks import poison_outputs  # noqa: F401  (autouse fixture: outputs start as NaN)
 
 from fastgpt import ops
-from fastgpt.kernels.attention import attention_reference, attention_triton
+from fastgpt.kernels import attention as attention_module
+from fastgpt.kernels.attention import attention_qkv_triton, attention_reference, attention_triton
+from fastgpt.kernels.reference import attention_qkv_reference
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
 # (output, gradient) absolute tolerances against float64; values and grads are O(1) (at most ~5).
@@ -197,3 +199,54 @@ def test_mismatched_inputs_raise_one_clear_error():
         attention_triton(q, q[:, :, :4], q)
     with pytest.raises(FastGPTError, match="fp32/fp16/bf16"):
         attention_triton(q.double(), q.double(), q.double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,T,D", [(2, 3, 1, 64), (1, 2, 100, 64), (2, 1, 70, 32), (1, 2, 33, 24)])
+def test_fused_qkv_attention_matches_float64_reference(B, H, T, D, dtype):
+    """attention_qkv_triton takes the projection itself and returns d qkv in one piece
+    (D=24: the padded split path)."""
+    qkv = torch.randn(B, T, 3 * H * D, device=DEVICE, dtype=dtype, requires_grad=True)
+    out = attention_qkv_triton(qkv, H)
+    assert out.shape == (B, T, H * D) and out.dtype == dtype
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    x = qkv.detach().double().requires_grad_(True)
+    expected = attention_qkv_reference(x, H)
+    expected.backward(grad_out.double())
+    atol_out, atol_grad = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected, atol=atol_out, rtol=0)
+    torch.testing.assert_close(qkv.grad.double(), x.grad, atol=atol_grad, rtol=0)
+
+
+@pytest.mark.parametrize("single_launch", [True, False], ids=["one_launch", "two_launches"])
+@pytest.mark.parametrize("B,H,T,D", [(1, 2, 100, 64), (2, 1, 70, 32)])
+def test_backward_as_one_or_two_launches(B, H, T, D, single_launch, monkeypatch):
+    """The backward's two phases (dK/dV, then dQ) in one launch, or in two as on the GPU."""
+    monkeypatch.setitem(attention_module._SINGLE_BACKWARD_LAUNCH, "interpreter", single_launch)
+    monkeypatch.setitem(attention_module._SINGLE_BACKWARD_LAUNCH, "gpu", single_launch)
+    launches = attention_module._backward_launches(D)
+    assert [phases for phases, _ in launches] == ([3] if single_launch and not GPU else [1, 2])
+    check_triton_against_fp64(B, H, T, D, torch.float32, *TOLERANCE[torch.float32])
+
+
+def test_fused_qkv_backward_concatenates_nothing():
+    """The backward kernel writes dQ, dK, dV into one (B, T, 3C) buffer: no aten.cat (nor any
+    copy) runs between the output's gradient and qkv.grad."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    qkv = torch.randn(2, 40, 3 * 2 * 32, device=DEVICE, requires_grad=True)
+    out = attention_qkv_triton(qkv, 2)
+    with Ops() as ops_seen:
+        out.backward(torch.ones_like(out))
+    assert qkv.grad is not None and torch.isfinite(qkv.grad).all()
+    assert not [name for name in ops_seen.seen if "cat" in name], ops_seen.seen

@@ -63,6 +63,14 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return weights @ v
 
 
+def attention_qkv_reference(qkv: torch.Tensor, n_head: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal self-attention of a fused projection: qkv (B, T, 3C) -> (B, T, C), heads concatenated."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
+    return attention_reference(q, k, v, dropout_p).transpose(1, 2).reshape(B, T, C)
+
+
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                lengths: torch.Tensor) -> torch.Tensor:
     """q: (B, H, D); caches: (B, H, T_max, D); lengths: (B,) valid cache entries per sequence
