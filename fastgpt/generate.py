@@ -17,6 +17,11 @@ the (reset) cache and generation continues from there. That costs one prefill pe
 context_length // 2 new tokens instead of a full forward pass per token. The
 uncached path (use_cache=False) feeds the model exactly the same windows, so both
 paths produce the same tokens.
+
+Decode steps run through `fastgpt.cached_forward` (any offset, no host sync: the same
+step is compiled, recorded as a CUDA graph, or run eagerly); speculative decoding
+(`draft=` / `prompt_lookup=`, batch 1) drafts tokens with `fastgpt.speculative` and
+verifies them in one pass over the cache.
 """
 from __future__ import annotations
 
