@@ -67,7 +67,8 @@ _TRANSPOSED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _transposed_head(model) -> torch.Tensor | None:
     head = model.lm_head
     weight = getattr(head, "weight", None)
-    if not isinstance(head, nn.Linear) or weight is None or weight.device.type != "cpu":
+    # exactly nn.Linear: a subclass (LoRA, say) may add to its forward
+    if type(head) is not nn.Linear or weight is None or weight.device.type != "cpu":
         return None
     key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
     cached = _TRANSPOSED_HEADS.get(model)
