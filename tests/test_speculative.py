@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import varied_tiny_model
 
-from fastgpt.cached_forward import hidden_states_at
+from fastgpt.cached_forward import head_logits, hidden_states_at
 from fastgpt.config import preset
 from fastgpt.errors import FastGPTError
 from fastgpt.generate import generate
@@ -50,6 +50,17 @@ def test_cached_forward_at_an_offset_matches_the_full_pass_after_a_rejected_spec
         hidden_states_at(target, torch.randint(0, 100, (2, 5)), cache)  # a speculation, all rejected
         parts.append(hidden_states_at(target, ids[:, 8:], cache))      # overwrites its slots
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_head_logits_follow_the_weight_through_in_place_changes(target):
+    model = copy.deepcopy(target)
+    hidden = torch.randn(3, model.config.n_embd)
+    with torch.inference_mode():
+        torch.testing.assert_close(head_logits(model, hidden), model.lm_head(hidden))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)  # in place (tied: the embedding too): the transposed copy must follow
+    with torch.inference_mode():
+        torch.testing.assert_close(head_logits(model, hidden), model.lm_head(hidden))
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
