@@ -89,7 +89,7 @@ def _save_classifier(model, head, metadata, book_file, labels, out) -> None:
 
     from ..errors import FastGPTError
     from ..finetune.checkpoint import save_classifier
-    from ..finetune.classify import GPTClassifier
+    from ..finetune.classifier import GPTClassifier
 
     num_classes = head["weight"].shape[0]
     labels = labels or [str(i) for i in range(num_classes)]
