@@ -181,7 +181,7 @@ def create_app(load: Callable[[], ServedModel], options: ServerOptions | None = 
         prompts = completion_prompts(req, served.tokenizer, served.model.config.vocab_size)
         run = _Run.start(engine, served, req, prompts, default_max_tokens=COMPLETION_DEFAULT_TOKENS)
         if req.stream:
-            return _sse(run.stream_completion(request))
+            return _sse(run.stream_completion())
         return await run.complete(request, chat=False)
 
     @v1.post("/chat/completions")
@@ -193,7 +193,7 @@ def create_app(load: Callable[[], ServedModel], options: ServerOptions | None = 
         prompts = [served.tokenizer.encode(prompt)]
         run = _Run.start(engine, served, req, prompts, default_max_tokens=None, extra_stops=template_stops)
         if req.stream:
-            return _sse(run.stream_chat(request))
+            return _sse(run.stream_chat())
         return await run.complete(request, chat=True)
 
     app.include_router(v1)
@@ -325,7 +325,7 @@ class _Run:
         body["usage"] = self.usage(completion_tokens)
         return JSONResponse(body)
 
-    async def stream_completion(self, _request: Request) -> AsyncIterator[dict | str]:
+    async def stream_completion(self) -> AsyncIterator[dict | str]:
         head = envelope(new_id("cmpl"), "text_completion", self.served.name)
 
         def chunk(choices: list[dict]) -> dict:
@@ -335,7 +335,7 @@ class _Run:
                 "index": i, "text": text, "logprobs": None, "finish_reason": reason}):
             yield item
 
-    async def stream_chat(self, _request: Request) -> AsyncIterator[dict | str]:
+    async def stream_chat(self) -> AsyncIterator[dict | str]:
         head = envelope(new_id("chatcmpl"), "chat.completion.chunk", self.served.name)
 
         def chunk(choices: list[dict]) -> dict:
