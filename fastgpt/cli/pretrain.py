@@ -69,6 +69,8 @@ HELP = {
              "fp16 (or float32, bfloat16, float16)",
     "backend": "kernels: auto (Triton on CUDA), torch (PyTorch reference), triton",
     "compile": "torch.compile the model",
+    "cuda_graph": "on CUDA, record the whole step (forward, backward, clipping, AdamW) as one CUDA graph and "
+                  "replay it; eager under DDP/FSDP, fp16 or --activation-checkpointing (said in one line)",
     "activation_checkpointing": "recompute each block in backward (less memory, ~1/3 more compute)",
     "distributed": "under torchrun: ddp (a replica per process) or fsdp (FSDP2: parameters, grads and AdamW "
                    "state sharded per block)",

@@ -60,6 +60,7 @@ class TrainConfig:
     dtype: str = "auto"              # "auto", "fp32", "bf16", "fp16" or torch's names (autocast; fp16: a GradScaler)
     backend: str = "auto"            # fastgpt.ops backend: "auto", "torch", "triton"
     compile: bool = False            # torch.compile the model
+    cuda_graph: bool = True          # CUDA: the whole step as one CUDA graph (train/cuda_graph.py); CPU: ignored
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
     distributed: str = "ddp"         # under torchrun: "ddp" or "fsdp"
     threads: int | None = None       # CPU threads for torch (None = fastgpt.runtime.default_threads(): physical cores)

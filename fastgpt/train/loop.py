@@ -3,7 +3,9 @@
 The run's config, data and model are resolved first (`resolve.py`). Each optimizer step is
 `fastgpt.train.step.train_step` over `accum_steps` micro-batches (loss = model(x, y); DDP
 all-reduces gradients on the last one only), at the scheduled
-learning rate; losses and norms are read from the device only when the loop logs. Every
+learning rate; on CUDA that step is recorded once as a CUDA graph and replayed
+(`cuda_graph.py`; --no-cuda-graph for eager). Targets are checked on the host batch,
+and losses and norms are read from the device only when the loop logs. Every
 so often it evaluates on fixed batches, prints a text sample, and writes an atomic
 checkpoint from which the run resumes bit-for-bit.
 """
@@ -27,11 +29,12 @@ from ..tokenizer import TOKENIZER_DIR
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .config import TrainConfig
+from .cuda_graph import GraphedTrainStep, off_reason
 from .evaluate import mean_loss, sample_text
 from .interrupt import StopFlag
 from .metrics import eval_line, plot_losses, step_line
 from .mfu import mfu_text, model_flops_per_token
-from .optim import make_optimizer
+from .optim import make_optimizer, portable_state
 from .recompute import enable_activation_checkpointing
 from .resolve import prepare_inputs, resolve_run
 from .run_dir import checkpoint_dir, open_run_dir, refuse_existing, write_json
@@ -202,7 +205,8 @@ def _train(cfg, resume_from, state, asked, log, info: dist.DistInfo, device) -> 
         if sharded:  # a plain CPU copy of the gathered weights for the model files
             to_save = GPT(model.config)
             to_save.load_state_dict(model_state)
-        return ckpt_io.save_checkpoint(directory, to_save, optimizer_state, scaler, payload, tokenizer)
+        return ckpt_io.save_checkpoint(directory, to_save, portable_state(optimizer_state), scaler, payload,
+                                       tokenizer)
 
     def loss_fn(batch) -> torch.Tensor:
         x, y = batch
@@ -212,6 +216,15 @@ def _train(cfg, resume_from, state, asked, log, info: dist.DistInfo, device) -> 
         return dist.gradient_sync(trained, info, cfg.distributed, enabled=last)
 
     parameters = list(model.parameters())
+    graphed = None
+    if cfg.cuda_graph:
+        reason = off_reason(device, world_size=info.world_size, fp16_scaler=scaler.is_enabled(),
+                            activation_checkpointing=cfg.activation_checkpointing)
+        if reason is None:
+            graphed = GraphedTrainStep(loss_fn, optimizer, parameters, grad_clip=cfg.grad_clip, autocast=autocast)
+        elif device.type == "cuda" or "cuda_graph" in asked:
+            say(f"--cuda-graph: the eager step runs instead ({reason})")
+    vocab_size = model.config.vocab_size
     pending = PendingSteps(device)  # losses and norms stay on the device until a log, eval or save reads them
     losses: list[float] = []
     step_times: list[float] = []
@@ -223,8 +236,14 @@ def _train(cfg, resume_from, state, asked, log, info: dist.DistInfo, device) -> 
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             lr = learning_rate(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-            result = train_step(loss_fn, plan.micro_batches(step), optimizer, parameters, lr=lr,
-                                grad_clip=cfg.grad_clip, autocast=autocast, scaler=scaler, sync=sync)
+            micro_batches = plan.micro_batches(step)
+            for _, targets in micro_batches:
+                ops.check_targets(targets, vocab_size)  # on the host batch: the ops do not check
+            if graphed is not None:
+                result = graphed(micro_batches, lr)
+            else:
+                result = train_step(loss_fn, micro_batches, optimizer, parameters, lr=lr, grad_clip=cfg.grad_clip,
+                                    autocast=autocast, scaler=scaler, sync=sync)
             result.loss = dist.mean_across_ranks(result.loss, info)
             step += 1
             tokens_seen += plan.tokens_per_step

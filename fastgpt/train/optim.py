@@ -4,6 +4,10 @@ Decaying biases and LayerNorm gains pulls them toward zero for no benefit, so
 parameters with fewer than two dimensions (and nothing else) are exempt. The
 fused or multi-tensor ("foreach") kernels do the update in a few launches
 instead of one per parameter.
+
+A CUDA graph replays the kernels it recorded, Python and all its floats left out, so
+an optimizer inside one keeps its learning rate in a device tensor that is refilled
+before each replay (`capturable`, `set_learning_rate`); checkpoints store it as a float.
 """
 from __future__ import annotations
 
@@ -32,3 +36,34 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
         except (RuntimeError, TypeError):
             pass
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Ready `optimizer` for recording in a CUDA graph: `capturable` on, the learning rate a
+    one-element fp32 tensor on `device`. Call it after any `load_state_dict`, which brings
+    back the saved groups' flags and float learning rates."""
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        for p in group["params"]:  # a loaded foreach optimizer keeps its step counts on the CPU
+            state = optimizer.state.get(p, {})
+            if isinstance(state.get("step"), torch.Tensor) and state["step"].device != device:
+                state["step"] = state["step"].to(device, torch.float32)
+        if not (isinstance(group["lr"], torch.Tensor) and group["lr"].device == device):
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate; a tensor one is refilled in place (a graph holds its address)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def portable_state(state: dict) -> dict:
+    """An optimizer state dict as an eager optimizer on any device loads it: float learning
+    rates, `capturable` off (the moments and step counts are unchanged)."""
+    groups = [{**group, "lr": float(group["lr"]), "capturable": False} if isinstance(group.get("lr"), torch.Tensor)
+              else group for group in state["param_groups"]]
+    return {**state, "param_groups": groups}

@@ -2,7 +2,7 @@
 tuning, and whatever comes next (DPO): the loop hands in a `loss_fn(batch) -> loss`, so the step
 never assumes `model(x, y)`.
 
-    set the learning rate
+    set the learning rate (or leave it to the caller: a CUDA graph refills its tensor before a replay)
     for each micro-batch: loss = loss_fn(batch) / n under autocast, (scaled) backward;
                           `sync(last)` lets DDP/FSDP all-reduce on the last micro-batch only
     unscale, clip the global gradient norm, step (skipped by the fp16 scaler on inf), zero the grads
@@ -22,21 +22,25 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import FastGPTError
+from .optim import set_learning_rate
 
 
 @dataclass
 class StepResult:
     loss: torch.Tensor        # mean loss over the micro-batches: an fp32 scalar on the device
     grad_norm: torch.Tensor   # global gradient norm before clipping (a DTensor under FSDP)
-    lr: float
+    lr: float | None          # None: the step did not set it (see `lr` of train_step)
 
 
 def train_step(loss_fn: Callable, micro_batches: Sequence, optimizer: torch.optim.Optimizer, parameters: list, *,
-               lr: float, grad_clip: float, autocast=contextlib.nullcontext, scaler=None,
+               lr: float | None, grad_clip: float, autocast=contextlib.nullcontext, scaler=None,
                sync: Callable[[bool], contextlib.AbstractContextManager] | None = None) -> StepResult:
-    """One optimizer step over `micro_batches`; `grad_clip` <= 0 disables clipping (the norm is still measured)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    """One optimizer step over `micro_batches`; `grad_clip` <= 0 disables clipping (the norm is still measured).
+
+    `lr=None` keeps the optimizer's learning rate as the caller set it: the step recorded into a
+    CUDA graph must not write it, or every replay would restore the value it had when recorded."""
+    if lr is not None:
+        set_learning_rate(optimizer, lr)
     device = next(iter(parameters)).device
     loss_sum = torch.zeros((), device=device)
     n = len(micro_batches)
