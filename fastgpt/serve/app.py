@@ -56,6 +56,7 @@ from .protocol import (
 PAGE = Path(__file__).with_name("page.html")
 DEFAULT_MAX_BODY_BYTES = 1 << 20   # 1 MiB: far more than any prompt that fits a GPT-2 context
 RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 
 
 @dataclass
@@ -284,14 +285,20 @@ class _Run:
     async def events(self, request: Request | None) -> AsyncIterator[tuple[int, Event]]:
         """Events until every sequence has finished. With `request`, a client that
         disconnects while waiting cancels the run (a stream is cancelled by Starlette)."""
+        checked = time.monotonic()
         try:
             while self.pending:
                 try:
-                    index, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                    item = await asyncio.wait_for(self.queue.get(), timeout=DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
+                    item = None
+                if request is not None and time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()  # (events may arrive every step: poll by the clock)
+                    if await request.is_disconnected():
                         return
+                if item is None:
                     continue
+                index, event = item
                 if event.finish_reason or event.error:
                     self.pending -= 1
                 yield index, event
