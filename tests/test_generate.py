@@ -316,6 +316,14 @@ def test_compiled_decode_step_gives_the_eager_tokens(model, one_thread):
     assert compiled.tokens == eager.tokens
 
 
+def test_fp16_weights_decode_on_cpu(model):
+    """fp16 is the 16-bit format of AVX2 CPUs (F16C); the cached decode step must run in it."""
+    import copy
+    exact = generate(model, [PROMPTS[2]], 8, temperature=0, eos_id=None).tokens[0]
+    half = generate(copy.deepcopy(model).half(), [PROMPTS[2]], 8, temperature=0, eos_id=None).tokens[0]
+    assert half[:4] == exact[:4]
+
+
 # ------------------------------------------------------------------ GPU
 @requires_gpu
 def test_cuda_graph_decode_equals_eager():
