@@ -281,10 +281,13 @@ def test_dpo_lora_resume_is_bit_exact(tmp_path, tokenizer):
     run = tmp_path / "killed"  # the run as it was when the process died just after checkpoint 4
     shutil.copytree(tmp_path / "reference", run)
     for path in run.iterdir():
-        if path.name == "ckpt_000006" or path.suffix in (".safetensors", ".png", ".json"):
+        if path.name == "ckpt_000006" or path.suffix in (".safetensors", ".png", ".json") \
+                and path.name != "reference_logprobs.safetensors":
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    resumed = finetune_dpo(resume=str(run), **options)
+    lines = []
+    resumed = finetune_dpo(resume=str(run), **{**options, "log": lines.append})
     assert resumed == report and _rows(run) == _rows(tmp_path / "reference")
+    assert any("reference log-probabilities read from" in line for line in lines)  # not computed again
     assert (run / "lora_adapters.safetensors").is_file()
     with pytest.raises(FastGPTError, match="the run was made with --logprob mean but this run asks for --logprob sum"):
         finetune_dpo(resume=str(run), explicit={"logprob"}, **{**options, "logprob": "sum"})

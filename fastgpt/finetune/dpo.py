@@ -10,7 +10,8 @@ preference for the chosen response relative to the reference's:
 beta * (pi - ref) is the implicit reward of a response; the margin is the chosen reward
 minus the rejected one, and accuracy is the share of pairs with a positive margin.
 The reference never changes, so its log-probabilities are computed once, before
-training, over every pair; the reference model is not run (or even kept) during training.
+training, over every pair; the reference model is not run (or even kept) during training,
+and a resumed run reads them back from the run directory (reference_logprobs.safetensors).
 Prompt tokens and padding are masked out of the log-probabilities; each response ends
 with <|endoftext|>, as in instruction tuning, so where to stop is part of what is preferred.
 """
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .. import ops
 from ..errors import FastGPTError
@@ -34,7 +37,7 @@ from ..train.run_dir import open_run_dir, refuse_existing
 from ..weights.atomic import replace_file
 from .checkpoint import load_model, model_tokenizer
 from .config import LOGPROB_MODES, DPOConfig
-from .files import read_jsonl, read_text, write_json
+from .files import read_jsonl, read_text, write_atomic, write_json
 from .instruct import IGNORE_INDEX, EncodedExample, answer, collate, encode_records, split_in_order
 from .lora import trainable_summary
 from .run import Schedule, Task, make_trainee, resume_config, save_final, train
@@ -141,6 +144,20 @@ def pair_logprobs(model, batch: PreferenceBatch, mode: str) -> tuple[torch.Tenso
     device = model.lm_head.weight.device
     logprobs = sequence_logprobs(model, batch.inputs.to(device), batch.targets.to(device), mode)
     return logprobs[:batch.pairs], logprobs[batch.pairs:]
+
+
+REFERENCE_FILE = "reference_logprobs.safetensors"
+
+
+def read_reference_cache(path: Path, key: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(train, val) reference log-probabilities saved by an earlier invocation of the same run, if they were
+    computed for the same `key` (model, data, template, mode, lengths, dtype); else None."""
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        if f.metadata() != key:
+            return None
+        return f.get_tensor("train"), f.get_tensor("val")
 
 
 @torch.no_grad()
@@ -321,16 +338,28 @@ def _train(cfg: DPOConfig, checkpoint, log) -> dict:
 
     val_batches = batches(val_pairs)[:cfg.eval_batches]
     train_eval = batches(train_pairs[:len(val_pairs) or cfg.batch_size * 4])[:cfg.eval_batches]
-    t0 = time.perf_counter()
-    train_reference = reference_logprobs(gpt, batches(train_pairs), cfg.logprob, autocast)
-    val_reference = reference_logprobs(gpt, val_batches, cfg.logprob, autocast)
-    log(f"reference log-probabilities ({cfg.logprob}) of {len(train_pairs)} train and "
-        f"{sum(b.pairs for b in val_batches)} val pairs cached in {time.perf_counter() - t0:.1f} s")
+    # What the cached reference depends on: a resumed run reuses the run directory's cache only if it matches.
+    key = {"model": str(cfg.model), "data": str(cfg.data), "template": cfg.template, "logprob": cfg.logprob,
+           "max_length": str(max_length), "split": str(cfg.split_fractions), "pairs": str(len(train_pairs)),
+           "val_pairs": str(sum(b.pairs for b in val_batches)), "dtype": dtype_name(dtype)}
+    cached = read_reference_cache(out / REFERENCE_FILE, key) if ckpt is not None else None
+    if cached is not None:
+        train_reference, val_reference = cached
+        log(f"reference log-probabilities read from {out / REFERENCE_FILE}")
+    else:
+        t0 = time.perf_counter()
+        train_reference = reference_logprobs(gpt, batches(train_pairs), cfg.logprob, autocast)
+        val_reference = reference_logprobs(gpt, val_batches, cfg.logprob, autocast)
+        log(f"reference log-probabilities ({cfg.logprob}) of {len(train_pairs)} train and "
+            f"{sum(b.pairs for b in val_batches)} val pairs computed in {time.perf_counter() - t0:.1f} s")
 
     trainee = make_trainee(gpt, cfg, device, dtype, ckpt)
     schedule = Schedule.of(cfg, len(train_pairs))
     # Everything is validated: only now is the run directory written.
     metrics = open_run_dir(out, state["step"] if ckpt else None, log, replaced)
+    if cached is None:
+        write_atomic(out / REFERENCE_FILE, lambda tmp: save_file({"train": train_reference, "val": val_reference},
+                                                                 str(tmp), metadata=key))
     log(f"model {gpt.config} | {trainable_summary(gpt)} ({cfg.trainable}) | device {device} | "
         f"dtype {dtype_name(dtype)} | template {cfg.template} | beta {cfg.beta} | logprob {cfg.logprob} | "
         f"max length {max_length} | {schedule.describe()}")
