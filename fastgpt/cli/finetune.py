@@ -139,7 +139,8 @@ def register(subparsers) -> None:
         "dpo", help="preference-tune an instruction model (DPO: chosen vs rejected answers)",
         description="Direct Preference Optimization on {instruction, input, chosen, rejected} records: the policy "
                     "learns to prefer the chosen answer more than the frozen reference (the starting model) does. "
-                    "The reference's log-probabilities are computed once, before training. Logs loss, chosen and "
+                    "The reference's log-probabilities are computed once, before training, and kept in the run "
+                    "directory for --resume. Logs loss, chosen and "
                     "rejected rewards, reward margin and accuracy for train and val; --trainable, checkpoints, "
                     "--resume and --dtype work as for `finetune instruct`.")
     dpo.add_argument("--config", metavar="FILE", help="options in a .toml/.yaml file; flags override it")
