@@ -38,6 +38,17 @@ def test_no_graph_breaks(backend, training):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_no_graph_breaks_under_autocast(backend):
+    """The kernels read the autocast state (LayerNorm writes the autocast dtype): still one graph."""
+    model = GPT(preset("tiny")).to(DEVICE).train()
+    idx, targets = _batch(model)
+    torch._dynamo.reset()
+    with ops.use_backend(backend), torch.autocast(DEVICE, dtype=torch.float16):
+        explanation = torch._dynamo.explain(model)(idx, targets)
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_logits_equal_eager(backend):
     model = varied_tiny_model().to(DEVICE)
     idx, _ = _batch(model)

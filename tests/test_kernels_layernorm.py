@@ -6,7 +6,7 @@ the comparison instead of passing by luck.
 """
 import pytest
 import torch
-from conftest import DEVICE, requires_gpu
+from conftest import DEVICE, GPU, requires_gpu
 from kernel_checks import DTYPES, assert_close, poison_outputs  # noqa: F401 (poison_outputs: autouse fixture)
 
 from fastgpt import ops
@@ -187,13 +187,41 @@ def test_custom_op_registrations_pass_opcheck():
     x, w, b, dy = make(3, 16, torch.float32)
     residual = make(3, 16, torch.float32, seed=1)[0]
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.fastgpt.layer_norm_fwd.default, (leaf(x), leaf(w), leaf(b), EPS),
-                          test_utils=checks)
-    torch.library.opcheck(torch.ops.fastgpt.add_layer_norm_fwd.default,
-                          (leaf(residual), leaf(x), leaf(w), leaf(b), EPS), test_utils=checks)
+    for y_dtype in (None, torch.float16):
+        torch.library.opcheck(torch.ops.fastgpt.layer_norm_fwd.default, (leaf(x), leaf(w), leaf(b), EPS, y_dtype),
+                              test_utils=checks)
+        torch.library.opcheck(torch.ops.fastgpt.add_layer_norm_fwd.default,
+                              (leaf(residual), leaf(x), leaf(w), leaf(b), EPS, y_dtype), test_utils=checks)
     mean, rstd = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     torch.library.opcheck(torch.ops.fastgpt.layer_norm_bwd.default, (dy, x, w, mean, rstd, None),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["layer_norm", "add_layer_norm"])
+def test_autocast_output_is_written_in_the_autocast_dtype(fused):
+    """Under autocast the normed output comes out in the autocast dtype (what the next matmul
+    would cast it to), rounded once from the fp32 result; the residual and every gradient keep
+    fp32. fp16 here: the interpreter's bf16 is not trusted (GPU: bf16 as well)."""
+    dtype = torch.float16 if not GPU else torch.bfloat16
+    x, w, b, dy = make(7, 1000, torch.float32)
+    residual = make(7, 1000, torch.float32, seed=1)[0]
+    xt, wt, bt, rt = leaf(x), leaf(w), leaf(b), leaf(residual)
+    with torch.autocast(DEVICE, dtype=dtype):
+        if fused:
+            new_residual, y = add_layer_norm_triton(rt, xt, wt, bt, EPS)
+            assert new_residual.dtype == torch.float32
+        else:
+            y = layer_norm_triton(xt, wt, bt, EPS)
+    assert y.dtype == dtype
+    y.backward(dy.to(dtype))
+    xr, wr, br, rr = fp64_leaf(x), fp64_leaf(w), fp64_leaf(b), fp64_leaf(residual)
+    yr = layer_norm_reference(rr + xr if fused else xr, wr, br, EPS)
+    yr.backward(dy.to(dtype).double())
+    assert_close(y, yr, dtype, "y")  # the output's own rounding
+    for got, expected, name in [(xt.grad, xr.grad, "dx"), (wt.grad, wr.grad, "dweight"), (bt.grad, br.grad, "dbias")]:
+        assert got.dtype == torch.float32
+        assert_close(got, expected, torch.float32, name)  # dy is exactly representable: fp32 accuracy
+    assert (rt.grad is not None) == fused
 
 
 def test_empty_rows():

@@ -138,13 +138,14 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, what: str)
                            "the kernel needs them on one device")
 
 
-def _forward(x, residual, weight, bias, eps):
-    """Launch the forward kernel. Returns (y, new_residual or None, mean, rstd)."""
+def _forward(x, residual, weight, bias, eps, y_dtype=None):
+    """Launch the forward kernel. Returns (y, new_residual or None, mean, rstd); y in
+    `y_dtype` when given (the autocast dtype), else in the inputs' (promoted) dtype."""
     C = x.shape[-1]
     x2 = as_rows(x)
     N = x2.shape[0]
     out_dtype = x.dtype if residual is None else torch.result_type(residual, x)
-    y = new_output(x.shape, out_dtype, x.device)
+    y = new_output(x.shape, y_dtype or out_dtype, x.device)
     mean = new_output(x.shape[:-1], torch.float32, x.device)
     rstd = new_output(x.shape[:-1], torch.float32, x.device)
     new_residual = None
@@ -201,30 +202,32 @@ def _backward(dy, x, weight, mean, rstd, dresidual):
 # (no graph break) and can trace shapes through the fake implementations.
 
 @kernel_op("layer_norm_fwd")
-def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, _, mean, rstd = _forward(x, None, weight, bias, eps)
+def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                    y_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, _, mean, rstd = _forward(x, None, weight, bias, eps, y_dtype)
     return y, mean, rstd
 
 
 @_layer_norm_fwd.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, y_dtype):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+    return x.new_empty(x.shape, dtype=y_dtype or x.dtype), stats, torch.empty_like(stats)
 
 
 @kernel_op("add_layer_norm_fwd")
 def _add_layer_norm_fwd(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, new_residual, mean, rstd = _forward(x, residual, weight, bias, eps)
+                        eps: float, y_dtype: torch.dtype | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, new_residual, mean, rstd = _forward(x, residual, weight, bias, eps, y_dtype)
     return new_residual, y, mean, rstd
 
 
 @_add_layer_norm_fwd.register_fake
-def _(residual, x, weight, bias, eps):
+def _(residual, x, weight, bias, eps, y_dtype):
     dtype = torch.result_type(residual, x)
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype), stats, torch.empty_like(stats)
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=y_dtype or dtype), stats,
+            torch.empty_like(stats))
 
 
 @kernel_op("layer_norm_bwd")
@@ -239,7 +242,7 @@ def _(dy, x, weight, mean, rstd, dresidual):
 
 
 def _layer_norm_setup(ctx, inputs, output):
-    x, weight, _bias, _eps = inputs
+    x, weight, _bias, _eps, _y_dtype = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
 
@@ -247,14 +250,14 @@ def _layer_norm_setup(ctx, inputs, output):
 def _layer_norm_grad(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dweight, dbias = _layer_norm_bwd(dy, x, weight, mean, rstd, None)
-    return dx, dweight, dbias, None
+    return dx, dweight, dbias, None, None
 
 
 _layer_norm_fwd.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
 
 
 def _add_layer_norm_setup(ctx, inputs, output):
-    residual, x, weight, _bias, _eps = inputs
+    residual, x, weight, _bias, _eps, _y_dtype = inputs
     new_residual, _y, mean, rstd = output
     ctx.save_for_backward(new_residual, weight, mean, rstd)
     ctx.input_dtypes = (residual.dtype, x.dtype)
@@ -272,29 +275,44 @@ def _add_layer_norm_grad(ctx, dnew_residual, dy, _dmean, _drstd):
     elif dnew_residual is not None:
         dsum = dnew_residual
     else:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     residual_dtype, x_dtype = ctx.input_dtypes
-    return dsum.to(residual_dtype), dsum.to(x_dtype), dweight, dbias, None
+    return dsum.to(residual_dtype), dsum.to(x_dtype), dweight, dbias, None, None
 
 
 _add_layer_norm_fwd.register_autograd(_add_layer_norm_grad, setup_context=_add_layer_norm_setup)
 
 
 # ----------------------------------------------------------------------- public entry points
+def autocast_output_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives the matmul after a LayerNorm of x, when it would cast x's
+    float32 LayerNorm output down (None otherwise): the kernel then writes that dtype
+    directly, sparing a cast kernel and a float32 round trip through memory."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return dtype if dtype in (torch.float16, torch.bfloat16) else None
+    return None
+
+
 def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Triton LayerNorm over the last dim, differentiable in x, weight and bias. Output in x's dtype."""
+    """Triton LayerNorm over the last dim, differentiable in x, weight and bias. Output in x's
+    dtype, or under autocast in the autocast dtype (see `autocast_output_dtype`)."""
     _check(x, weight, bias, "layer_norm")
-    return _layer_norm_fwd(x, weight, bias, float(eps))[0]
+    return _layer_norm_fwd(x, weight, bias, float(eps), autocast_output_dtype(x))[0]
 
 
 def add_layer_norm_triton(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(residual + x, LayerNorm(residual + x)) in one kernel; both outputs in the promoted dtype."""
+    """(residual + x, LayerNorm(residual + x)) in one kernel; both outputs in the promoted dtype,
+    except the normed one under autocast (see `autocast_output_dtype`)."""
     _check(x, weight, bias, "add_layer_norm")
     if residual.shape != x.shape or residual.device != x.device:
         raise FastGPTError(f"add_layer_norm: residual {tuple(residual.shape)} on {residual.device} and "
                            f"x {tuple(x.shape)} on {x.device} must match in shape and device")
-    new_residual, y, _mean, _rstd = _add_layer_norm_fwd(residual, x, weight, bias, float(eps))
+    # The sum is float32 when either input is (fp16/bf16/fp32 promote that way).
+    y_dtype = autocast_output_dtype(x if x.dtype == torch.float32 else residual)
+    new_residual, y, _mean, _rstd = _add_layer_norm_fwd(residual, x, weight, bias, float(eps), y_dtype)
     return new_residual, y
 
 
