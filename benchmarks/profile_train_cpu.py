@@ -106,6 +106,7 @@ def time_pairs(pairs, repeats: int) -> str:
     """Median ms of each side, runs interleaved so a shared machine's load hits both alike."""
     lines = ["| op (fwd+bwd) | fastgpt CPU path ms | contender ms | fastgpt speed-up |",
              "| --- | ---: | ---: | ---: |"]
+    print("\n".join(lines), flush=True)
     for name, ours, theirs in pairs:
         ours(), theirs()  # warm up
         times = {"ours": [], "theirs": []}
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
                  context_length=args.context)
     print(f"# CPU step profile: L{cfg.n_layer}-C{cfg.n_embd}, B={args.batch}, T={cfg.context_length}, fp32, "
           f"{torch.get_num_threads()} threads\n", flush=True)
-    print(time_pairs(op_pairs(cfg, args.batch), args.repeats), flush=True)
+    time_pairs(op_pairs(cfg, args.batch), args.repeats)  # prints its table row by row
     if not args.ops_only:
         for variant in ("fastgpt", "nanogpt"):
             print(profile_step(variant, cfg, args.batch, args.rows), flush=True)
