@@ -18,7 +18,7 @@ import uvicorn
 from fastgpt.config import preset
 from fastgpt.finetune.templates import get_template
 from fastgpt.model import GPT
-from fastgpt.serve.app import ServedModel, ServerOptions, create_app, wait_until_ready
+from fastgpt.serve.app import LOOPBACK_HOSTS, ServedModel, ServerOptions, create_app, wait_until_ready
 from fastgpt.tokenizer import Tokenizer
 
 
@@ -61,6 +61,7 @@ class Running:
 def running_server(served: ServedModel | None = None, load=None, **options):
     """Yield a `Running` server; stop it afterwards."""
     port = free_port()
+    options.setdefault("allowed_hosts", LOOPBACK_HOSTS)  # as `fastgpt serve` on 127.0.0.1
     app = create_app(load or (lambda: served), ServerOptions(**options))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=2))

@@ -242,6 +242,19 @@ def test_a_body_over_the_limit_is_refused(server):
     assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
 
 
+def test_a_page_of_another_site_cannot_use_the_server(server):
+    """A cross-site page can send a plain-text POST without asking the browser first, and
+    reach 127.0.0.1 under its own name through DNS rebinding: both are refused."""
+    body = json.dumps({"prompt": "x", "max_tokens": 1})
+    plain = httpx.post(f"{server.url}/v1/completions", content=body, headers={"content-type": "text/plain"})
+    assert plain.status_code == 415 and "application/json" in plain.json()["error"]["message"]
+    rebound = httpx.post(f"{server.url}/v1/completions", content=body,
+                         headers={"content-type": "application/json", "host": "evil.example"})
+    assert rebound.status_code == 400
+    ok = httpx.post(f"{server.url}/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert ok.status_code == 200
+
+
 def test_chat_without_a_template_is_400_that_says_so(model):
     with running_server(served_tiny(model, template=None)) as running:
         response = httpx.post(f"{running.url}/v1/chat/completions",

@@ -60,7 +60,7 @@ def run(args) -> int:
         import uvicorn
 
         from ..finetune.templates import get_template
-        from ..serve.app import ServedModel, ServerOptions, create_app
+        from ..serve.app import LOOPBACK_HOSTS, ServedModel, ServerOptions, create_app
     except ImportError as err:
         raise FastGPTError(f"the server needs its extra: pip install 'fastgpt[serve]' ({err})") from None
     for name in ("max_batch", "port", "max_body_bytes"):
@@ -96,7 +96,8 @@ def run(args) -> int:
         server.should_exit = True
 
     options = ServerOptions(max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
-                            max_body_bytes=args.max_body_bytes)
+                            max_body_bytes=args.max_body_bytes,
+                            allowed_hosts=LOOPBACK_HOSTS if _is_loopback(args.host) else None)
     app = create_app(load, options, on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))

@@ -30,6 +30,7 @@ from typing import AsyncIterator, Callable
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..errors import FastGPTError
 from ..finetune.templates import Template
@@ -74,6 +75,12 @@ class ServerOptions:
     max_queue: int = 64
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Host headers accepted (None: any). A server on the loopback address accepts only loopback
+    # names, so a web page cannot reach it through DNS rebinding.
+    allowed_hosts: list[str] | None = None
+
+
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 
 
 class _State:
@@ -116,6 +123,8 @@ def create_app(load: Callable[[], ServedModel], options: ServerOptions | None = 
 
     app = FastAPI(title="fastgpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.fastgpt = state
+    if options.allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=options.allowed_hosts)
 
     @app.exception_handler(APIError)
     async def api_error(_request, err: APIError):
@@ -208,7 +217,9 @@ def check_model(served: ServedModel, name: str | None) -> None:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes (Content-Length or not)."""
+    """The body, refused with 413 as soon as it passes `limit` bytes (Content-Length or not),
+    and with 415 unless it is declared JSON: a page of another site can send a plain-text
+    POST here without the browser asking first (CORS), but not a JSON one."""
     declared = request.headers.get("content-length")
     too_large = APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -219,6 +230,10 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise too_large
         chunks.append(chunk)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise APIError(415, f"the request body must be sent as Content-Type: application/json, got "
+                            f"{content_type or 'none'}", code="unsupported_media_type")
     return b"".join(chunks)
 
 
