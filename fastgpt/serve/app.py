@@ -29,6 +29,7 @@ from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -191,7 +192,7 @@ def create_app(load: Callable[[], ServedModel], options: ServerOptions | None = 
         prompts = completion_prompts(req, served.tokenizer, served.model.config.vocab_size)
         run = _Run.start(engine, served, req, prompts, default_max_tokens=COMPLETION_DEFAULT_TOKENS)
         if req.stream:
-            return _sse(run.stream_completion())
+            return _sse(run.stream_completion(), run.cancel)
         return await run.complete(request, chat=False)
 
     @v1.post("/chat/completions")
@@ -203,7 +204,7 @@ def create_app(load: Callable[[], ServedModel], options: ServerOptions | None = 
         prompts = [served.tokenizer.encode(prompt)]
         run = _Run.start(engine, served, req, prompts, default_max_tokens=None, extra_stops=template_stops)
         if req.stream:
-            return _sse(run.stream_chat())
+            return _sse(run.stream_chat(), run.cancel)
         return await run.complete(request, chat=True)
 
     app.include_router(v1)
@@ -237,12 +238,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _sse(events: AsyncIterator[dict | str]) -> StreamingResponse:
+def _sse(events: AsyncIterator[dict | str], on_close: Callable[[], None]) -> StreamingResponse:
+    """A text/event-stream response; `on_close` runs when it ends, however it ends (also when
+    the client left before the first event, when the events' own cleanup never started)."""
     async def lines():
         async for item in events:
             payload = item if isinstance(item, str) else json.dumps(item, ensure_ascii=False, separators=(",", ":"))
             yield f"data: {payload}\n\n"
-    return StreamingResponse(lines(), media_type="text/event-stream",
+    return StreamingResponse(lines(), media_type="text/event-stream", background=BackgroundTask(on_close),
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
