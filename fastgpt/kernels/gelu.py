@@ -21,72 +21,70 @@ copies only when no such (rows, C) view exists). Output in x's dtype, math in fp
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from ..errors import FastGPTError
 from ._custom_ops import as_rows, kernel_op, new_output, num_sms, on_device_of
 from .reference import GELU_CUBIC, SQRT_2_OVER_PI, bias_gelu_reference  # noqa: F401  (re-exported)
 
 # ----------------------------------------------------------------------------- kernels
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs without Triton keep the reference path
-    triton = None
+_K = tl.constexpr(SQRT_2_OVER_PI)
+_A = tl.constexpr(GELU_CUBIC)
 
-if triton is not None:
-    _K = tl.constexpr(SQRT_2_OVER_PI)
-    _A = tl.constexpr(GELU_CUBIC)
 
-    @triton.jit
-    def _sigmoid_2z(u):
-        """(s, 1 - s) for s = sigmoid(2z) = (1 + tanh(z)) / 2, z = sqrt(2/pi) (u + 0.044715 u^3).
+@triton.jit
+def _sigmoid_2z(u):
+    """(s, 1 - s) for s = sigmoid(2z) = (1 + tanh(z)) / 2, z = sqrt(2/pi) (u + 0.044715 u^3).
 
-        1 - s is computed as e * s (e = exp(-2z)), not by subtraction, which would lose
-        all its digits where s is close to 1."""
-        z2 = 2.0 * _K * (u + _A * u * u * u)
-        z2 = tl.maximum(z2, -80.0)  # exp(80) still fits fp32; sigmoid(-80) ~ 1e-35 is 0 to any caller
-        e = tl.exp(-z2)
-        s = 1.0 / (1.0 + e)
-        return s, e * s
+    1 - s is computed as e * s (e = exp(-2z)), not by subtraction, which would lose
+    all its digits where s is close to 1."""
+    z2 = 2.0 * _K * (u + _A * u * u * u)
+    z2 = tl.maximum(z2, -80.0)  # exp(80) still fits fp32; sigmoid(-80) ~ 1e-35 is 0 to any caller
+    e = tl.exp(-z2)
+    s = 1.0 / (1.0 + e)
+    return s, e * s
 
-    @triton.jit
-    def _bias_gelu_fwd_kernel(X, BIAS, Y, N, C, stride_x, stride_y,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rows[:, None] < N) & (cols[None, :] < C)
+
+@triton.jit
+def _bias_gelu_fwd_kernel(X, BIAS, Y, N, C, stride_x, stride_y,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < N) & (cols[None, :] < C)
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    bias = tl.load(BIAS + cols, mask=cols < C, other=0.0).to(tl.float32)
+    u = x + bias[None, :]
+    s, _ = _sigmoid_2z(u)
+    y = u * s
+    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_bwd_kernel(X, BIAS, DY, DX, DBIAS_PARTIAL, N, C, stride_x, stride_dy, stride_dx,
+                          tiles_per_program,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Column block program_id(1), row tiles [program_id(0) * tiles_per_program, ...)."""
+    group = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < C
+    bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    first_row = group * tiles_per_program * BLOCK_M
+    for tile in range(0, tiles_per_program):
+        rows = first_row + tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < N) & col_mask[None, :]
         rows64 = rows.to(tl.int64)[:, None]
         x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        bias = tl.load(BIAS + cols, mask=cols < C, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         u = x + bias[None, :]
-        s, _ = _sigmoid_2z(u)
-        y = u * s
-        tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _bias_gelu_bwd_kernel(X, BIAS, DY, DX, DBIAS_PARTIAL, N, C, stride_x, stride_dy, stride_dx,
-                              tiles_per_program,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Column block program_id(1), row tiles [program_id(0) * tiles_per_program, ...)."""
-        group = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < C
-        bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
-        dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        first_row = group * tiles_per_program * BLOCK_M
-        for tile in range(0, tiles_per_program):
-            rows = first_row + tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            mask = (rows[:, None] < N) & col_mask[None, :]
-            rows64 = rows.to(tl.int64)[:, None]
-            x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            u = x + bias[None, :]
-            s, one_minus_s = _sigmoid_2z(u)
-            dz2_du = 2.0 * _K * (1.0 + 3.0 * _A * u * u)
-            dx = dy * (s + u * s * one_minus_s * dz2_du)
-            tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-            dbias += tl.sum(tl.where(mask, dx, 0.0), axis=0)
-        tl.store(DBIAS_PARTIAL + group * C + cols, dbias, mask=col_mask)
+        s, one_minus_s = _sigmoid_2z(u)
+        dz2_du = 2.0 * _K * (1.0 + 3.0 * _A * u * u)
+        dx = dy * (s + u * s * one_minus_s * dz2_du)
+        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dbias += tl.sum(tl.where(mask, dx, 0.0), axis=0)
+    tl.store(DBIAS_PARTIAL + group * C + cols, dbias, mask=col_mask)
 
 
 def _tiles(C: int) -> tuple[int, int, int]:

@@ -28,6 +28,8 @@ Widths up to 65536 (the whole row must fit one program's registers).
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from ..errors import FastGPTError
 from ._custom_ops import as_rows, kernel_op, new_output, num_sms, on_device_of
@@ -37,80 +39,75 @@ MAX_WIDTH = 65536
 
 
 # ----------------------------------------------------------------------------- kernels
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs without Triton keep the reference path
-    triton = None
 
-if triton is not None:
 
-    @triton.jit
-    def _layer_norm_fwd_kernel(X, RESIDUAL, W, B, Y, RESIDUAL_OUT, MEAN, RSTD,
-                               stride_x, stride_residual, stride_y, stride_residual_out,
-                               C, inv_C, eps,
-                               HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr):
-        """One row: [new residual = residual + x;] y = LayerNorm(row)."""
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_C)
-        mask = cols < C
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            x += tl.load(RESIDUAL + row * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)
-            x = x.to(RESIDUAL_OUT.dtype.element_ty)
-            tl.store(RESIDUAL_OUT + row * stride_residual_out + cols, x, mask=mask)
-            x = x.to(tl.float32)  # normalize exactly the residual that was stored
-        mean = tl.sum(x, axis=0) * inv_C
-        centered = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(centered * centered, axis=0) * inv_C
-        rstd = tl.rsqrt(var + eps)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-        y = centered * rstd * w + b
-        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-        tl.store(MEAN + row, mean)
-        tl.store(RSTD + row, rstd)
+@triton.jit
+def _layer_norm_fwd_kernel(X, RESIDUAL, W, B, Y, RESIDUAL_OUT, MEAN, RSTD,
+                           stride_x, stride_residual, stride_y, stride_residual_out,
+                           C, inv_C, eps,
+                           HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One row: [new residual = residual + x;] y = LayerNorm(row)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(RESIDUAL + row * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(RESIDUAL_OUT.dtype.element_ty)
+        tl.store(RESIDUAL_OUT + row * stride_residual_out + cols, x, mask=mask)
+        x = x.to(tl.float32)  # normalize exactly the residual that was stored
+    mean = tl.sum(x, axis=0) * inv_C
+    centered = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(centered * centered, axis=0) * inv_C
+    rstd = tl.rsqrt(var + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    y = centered * rstd * w + b
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
 
-    @triton.jit
-    def _layer_norm_bwd_kernel(X, W, MEAN, RSTD, DY, DRESIDUAL, DX, DW_PARTIAL, DB_PARTIAL,
-                               stride_x, stride_dy, stride_dresidual, stride_dx,
-                               N, C, inv_C, tiles_per_program,
-                               HAS_DRESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Row tiles [pid * tiles_per_program, ...) of BLOCK_M rows each: dx for every row,
-        and this program's share of dweight and dbias.
 
-        With xhat = (x - mean) * rstd and g = dy * weight, per row:
-            dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   [+ dresidual]
-        A tile of several rows keeps more loads in flight than one row at a time.
-        """
-        pid = tl.program_id(0)
-        cols = tl.arange(0, BLOCK_C)
-        col_mask = cols < C
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        db = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for tile in range(0, tiles_per_program):
-            rows = (pid * tiles_per_program + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_mask = rows < N
-            mask = row_mask[:, None] & col_mask[None, :]
-            rows64 = rows.to(tl.int64)[:, None]
-            x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
-            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
-            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-            g = dy * w
-            mean_g = tl.sum(g, axis=1)[:, None] * inv_C
-            mean_gx = tl.sum(g * xhat, axis=1)[:, None] * inv_C
-            dx = (g - mean_g - xhat * mean_gx) * rstd
-            if HAS_DRESIDUAL:
-                dx += tl.load(DRESIDUAL + rows64 * stride_dresidual + cols[None, :], mask=mask,
-                              other=0.0).to(tl.float32)
-            tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-            dw += tl.sum(dy * xhat, axis=0)
-            db += tl.sum(dy, axis=0)
-        tl.store(DW_PARTIAL + pid * C + cols, dw, mask=col_mask)
-        tl.store(DB_PARTIAL + pid * C + cols, db, mask=col_mask)
+@triton.jit
+def _layer_norm_bwd_kernel(X, W, MEAN, RSTD, DY, DRESIDUAL, DX, DW_PARTIAL, DB_PARTIAL,
+                           stride_x, stride_dy, stride_dresidual, stride_dx,
+                           N, C, inv_C, tiles_per_program,
+                           HAS_DRESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row tiles [pid * tiles_per_program, ...) of BLOCK_M rows each: dx for every row,
+    and this program's share of dweight and dbias.
+
+    With xhat = (x - mean) * rstd and g = dy * weight, per row:
+        dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   [+ dresidual]
+    A tile of several rows keeps more loads in flight than one row at a time.
+    """
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for tile in range(0, tiles_per_program):
+        rows = (pid * tiles_per_program + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < N
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        g = dy * w
+        mean_g = tl.sum(g, axis=1)[:, None] * inv_C
+        mean_gx = tl.sum(g * xhat, axis=1)[:, None] * inv_C
+        dx = (g - mean_g - xhat * mean_gx) * rstd
+        if HAS_DRESIDUAL:
+            dx += tl.load(DRESIDUAL + rows64 * stride_dresidual + cols[None, :], mask=mask,
+                          other=0.0).to(tl.float32)
+        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * xhat, axis=0)
+        db += tl.sum(dy, axis=0)
+    tl.store(DW_PARTIAL + pid * C + cols, dw, mask=col_mask)
+    tl.store(DB_PARTIAL + pid * C + cols, db, mask=col_mask)
 
 
 def _block_and_warps(C: int) -> tuple[int, int]:
