@@ -12,6 +12,7 @@ before each replay (`capturable`, `set_learning_rate`); checkpoints store it as 
 from __future__ import annotations
 
 import inspect
+import struct
 
 import torch
 
@@ -53,7 +54,11 @@ def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> N
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every group's learning rate; a tensor one is refilled in place (a graph holds its address)."""
+    """Every group's learning rate; a tensor one is refilled in place (a graph holds its address).
+
+    Rounded to fp32 either way, the precision of the tensor: the eager step and the recorded
+    one then update the weights bit for bit alike (a relative change below 6e-8)."""
+    lr = struct.unpack("f", struct.pack("f", lr))[0]
     for group in optimizer.param_groups:
         if isinstance(group["lr"], torch.Tensor):
             group["lr"].fill_(lr)
