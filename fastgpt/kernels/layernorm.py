@@ -339,4 +339,21 @@ def compile_specs():
                     "N": "i32", "C": "i32", "inv_C": "fp32", "tiles_per_program": "i32",
                     "HAS_DRESIDUAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr"},
                     {"HAS_DRESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_C": block}, num_warps=bwd_warps))
+        # Under autocast: an fp32 residual stream, the normed output (and its gradient) in bf16.
+        for fused in (False, True):
+            specs.append(KernelSpec(f"layer_norm_fwd{'_add' if fused else ''}[C={C},fp32->bf16]",
+                                    _layer_norm_fwd_kernel, {
+                "X": "*fp32", "RESIDUAL": "*fp32", "W": "*fp32", "B": "*fp32", "Y": "*bf16",
+                "RESIDUAL_OUT": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32",
+                "stride_x": "i32", "stride_residual": "i32", "stride_y": "i32", "stride_residual_out": "i32",
+                "C": "i32", "inv_C": "fp32", "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK_C": "constexpr"},
+                {"HAS_RESIDUAL": fused, "BLOCK_C": block}, num_warps=warps))
+            specs.append(KernelSpec(f"layer_norm_bwd{'_add' if fused else ''}[C={C},bf16 dy->fp32]",
+                                    _layer_norm_bwd_kernel, {
+                "X": "*fp32", "W": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "DY": "*bf16",
+                "DRESIDUAL": "*fp32", "DX": "*fp32", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
+                "stride_x": "i32", "stride_dy": "i32", "stride_dresidual": "i32", "stride_dx": "i32",
+                "N": "i32", "C": "i32", "inv_C": "fp32", "tiles_per_program": "i32",
+                "HAS_DRESIDUAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr"},
+                {"HAS_DRESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_C": block}, num_warps=bwd_warps))
     return specs
