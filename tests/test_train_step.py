@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from graph_replay import ReplayCheck
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_helpers import tiny_options, word_text
 
@@ -14,6 +15,7 @@ from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT
 from fastgpt.train import TrainConfig, train
 from fastgpt.train.batches import BatchPlan
+from fastgpt.train.cuda_graph import GraphedTrainStep
 from fastgpt.train.optim import make_optimizer
 from fastgpt.train.resolve import build_model, load_data
 from fastgpt.train.schedule import learning_rate
@@ -59,6 +61,23 @@ def test_a_pretraining_step_reads_nothing_on_the_host(backend, accum):
     assert counter.reads == []
     records = pending.read()  # the one read, at the log interval
     assert [r.step for r in records] == [1, 2] and all(r.loss > 0 and r.grad_norm > 0 for r in records)
+
+
+def test_the_graph_step_reads_nothing_on_the_host():
+    """The CUDA-graph step (its CPU stand-in): staging the batch, the learning rate, the eager warm-up
+    steps, recording and replays read no device value back either."""
+    model, batches = _tiny_model_and_batches(accum=2)
+    ops.set_backend("torch")
+    optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8, torch.device("cpu"))
+    parameters = list(model.parameters())
+    check = ReplayCheck(optimizer, parameters)
+    step = GraphedTrainStep(lambda b: model(*b), optimizer, parameters, grad_clip=1.0, warmup_steps=1, graphs=check)
+    pending = PendingSteps(torch.device("cpu"))
+    with CountHostReads() as counter:
+        for k in range(3):  # eager, recorded + replayed, replayed
+            pending.add(k + 1, step(batches, 1e-3 * (k + 1)), 64, 64 * (k + 1), 0.0)
+    assert counter.reads == [] and check.replays == 2
+    assert [r.lr for r in pending.read()] == [1e-3, 2e-3, 3e-3]
 
 
 def test_the_step_takes_any_batch_to_loss_function():
