@@ -99,6 +99,7 @@ if [[ $stages == *" train "* ]]; then
     --variants fastgpt,nanogpt,textbook --out "$out" 2>&1 | tee "$out/train.txt" | tail -n 30
   rc=${PIPESTATUS[0]}
   note "bench train" "$rc"
+  timeout "${GRAPH_TIMEOUT:-240}" python3 benchmarks/bench_train_graph.py --device "$device" --sizes "$sizes" --out "$out" 2>&1 | tee "$out/train_graph.txt" | tail -n 8; note "train step: eager vs CUDA graph" "${PIPESTATUS[0]}"
 fi
 
 if [[ $stages == *" ops "* ]]; then
