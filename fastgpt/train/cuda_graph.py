@@ -28,6 +28,7 @@ What a graph cannot replay, the caller is told in one line and the eager step ru
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -161,7 +162,8 @@ class GraphedTrainStep:
         set_learning_rate(self.optimizer, lr)
         if self.eager_steps < self.warmup_steps:
             self.eager_steps += 1
-            with self.graphs.side_stream():
+            with self.graphs.side_stream(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*capturable=True.*without CUDA graph capture")  # meant
                 result = self._step()
             return StepResult(result.loss, result.grad_norm, lr)
         if self.replay is None:
