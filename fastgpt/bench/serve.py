@@ -210,7 +210,7 @@ def run(device: str = "cpu", sizes: str = "tiny", out_dir: str | None = None, ur
     shape = f"{clients * requests_per_client} requests x {max_tokens} new tokens"
     what = f"{spec['preset']} random weights" if url is None else url
     # the server's machine and threads, not this client process's
-    where = f"{device} server, {threads or 'default'} threads, {os.cpu_count()} CPUs" if url is None else url
+    where = f"{device} server, threads={threads or 'default'}, {os.cpu_count()} CPUs" if url is None else url
     for label, (wall, results) in runs.items():
         tokens = sum(r.completion_tokens for r in results)
         ttft = [r.ttft_s * 1e3 for r in results]
