@@ -84,7 +84,7 @@ def _decode_partial_kernel(Q, K, V, LENGTHS, M_PART, L_PART, ACC_PART,
 
 
 @triton.jit
-def _decode_merge_kernel(M_PART, L_PART, ACC_PART, LENGTHS, O,
+def _decode_merge_kernel(M_PART, L_PART, ACC_PART, LENGTHS, OUT,
                          stride_ob, stride_oh, stride_od,
                          H, chunk, num_splits,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -99,12 +99,12 @@ def _decode_merge_kernel(M_PART, L_PART, ACC_PART, LENGTHS, O,
     ok = offs_s < used
     part = bh * num_splits + offs_s
     m = tl.load(M_PART + part, mask=ok, other=float("-inf"))
-    l = tl.load(L_PART + part, mask=ok, other=0.0)
+    l_part = tl.load(L_PART + part, mask=ok, other=0.0)
     acc = tl.load(ACC_PART + part[:, None] * BLOCK_D + offs_d[None, :], mask=ok[:, None], other=0.0)
     m_max = tl.max(m, axis=0)
     w = tl.where(ok, tl.exp2(m - m_max), 0.0)
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
-    tl.store(O + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(O.dtype.element_ty),
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_part, axis=0)
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(OUT.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
 
 
@@ -182,7 +182,7 @@ def compile_specs():
                    "sm_scale": "fp32"}
             specs.append(KernelSpec(f"decode_attention_partial_{dtype}_d{D}", _decode_partial_kernel, sig,
                                     dict(**unit, HEAD_DIM=D, BLOCK_D=D, BLOCK_N=64)))
-            sig = {"M_PART": "*fp32", "L_PART": "*fp32", "ACC_PART": "*fp32", "LENGTHS": "*i64", "O": ty,
+            sig = {"M_PART": "*fp32", "L_PART": "*fp32", "ACC_PART": "*fp32", "LENGTHS": "*i64", "OUT": ty,
                    "stride_ob": "i32", "stride_oh": "i32", "H": "i32", "chunk": "i32", "num_splits": "i32"}
             specs.append(KernelSpec(f"decode_attention_merge_{dtype}_d{D}", _decode_merge_kernel, sig,
                                     dict(stride_od=1, HEAD_DIM=D, BLOCK_D=D, BLOCK_S=16)))
