@@ -192,6 +192,23 @@ def test_32_concurrent_streaming_clients_each_get_their_sequential_greedy_answer
     assert wait_idle(server.url)["active"] == 0
 
 
+def test_concurrent_requests_keep_their_own_sampling_parameters_and_seeds(server, model):
+    """Greedy and seeded sampled requests (different temperatures, top-k, top-p) in one batch:
+    each gets what `generate` gives its prompt alone with its own parameters."""
+    jobs = [dict(prompt=f"Mixed batch {i}:", max_tokens=8, temperature=0) if i % 2 == 0 else
+            dict(prompt=f"Mixed batch {i}:", max_tokens=8, temperature=0.5 + i / 10, seed=100 + i,
+                 top_p=0.9 if i % 3 else None, top_k=20 if i % 3 == 0 else None) for i in range(8)]
+    want = [expected(model, TOK.encode(j["prompt"]), 8, temperature=j["temperature"], seed=j.get("seed"),
+                     top_k=j.get("top_k"), top_p=j.get("top_p"))[0] for j in jobs]
+
+    async def all_jobs():
+        async with httpx.AsyncClient(timeout=60) as client:
+            responses = await asyncio.gather(*(client.post(f"{server.url}/v1/completions", json=j) for j in jobs))
+        return [r.json()["choices"][0]["text"] for r in responses]
+
+    assert asyncio.run(all_jobs()) == want
+
+
 # ---------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("body, words", [
     (b'{"prompt": "x", "max_tokens": 5', "not valid JSON"),
