@@ -89,6 +89,7 @@ def test_gpu_sizes_are_the_issue_cases():
     big, small = train.SIZE_SETS["cpu"]["cases"]
     assert (big.config().n_layer, big.config().n_embd, big.batches, big.config().context_length) == (12, 768, (4,), 256)
     assert (small.config().n_layer, small.config().n_embd) == (6, 384)
+    assert train.SIZE_SETS["cpu"]["variants"] == ("fastgpt", "nanogpt", "nanogpt+compile")
 
 
 @pytest.mark.slow
