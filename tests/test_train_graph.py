@@ -210,3 +210,15 @@ def test_gpu_pretraining_with_and_without_the_graph(tmp_path, capsys):
     assert "--cuda-graph" not in capsys.readouterr().out  # no fallback note: the graph ran
     eager = train(TrainConfig(**{**options, "out_dir": str(tmp_path / "eager"), "cuda_graph": False}))
     assert graphed.losses == eager.losses
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_gpu_graph_records_a_compiled_model(tmp_path):
+    """--compile with --cuda-graph: the warm-up steps compile, the graph records the compiled step."""
+    text = word_text(tmp_path / "words.txt")
+    options = tiny_options(text, tmp_path / "graph", device="cuda", dtype="bf16", backend="triton", max_steps=6,
+                           n_embd=64, compile=True, cuda_graph=True)
+    graphed = train(TrainConfig(**options))
+    eager = train(TrainConfig(**{**options, "out_dir": str(tmp_path / "eager"), "cuda_graph": False}))
+    torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(eager.losses), rtol=1e-3, atol=0)

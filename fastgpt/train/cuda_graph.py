@@ -23,6 +23,13 @@ needs gradients zeroed inside a graph and N + 1 replays; a graph grows by the st
 kernels per micro-batch, which CUDA graphs hold easily, and activations freed by one
 micro-batch are reused by the next inside the graph's memory pool, as in eager mode.
 
+Why not `torch.compile(mode="reduce-overhead")`: it graphs the compiled model's forward and
+backward only (clipping and AdamW stay eager), it needs inductor to compile the model first
+(minutes for GPT-2, and fused pointwise code whose loss is no longer the eager step's bit for
+bit), and its graphs hand back outputs the next replay overwrites. Recording the step by hand
+works on any torch with CUDA graphs, with or without --compile (a compiled model is recorded
+like any other, after the warm-up steps compiled it).
+
 What a graph cannot replay, the caller is told in one line and the eager step runs (`off_reason`).
 """
 from __future__ import annotations
