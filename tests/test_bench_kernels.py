@@ -1,7 +1,7 @@
 """Smoke run of the kernel benchmark at tiny sizes (the GPU shapes skip on CPU)."""
 import pytest
-
 from conftest import DEVICE, INTERPRETER
+
 from fastgpt.bench import kernels
 from fastgpt.errors import FastGPTError
 
