@@ -26,6 +26,8 @@ def shared_file(name: str) -> Path:
     """A file of ../shared/data beside the checkout, or skip the test when it is absent."""
     path = SHARED_DATA / name
     if not path.is_file():
+        if os.environ.get("CI"):  # CI has ../shared: there a missing file is a failure, not a skip
+            pytest.fail(f"{path} not present (CI is set, so the shared data must be there)")
         pytest.skip(f"{path} not present")
     return path
 
