@@ -44,6 +44,8 @@ CLASSIFY_HELP = {
     "label_column": "label column/field of a .csv/.jsonl file",
     "labels": "comma-separated allowed labels; any other label in the data is an error",
     "balance": "downsample every class to the smallest class's count (seeded)",
+    "pooling": "what the head reads: the last real token's hidden state (the book's choice) or the mean over "
+               "all real tokens (every token's features reach the head directly)",
 }
 INSTRUCT_HELP = {
     **SHARED_HELP,

@@ -66,7 +66,7 @@ def load_classifier(path, device: torch.device | str = "cpu"):
     if not head_path.is_file():
         raise FastGPTError(f"{head_path}: classifier head missing")
     head = load_file(str(head_path))
-    clf = GPTClassifier(gpt, len(labels))
+    clf = GPTClassifier(gpt, len(labels), metadata.get("pooling", "last"))
     for name in ("weight", "bias"):
         tensor = head.get(f"classifier.{name}")
         target = getattr(clf.head, name)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import FastGPTError
+from .config import POOLINGS
 
 
 def pack_left(idx: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,11 +30,14 @@ def pack_left(idx: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 class GPTClassifier(nn.Module):
-    """A GPT body, and a linear head on the last real token's final hidden state."""
+    """A GPT body, and a linear head on the last real token's final hidden state (pooling "last") or on the
+    mean of all real tokens' ("mean")."""
 
-    def __init__(self, gpt: nn.Module, num_classes: int):
+    def __init__(self, gpt: nn.Module, num_classes: int, pooling: str = "last"):
         super().__init__()
-        self.gpt = gpt
+        if pooling not in POOLINGS:
+            raise FastGPTError(f"pooling: unknown {pooling!r} (choose from: {', '.join(POOLINGS)})")
+        self.gpt, self.pooling = gpt, pooling
         self.head = nn.Linear(gpt.config.n_embd, num_classes, device=gpt.device)
         nn.init.normal_(self.head.weight, 0.0, 0.02)
         nn.init.zeros_(self.head.bias)
@@ -45,8 +49,11 @@ class GPTClassifier(nn.Module):
     def forward(self, idx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits (B, num_classes); `mask` (B, T) marks real tokens (None: no padding)."""
         if mask is None:
-            return self.head(self.gpt.hidden_states(idx)[:, -1])
+            mask = torch.ones_like(idx, dtype=torch.bool)
         packed, lengths = pack_left(idx, mask)
         hidden = self.gpt.hidden_states(packed)  # (B, T, C)
+        if self.pooling == "mean":  # pads are packed to the right: average the first `length` positions
+            real = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]
+            return self.head((hidden * real.unsqueeze(-1)).sum(1) / lengths[:, None].to(hidden.dtype))
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
         return self.head(last)

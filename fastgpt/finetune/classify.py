@@ -341,7 +341,7 @@ def finetune_classifier(cfg: ClassifyConfig, log=print) -> dict:
     log(f"max length {max_length} tokens (longer texts are truncated) | device {device} | "
         f"dtype {dtype_name(dtype)}")
 
-    clf = GPTClassifier(gpt, len(names)).to(device)
+    clf = GPTClassifier(gpt, len(names), cfg.pooling).to(device)
     configure_trainable(clf, cfg.trainable, cfg.last_n, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     log(trainable_summary(clf))
     before = {name: accuracy(clf, part, cfg.batch_size, autocast) for name, part in splits.items() if len(part)}
@@ -366,7 +366,7 @@ def finetune_classifier(cfg: ClassifyConfig, log=print) -> dict:
     if cfg.trainable == "lora":
         save_adapters(clf.gpt, out / "lora_adapters.safetensors")  # the adapters alone, for reuse
         merge_lora(clf.gpt)  # the saved model is a plain GPT: nothing LoRA-specific is needed to load it
-    save_classifier(clf, out, names, {"max_length": max_length, "base_model": str(cfg.model),
+    save_classifier(clf, out, names, {"pooling": cfg.pooling, "max_length": max_length, "base_model": str(cfg.model),
                                       **({"base": base_meta} if base_meta else {})}, tokenizer)
     write_jsonl(out / "metrics.jsonl", history)
     plot_losses(out)

@@ -13,6 +13,7 @@ from ..errors import FastGPTError
 
 TRAINABLE = ("last-n", "all", "lora")
 DEFAULT_LORA_TARGETS = ("qkv", "proj", "fc")  # the attention and MLP matrices of every block
+POOLINGS = ("last", "mean")  # what a classifier reads: the last real token, or the mean over real tokens
 
 
 def comma_list(text: str) -> list[str]:
@@ -71,6 +72,7 @@ class ClassifyConfig(FinetuneConfig):
     label_column: str = "label"
     labels: list[str] | None = field(default=None, metadata={"parse": comma_list})
     balance: bool = False
+    pooling: str = field(default="last", metadata={"choices": POOLINGS})
     trainable: str = field(default="last-n", metadata={"choices": TRAINABLE})
     epochs: int = 5
 
