@@ -17,7 +17,6 @@ with <|endoftext|>, as in instruction tuning, so where to stop is part of what i
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from ..train.run_dir import open_run_dir, refuse_existing
 from ..weights.atomic import replace_file
 from .checkpoint import load_model, model_tokenizer
 from .config import LOGPROB_MODES, DPOConfig
-from .files import read_jsonl, read_text, write_atomic, write_json
+from .files import read_records, write_atomic, write_json
 from .instruct import IGNORE_INDEX, EncodedExample, answer, collate, encode_records, split_in_order
 from .lora import trainable_summary
 from .run import Schedule, Task, make_trainee, resume_config, save_final, train
@@ -51,30 +50,7 @@ DEFAULT_BETA = DPOConfig.beta
 def load_preference_records(path) -> list[dict]:
     """Preference records from a JSON list or JSON lines; `input` may be absent (= empty).
     A record without `instruction`, `chosen` or `rejected` is an error naming the file and record."""
-    path = Path(path)
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        located = [(f"{path}:{lineno}", value) for lineno, value in read_jsonl(path)]
-    else:
-        try:
-            data = json.loads(read_text(path))
-        except json.JSONDecodeError as err:
-            raise FastGPTError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
-        if not isinstance(data, list):
-            raise FastGPTError(f"{path}: expected a JSON list of preference records (or use a .jsonl file)")
-        located = [(f"{path}: record {i}", value) for i, value in enumerate(data)]
-    if not located:
-        raise FastGPTError(f"{path}: no records")
-    records = []
-    for where, record in located:
-        if not isinstance(record, dict):
-            raise FastGPTError(f"{where}: expected a JSON object with {', '.join(FIELDS)}")
-        for name in FIELDS:
-            if name != "input" and name not in record:
-                raise FastGPTError(f"{where}: missing field {name!r}")
-            if not isinstance(record.get(name, ""), str):
-                raise FastGPTError(f"{where}: field {name!r} must be a string")
-        records.append({name: record.get(name, "") for name in FIELDS})
-    return records
+    return [{name: record[name] for name in FIELDS} for record in read_records(path, FIELDS, "preference records")]
 
 
 @dataclass

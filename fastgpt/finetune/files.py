@@ -37,6 +37,35 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, object]]:
     return rows
 
 
+def read_records(path: str | os.PathLike, fields: tuple[str, ...], kind: str = "records") -> list[dict]:
+    """JSON objects from a JSON list or a JSON-lines file, each with the string `fields`
+    (`input` may be absent: it means empty). Errors name the file and the record (or line)."""
+    path = Path(path)
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        located = [(f"{path}:{lineno}", value) for lineno, value in read_jsonl(path)]
+    else:
+        try:
+            data = json.loads(read_text(path))
+        except json.JSONDecodeError as err:
+            raise FastGPTError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(data, list):
+            raise FastGPTError(f"{path}: expected a JSON list of {kind} (or use a .jsonl file)")
+        located = [(f"{path}: record {i}", value) for i, value in enumerate(data)]
+    if not located:
+        raise FastGPTError(f"{path}: no records")
+    records = []
+    for where, record in located:
+        if not isinstance(record, dict):
+            raise FastGPTError(f"{where}: expected a JSON object with {', '.join(fields)}")
+        for name in fields:
+            if name != "input" and name not in record:
+                raise FastGPTError(f"{where}: missing field {name!r}")
+            if not isinstance(record.get(name, ""), str):
+                raise FastGPTError(f"{where}: field {name!r} must be a string")
+        records.append({**record, "input": record.get("input", "")})
+    return records
+
+
 def write_atomic(path: str | os.PathLike, write) -> None:
     """Call `write(tmp_path)` then rename onto `path`, so a crash never leaves half a file."""
     path = Path(path)

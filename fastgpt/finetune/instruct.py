@@ -27,7 +27,7 @@ from ..train.options import explicit_fields, require
 from ..train.run_dir import open_run_dir, refuse_existing
 from .checkpoint import load_model, model_tokenizer
 from .config import InstructConfig
-from .files import read_jsonl, read_text, write_json
+from .files import read_records, write_json
 from .lora import trainable_summary
 from .run import Schedule, Task, make_trainee, resume_config, save_final, train
 from .templates import extract_response, format_prompt, get_template
@@ -39,31 +39,7 @@ FIELDS = ("instruction", "input", "output")
 # ---------------------------------------------------------------------- data
 def load_records(path) -> list[dict]:
     """Alpaca-style records from a JSON list or JSON lines; `input` may be absent (= empty)."""
-    path = Path(path)
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        located = [(f"{path}:{lineno}", value) for lineno, value in read_jsonl(path)]
-    else:
-        try:
-            data = json.loads(read_text(path))
-        except json.JSONDecodeError as err:
-            raise FastGPTError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
-        if not isinstance(data, list):
-            raise FastGPTError(f"{path}: expected a JSON list of records (or use a .jsonl file)")
-        located = [(f"{path}: record {i}", value) for i, value in enumerate(data)]
-    if not located:
-        raise FastGPTError(f"{path}: no records")
-    records = []
-    for where, record in located:
-        if not isinstance(record, dict):
-            raise FastGPTError(f"{where}: expected a JSON object with {', '.join(FIELDS)}")
-        for name in ("instruction", "output"):
-            if name not in record:
-                raise FastGPTError(f"{where}: missing field {name!r}")
-        for name in FIELDS:
-            if not isinstance(record.get(name, ""), str):
-                raise FastGPTError(f"{where}: field {name!r} must be a string")
-        records.append({**record, "input": record.get("input", "")})
-    return records
+    return read_records(path, FIELDS)
 
 
 def split_in_order(records: list, fractions=(0.85, 0.10, 0.05)) -> tuple[list, list, list]:
