@@ -3,14 +3,17 @@
 The model calls `ops.layer_norm`, `ops.attention`, ... and never a kernel
 directly. Each op has a PyTorch reference, `<op>_reference` in
 `fastgpt.kernels.reference` (which needs no Triton), and a Triton implementation,
-`<op>_triton` in `fastgpt.kernels.<module>`; `_implementation` below is the only
-place that chooses. The choice is plain Python over module-level dicts, so
+`<op>_triton` in `fastgpt.kernels.<module>`; where Triton does not run (CPUs), PyTorch's
+own fused kernel stands in for the two references that are slow there
+(`fastgpt.kernels.torch_fused`). `_implementation` below is the only place that chooses.
+The choice is plain Python over module-level dicts, so
 `torch.compile(model, fullgraph=True)` traces through it without a graph break.
 
 Backends:
   "torch"  - always the PyTorch reference (CPU, debugging, ground truth);
   "triton" - always the Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1);
-  "auto"   - Triton for CUDA tensors, the reference otherwise (the default).
+  "auto"   - Triton for CUDA tensors; otherwise PyTorch's fused kernel where one exists
+             (attention, bias+GELU), else the reference (the default).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import os
 import torch
 
 from .errors import FastGPTError
-from .kernels import reference
+from .kernels import reference, torch_fused
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -54,6 +57,12 @@ _REFERENCE = {
     "attention": reference.attention_reference,
     "attention_qkv": reference.attention_qkv_reference,
     "decode_attention": reference.decode_attention_reference,
+}
+# "auto" off Triton: PyTorch's fused kernels for the ops whose written-out reference is slow
+_FUSED_TORCH = {
+    "bias_gelu": torch_fused.bias_gelu_fused,
+    "attention": torch_fused.attention_fused,
+    "attention_qkv": torch_fused.attention_qkv_fused,
 }
 _TRITON = {
     "layer_norm": _layernorm.layer_norm_triton,
@@ -104,6 +113,8 @@ def _implementation(op: str, x: torch.Tensor, triton_supported: bool = True):
     is False for a call the kernel does not cover (attention with dropout)."""
     if triton_supported and uses_triton(x):
         return _TRITON[op]
+    if _backend == "auto" and op in _FUSED_TORCH:
+        return _FUSED_TORCH[op]
     return _REFERENCE[op]
 
 
@@ -143,8 +154,8 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100, redu
 
 
 def attention(q, k, v, dropout_p: float = 0.0):
-    """Causal attention over (B, H, T, D). Attention dropout (training only) runs on the
-    reference path: the Triton kernel has no in-kernel dropout."""
+    """Causal attention over (B, H, T, D). Attention dropout (training only) does not run on
+    the Triton path: the Triton kernel has no in-kernel dropout."""
     if dropout_p > 0.0:
         return _implementation("attention", q, triton_supported=False)(q, k, v, dropout_p)
     return _implementation("attention", q)(q, k, v)
