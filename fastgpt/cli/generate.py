@@ -133,7 +133,9 @@ def _setup(args):
     else:
         from ..weights import load_fastgpt, resolve
         model, metadata = load_fastgpt(args.model, device=device, dtype=dtype)
-        tokenizer = load_tokenizer(resolve(args.model))  # its own BPE if saved with it, else GPT-2's
+        # its own BPE if saved with it, else GPT-2's (a single weights file, like the book's model.pth, has none)
+        from pathlib import Path
+        tokenizer = load_tokenizer(None if Path(args.model).expanduser().is_file() else resolve(args.model))
     if args.quantize:
         from ..quantize import quantize
         # an explicit --dtype sets the activations; auto: bf16 only where the CPU computes it natively
