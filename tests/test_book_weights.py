@@ -182,6 +182,16 @@ def test_standard_width_needs_no_head_count_in_load_pretrained(tmp_path):
     assert_same_logits(from_dir, book, ids)
 
 
+def test_generate_reads_a_book_file_with_gpt2s_tokenizer(tmp_path, capsys):
+    """A single .pth holds no tokenizer: generate uses GPT-2's (the book's) instead of failing."""
+    book = book_model(vocab=50, context=8, d=768, layers=1, heads=12)
+    torch.save(book.state_dict(), tmp_path / "model.pth")
+    # "!" is GPT-2 id 0, inside this model's 50-token vocabulary; greedy ids stay below 50
+    assert main(["generate", "--model", str(tmp_path / "model.pth"), "--prompt", "!", "--max-new-tokens", "3",
+                 "--temperature", "0", "--threads", "1"]) == 0
+    assert capsys.readouterr().out.startswith("!")
+
+
 # ------------------------------------------------------------------ convert
 def test_convert_to_fastgpt_directory(tmp_path, capsys):
     book = book_model(fast=True, qkv_bias=True)
