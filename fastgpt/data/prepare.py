@@ -166,7 +166,7 @@ def encode_to_shards(blocks: Iterable[tuple[str, bool]], tokenizer, writer: Shar
 
     def flush():
         nonlocal documents, in_document
-        for ids, last in zip(tokenizer.encode_batch(texts, num_threads=workers), ends):
+        for ids, last in zip(tokenizer.encode_batch(texts, num_threads=workers), ends, strict=True):
             if not in_document:
                 if documents:
                     writer.write(eot)

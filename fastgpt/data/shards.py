@@ -80,7 +80,7 @@ def read_meta(directory) -> dict:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FastGPTError(f"{path}: not valid JSON ({err})")
+        raise FastGPTError(f"{path}: not valid JSON ({err})") from None
     if meta.get("format") != FORMAT:
         raise FastGPTError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
@@ -123,7 +123,8 @@ class TokenShards:
             self.files.append(path)
             self.arrays.append(np.memmap(path, dtype=TOKEN_DTYPE, mode="r") if expected else np.zeros(0, TOKEN_DTYPE))
             sizes.append(int(entry["tokens"]))
-        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # global index of each shard's first token
+        # global index of each shard's first token
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -168,7 +169,8 @@ class TokenShards:
 
     def index_of(self, position: ShardPosition) -> int:
         n_shards = len(self.arrays)
-        size = int(self.starts[position.shard + 1] - self.starts[position.shard]) if 0 <= position.shard < n_shards else -1
+        known = 0 <= position.shard < n_shards
+        size = int(self.starts[position.shard + 1] - self.starts[position.shard]) if known else -1
         if not 0 <= position.offset <= size:
             raise FastGPTError(f"{self.directory}: position {position.to_dict()} is outside the {self.split} shards")
         return int(self.starts[position.shard]) + position.offset

@@ -29,8 +29,8 @@ class NextTokenWindows(Dataset):
             ids = torch.from_numpy(np.array(ids, dtype=np.int64))
         self.ids = torch.as_tensor(ids, dtype=torch.long).flatten()
         if len(self.ids) < context_length + 1:
-            raise FastGPTError(f"{len(self.ids)} tokens are too few for one window: "
-                               f"context_length {context_length} needs {context_length + 1} (inputs + 1 shifted target)")
+            raise FastGPTError(f"{len(self.ids)} tokens are too few for one window: context_length "
+                               f"{context_length} needs {context_length + 1} (inputs + 1 shifted target)")
         self.context_length, self.stride = context_length, stride
         self._count = (len(self.ids) - context_length - 1) // stride + 1
 
