@@ -28,18 +28,18 @@ from safetensors.torch import save_file
 
 from .. import ops
 from ..errors import FastGPTError
-from ..runtime import autocast_factory, canonical_dtype_name, dtype_name, resolve_device, resolve_dtype
+from ..runtime import dtype_name
 from ..tokenizer import Tokenizer
 from ..train.metrics import plot_losses, read_metrics
 from ..train.options import explicit_fields, require
-from ..train.run_dir import open_run_dir, refuse_existing
+from ..train.run_dir import open_run_dir
 from ..weights.atomic import replace_file
 from .checkpoint import load_model, model_tokenizer
 from .config import LOGPROB_MODES, DPOConfig
 from .files import read_records, write_atomic, write_json
 from .instruct import IGNORE_INDEX, EncodedExample, answer, collate, encode_records, split_in_order
 from .lora import trainable_summary
-from .run import Schedule, Task, make_trainee, resume_config, save_final, train
+from .run import Schedule, Task, checked_max_length, make_trainee, resume_config, save_final, start_run, train
 from .templates import METADATA_KEY, TEMPLATES, get_template
 
 FIELDS = ("instruction", "input", "chosen", "rejected")  # `output`, if present, is ignored
@@ -272,12 +272,7 @@ def _train(cfg: DPOConfig, checkpoint, log) -> dict:
     """The run itself; `checkpoint`: None, or (checkpoint dir, its state.json) to continue from."""
     ckpt, state = checkpoint or (None, None)
     out = Path(cfg.out)
-    cfg.dtype = canonical_dtype_name(cfg.dtype)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device, "train")
-    autocast = autocast_factory(device, dtype)
-    torch.manual_seed(cfg.seed)
-    replaced = [] if ckpt else refuse_existing(out, cfg.overwrite, "--out")
+    device, dtype, autocast, replaced = start_run(cfg, out, resuming=ckpt is not None)
 
     records = load_preference_records(cfg.data)
     splits = split_in_order(records, cfg.split_fractions)
@@ -294,11 +289,7 @@ def _train(cfg: DPOConfig, checkpoint, log) -> dict:
                                f"finetune instruct`); give --template ({', '.join(TEMPLATES)})")
     get_template(cfg.template)
     disable_dropout(gpt)
-    context = gpt.config.context_length
-    max_length = context if cfg.max_length is None else cfg.max_length
-    if not 2 <= max_length <= context:
-        raise FastGPTError(f"--max-length: must be between 2 and the model's context length {context}, "
-                           f"got {max_length}")
+    max_length = checked_max_length(cfg, gpt)
     tokenizer = model_tokenizer(cfg.model)
     own_tokenizer = None if isinstance(tokenizer, Tokenizer) else tokenizer  # saved with each checkpoint's model
     train_pairs, val_pairs = ([p for p in encode_pairs(split, tokenizer, cfg.template) if fits(p, max_length)]

@@ -19,17 +19,17 @@ import torch
 
 from ..errors import FastGPTError
 from ..generate import generate
-from ..runtime import autocast_factory, canonical_dtype_name, dtype_name, resolve_device, resolve_dtype
+from ..runtime import dtype_name
 from ..tokenizer import EOT_ID, Tokenizer
 from ..train.evaluate import mean_loss
 from ..train.metrics import eval_line, perplexity, plot_losses
 from ..train.options import explicit_fields, require
-from ..train.run_dir import open_run_dir, refuse_existing
+from ..train.run_dir import open_run_dir
 from .checkpoint import load_model, model_tokenizer
 from .config import InstructConfig
 from .files import read_records, write_json
 from .lora import trainable_summary
-from .run import Schedule, Task, make_trainee, resume_config, save_final, train
+from .run import Schedule, Task, checked_max_length, make_trainee, resume_config, save_final, start_run, train
 from .templates import extract_response, format_prompt, get_template
 
 IGNORE_INDEX = -100
@@ -216,12 +216,7 @@ def _train(cfg: InstructConfig, checkpoint, judge, log) -> dict:
     ckpt, state = checkpoint or (None, None)
     out = Path(cfg.out)
     get_template(cfg.template)
-    cfg.dtype = canonical_dtype_name(cfg.dtype)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device, "train")
-    autocast = autocast_factory(device, dtype)
-    torch.manual_seed(cfg.seed)
-    replaced = [] if ckpt else refuse_existing(out, cfg.overwrite, "--out")
+    device, dtype, autocast, replaced = start_run(cfg, out, resuming=ckpt is not None)
 
     records = load_records(cfg.data)
     train_records, val_records, test_records = split_in_order(records, cfg.split_fractions)
@@ -232,11 +227,7 @@ def _train(cfg: InstructConfig, checkpoint, judge, log) -> dict:
 
     gpt, base_meta = load_model(cfg.model, device)
     trainee = make_trainee(gpt, cfg, device, dtype, ckpt)
-    context = gpt.config.context_length
-    max_length = context if cfg.max_length is None else cfg.max_length
-    if not 2 <= max_length <= context:
-        raise FastGPTError(f"--max-length: must be between 2 and the model's context length {context}, "
-                           f"got {max_length}")
+    max_length = checked_max_length(cfg, gpt)
     tokenizer = model_tokenizer(cfg.model)
     own_tokenizer = None if isinstance(tokenizer, Tokenizer) else tokenizer  # saved with each checkpoint's model
     collate_args = {"max_length": max_length, "mask_prompt": cfg.mask_prompt, "pad_id": tokenizer.eot_id}

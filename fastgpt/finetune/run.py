@@ -18,11 +18,12 @@ from typing import Callable
 import torch
 
 from ..errors import FastGPTError
+from ..runtime import autocast_factory, canonical_dtype_name, resolve_device, resolve_dtype
 from ..train import checkpoint as ckpt_io
 from ..train.metrics import step_line
 from ..train.optim import make_optimizer
 from ..train.options import merge_for_resume, option_names
-from ..train.run_dir import save_and_prune
+from ..train.run_dir import refuse_existing, save_and_prune
 from ..train.schedule import learning_rate
 from ..train.step import PendingSteps, train_step
 from .checkpoint import save_model
@@ -31,6 +32,28 @@ from .lora import count_parameters, load_adapters, merge_lora, save_adapters, un
 from .trainable import set_trainable
 
 ADAPTER_FILE = "lora_adapters.safetensors"
+
+
+# ---------------------------------------------------------------------- start
+def start_run(cfg: StepwiseConfig, out: Path, resuming: bool) -> tuple[torch.device, torch.dtype, Callable, list]:
+    """(device, dtype, autocast, what a fresh run may replace in `out`) from the run's options, with
+    the seed set and `out` checked (one holding checkpoints needs --overwrite). Writes nothing."""
+    cfg.dtype = canonical_dtype_name(cfg.dtype)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device, "train")
+    torch.manual_seed(cfg.seed)
+    replaced = [] if resuming else refuse_existing(out, cfg.overwrite, "--out")
+    return device, dtype, autocast_factory(device, dtype), replaced
+
+
+def checked_max_length(cfg: StepwiseConfig, gpt) -> int:
+    """--max-length, or the model's context; between 2 and that context."""
+    context = gpt.config.context_length
+    max_length = context if cfg.max_length is None else cfg.max_length
+    if not 2 <= max_length <= context:
+        raise FastGPTError(f"--max-length: must be between 2 and the model's context length {context}, "
+                           f"got {max_length}")
+    return max_length
 
 
 # ---------------------------------------------------------------------- resume
