@@ -103,6 +103,18 @@ DPO_HELP = {
 }
 
 
+def _add_resume(parser, fixed: str) -> None:
+    parser.add_argument("--resume", metavar="RUN_DIR|CKPT",
+                        help="continue an interrupted run from a checkpoint, or a run dir's latest, bit for bit; "
+                             f"changing {fixed} is refused")
+
+
+def _add_config_options(parser, config_cls, helps) -> None:
+    """--config FILE, then every field of the task's config dataclass as a flag."""
+    parser.add_argument("--config", metavar="FILE", help="options in a .toml/.yaml file; flags override it")
+    add_flags(parser.add_argument_group("options (also settable in --config files)"), config_cls, helps)
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "finetune", help="fine-tune a model: text classifier or instruction follower",
@@ -115,8 +127,7 @@ def register(subparsers) -> None:
         description="Replace the LM head with an n-class head read from the last real token, train, "
                     "report accuracy / precision / recall / F1 and save the best model by validation accuracy. "
                     "--model, --data and --out are required (on the command line or in --config).")
-    cls.add_argument("--config", metavar="FILE", help="options in a .toml/.yaml file; flags override it")
-    add_flags(cls.add_argument_group("options (also settable in --config files)"), ClassifyConfig, CLASSIFY_HELP)
+    _add_config_options(cls, ClassifyConfig, CLASSIFY_HELP)
     cls.set_defaults(func=_classify)
 
     ins = sub.add_parser(
@@ -127,14 +138,11 @@ def register(subparsers) -> None:
                     "judge) and save the model with metadata['template'] for `fastgpt chat`. An interrupted run "
                     "continues exactly where its last checkpoint left it with --resume RUN_DIR (its saved options; "
                     "flags given beside it override them, except the template and what trains).")
-    ins.add_argument("--config", metavar="FILE", help="options in a .toml/.yaml file; flags override it")
-    ins.add_argument("--resume", metavar="RUN_DIR|CKPT",
-                     help="continue an interrupted run from a checkpoint, or a run dir's latest, bit for bit; "
-                          "changing --template, --trainable or its LoRA / last-n settings is refused")
+    _add_resume(ins, "--template, --trainable or its LoRA / last-n settings")
     ins.add_argument("--judge", default=None, metavar="CMD",
                      help="a command that reads one record (with 'model_response') as JSON on stdin and prints a "
                           "score; its mean is reported beside ROUGE-L")
-    add_flags(ins.add_argument_group("options (also settable in --config files)"), InstructConfig, INSTRUCT_HELP)
+    _add_config_options(ins, InstructConfig, INSTRUCT_HELP)
     ins.set_defaults(func=_instruct)
 
     dpo = sub.add_parser(
@@ -145,11 +153,8 @@ def register(subparsers) -> None:
                     "directory for --resume. Logs loss, chosen and "
                     "rejected rewards, reward margin and accuracy for train and val; --trainable, checkpoints, "
                     "--resume and --dtype work as for `finetune instruct`.")
-    dpo.add_argument("--config", metavar="FILE", help="options in a .toml/.yaml file; flags override it")
-    dpo.add_argument("--resume", metavar="RUN_DIR|CKPT",
-                     help="continue an interrupted run from a checkpoint, or a run dir's latest, bit for bit; "
-                          "changing --template, --logprob, --trainable or its LoRA / last-n settings is refused")
-    add_flags(dpo.add_argument_group("options (also settable in --config files)"), DPOConfig, DPO_HELP)
+    _add_resume(dpo, "--template, --logprob, --trainable or its LoRA / last-n settings")
+    _add_config_options(dpo, DPOConfig, DPO_HELP)
     dpo.set_defaults(func=_dpo)
 
 
