@@ -7,7 +7,9 @@ single-token decode step. Speculative decoding needs a third: verify K drafted t
 (T = K + 1) that continue a cached sequence, each attending to the whole cache plus the
 new tokens before it. One function covers all three cases at any offset, and it runs no
 host synchronisation (no `.item()`, no shape that depends on a value), so a decode step
-built on it can be compiled by `torch.compile` or recorded in a CUDA graph.
+built on it can be compiled by `torch.compile` or recorded in a CUDA graph. (On a CPU, run
+eagerly, it reads the positions to attend over the live part of the cache only: a CPU
+tensor, so no synchronisation.)
 
 The blocks' own submodules (LayerNorms, projections, MLP) are called, so quantized or
 LoRA layers work unchanged; only the attention core is written here, because it must
@@ -38,10 +40,11 @@ def hidden_states_at(model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
     offsets = torch.arange(T, device=idx.device)
     positions = cache.lengths[:, None] + offsets                       # (B, T)
     x = model.tok_emb(idx) + model.pos_emb(positions)
+    span = _live_span(positions, cache)
     visible = None
-    if not (T == 1 and ops.uses_triton(x)):
-        keys = torch.arange(cache.max_length, device=idx.device)
-        visible = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, T_max)
+    if not (T == 1 and ops.uses_triton(x)) and not (T == 1 and B == 1 and span < cache.max_length):
+        keys = torch.arange(span, device=idx.device)
+        visible = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, span)
     for layer, block in enumerate(model.blocks):
         attn = block.attn
         h = block.ln_1(x)
@@ -49,15 +52,26 @@ def hidden_states_at(model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         q, k, v = attn.qkv(h).split(C, dim=2)
         q, k, v = (t.view(B, T, attn.n_head, attn.head_dim) for t in (q, k, v))
         cache.write_at(layer, k, v, positions)
-        if visible is None:  # the Triton decode kernel: one query per sequence
+        if T == 1 and ops.uses_triton(x):  # the Triton decode kernel: one query per sequence
             y = ops.decode_attention(q[:, 0], cache.k[layer], cache.v[layer], cache.lengths + 1)[:, None]
-        else:
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[layer], cache.v[layer],
-                                               attn_mask=visible).transpose(1, 2)
+        else:  # (one token of one sequence over exactly its live keys needs no mask)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[layer][:, :, :span],
+                                               cache.v[layer][:, :, :span], attn_mask=visible).transpose(1, 2)
         x, h = ops.add_layer_norm(x, attn.proj(y.reshape(B, T, C)), block.ln_2.weight, block.ln_2.bias,
                                   block.ln_2.eps)
         x = x + block.mlp(h)
     return model.ln_f(x)
+
+
+def _live_span(positions: torch.Tensor, cache: KVCache) -> int:
+    """How many cache slots the step can see. On a CPU, reading the positions costs no
+    device sync, and attending over the live prefix instead of the whole static cache
+    saves most of the attention's work (a 1024-slot cache holding 80 tokens: 3.9 of 44
+    ms per GPT-2 token). On GPUs, and while torch.compile traces, the shape stays static:
+    the whole cache, masked."""
+    if positions.device.type != "cpu" or torch.compiler.is_compiling():
+        return cache.max_length
+    return min(int(positions.max()) + 1, cache.max_length)
 
 
 # model -> (weight key, transposed copy); weak keys: the copy lives as long as its model

@@ -199,7 +199,7 @@ def quantize(model, mode: str, dtype: torch.dtype | None = None, group_size: int
     raise FastGPTError(f"unknown quantization {mode!r} (choose from: {', '.join(QUANTIZATIONS)})")
 
 
-def _matrices(model):
+def decode_matrices(model):
     """(owner, attribute name) of every matrix a decode step multiplies by, the LM head last."""
     for block in model.blocks:
         yield from ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc"), (block.mlp, "proj"))
@@ -225,7 +225,7 @@ def quantize_int4(model, dtype: torch.dtype | None = None, group_size: int = 32,
     if head not in ("int4", "int8"):
         raise FastGPTError(f"quantize_int4: head must be 'int4' or 'int8', got {head!r}")
     model.to(dtype or activation_dtype(model.device)).eval()
-    for owner, name in _matrices(model):
+    for owner, name in decode_matrices(model):
         linear = getattr(owner, name)
         if owner is model and head == "int8":
             setattr(owner, name, Int8Linear(linear, KERNEL_DTYPE, "weight-only"))
@@ -251,7 +251,7 @@ def quantize_int8(model, dtype: torch.dtype | None = None, kernel: str | None = 
     # The weight-only kernel's fast path on CPUs is bf16, whatever the activations are.
     compute = KERNEL_DTYPE if on_cpu and kernel == "weight-only" else dtype
     model.to(dtype).eval()
-    for owner, name in _matrices(model):
+    for owner, name in decode_matrices(model):
         setattr(owner, name, Int8Linear(getattr(owner, name), compute, kernel))
     return _freeze(model)
 

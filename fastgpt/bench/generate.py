@@ -42,6 +42,7 @@ from ..config import preset
 from ..errors import FastGPTError
 from ..quantize import INT8_KERNELS, QUANTIZATIONS, quantize, weight_bytes_per_token
 from ..runtime import CANONICAL_DTYPES, canonical_dtype_name, cpu_capabilities, describe_machine
+from ..streaming_linear import StreamingLinear, stream_matrices
 from ..weights import load_pretrained
 from .common import Row, device_name, quantiles, write_csv
 
@@ -256,7 +257,10 @@ def _run_size(device, size, new_tokens, prompt_tokens, repeats, modes, hf_modes,
             result = outputs[(backend, d)]
             stats, tokens = result.stats, result.tokens[0]
             extra += f";ttft_ms={stats.first_token_s * 1e3:.1f};decode_tokens_per_s={stats.decode_tokens_per_s:.1f}"
-            extra += f";activations={_activation_name(ours.get(d) or ours_compiled)}"
+            model = ours.get(d) or ours_compiled
+            extra += f";activations={_activation_name(model)}"
+            if isinstance(model.lm_head, StreamingLinear):
+                extra += f";layout=streaming(splits={model.lm_head.splits})"
             if d in bounds:
                 extra += f";bound_share={quantiles([new_tokens / s for s in secs])[0] / bounds[d]:.3f}"
             if reference is not None:  # greedy tokens equal to transformers' fp32 ones
@@ -296,7 +300,9 @@ def _load_ours(directory, device, mode):
     if mode in INT8_WITH_KERNEL:
         return quantize(load_pretrained(directory, device=device), "int8", kernel=INT8_WITH_KERNEL[mode])
     dtype = half_dtype(device) if mode == HALF else CANONICAL_DTYPES[mode]
-    return load_pretrained(directory, device=device, dtype=dtype)
+    model = load_pretrained(directory, device=device, dtype=dtype)
+    stream_matrices(model)  # as `fastgpt generate` does (fp32 on CPUs, where a timing says it is faster)
+    return model
 
 
 def _load_ours_from_hf(hf, device):

@@ -1,0 +1,142 @@
+"""Float matrices in a layout that CPUs read at full memory bandwidth when decoding.
+
+Decoding one token multiplies a single row vector by every weight matrix, so its
+speed is bytes of weights / memory bandwidth. On CPUs PyTorch sends `F.linear(x, W)`
+with one row to MKL's GEMV, which streams a matrix too large for the caches at about
+half the machine's read bandwidth and on one thread (GPT-2's 50257 x 768 head: 11.5
+GB/s with 1 or 2 threads, where `W.sum()` reads 28 GB/s; a 2-core AVX512 EPYC, torch
+2.13). The same product as a batched GEMM over S column blocks of W^T, each stored
+contiguous,
+
+    W (N, K) -> blocks (S, K, N/S),   y = concat_s( x @ blocks[s] ),
+
+runs the S blocks on separate threads and streams each block row by row: 30 GB/s on
+the same machine. `StreamingLinear` holds that layout; `stream_matrices` swaps it in
+for the model's matrices (inference only, like `fastgpt.quantize`), after checking on
+the model's own LM head that it is faster on the CPU at hand (`streaming_is_faster`).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import FastGPTError
+from .quantize import decode_matrices
+
+
+class StreamingLinear(nn.Module):
+    """nn.Linear (inference) with W^T stored as `splits` contiguous column blocks (S, K, N/S).
+
+    The output dimension is padded with zero columns to a multiple of S and the padding
+    sliced off the result. Any number of rows works (a prefill is a batched GEMM too).
+    """
+
+    def __init__(self, linear: nn.Linear, splits: int):
+        super().__init__()
+        if not isinstance(splits, int) or splits < 1:
+            raise FastGPTError(f"StreamingLinear: splits must be a positive integer, got {splits!r}")
+        N, K = linear.out_features, linear.in_features
+        pad = -N % splits
+        with torch.no_grad():
+            weight = F.pad(linear.weight.detach(), (0, 0, 0, pad))
+            self.register_buffer("blocks", weight.view(splits, (N + pad) // splits, K).transpose(1, 2).contiguous())
+            bias = linear.bias
+            # (S, 1, N/S): added by the batched GEMM itself (baddbmm), no separate pass
+            self.register_buffer("bias_blocks", None if bias is None else
+                                 F.pad(bias.detach(), (0, pad)).view(splits, 1, (N + pad) // splits).clone())
+        self.in_features, self.out_features, self.splits = K, N, splits
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias as a vector (N,), as nn.Linear has it (the MLP adds fc's bias in its GELU)."""
+        return None if self.bias_blocks is None else self.bias_blocks.reshape(-1)[: self.out_features]
+
+    def _product(self, x: torch.Tensor, with_bias: bool) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        M, S = rows.shape[0], self.splits
+        shared = rows.expand(S, M, self.in_features)  # every block multiplies the same rows (no copy)
+        if with_bias and self.bias_blocks is not None:
+            y = torch.baddbmm(self.bias_blocks, shared, self.blocks)
+        else:
+            y = torch.bmm(shared, self.blocks)           # (S, M, N/S)
+        y = y.transpose(0, 1).reshape(M, -1)             # (M, N + pad); a view when M == 1
+        if y.shape[1] != self.out_features:
+            y = y[:, : self.out_features].contiguous()  # (callers view it)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def matmul_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T without the bias (the model fuses fc's bias into its GELU)."""
+        return self._product(x, with_bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._product(x, with_bias=True)
+
+    def weight_t(self) -> torch.Tensor:
+        """W^T (K, N) reassembled from the blocks (for checks; decoding never builds it)."""
+        return self.blocks.transpose(0, 1).reshape(self.in_features, -1)[:, : self.out_features]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, splits={self.splits}"
+
+
+def default_splits() -> int:
+    """One block per torch thread: the batched GEMM hands each thread its own blocks."""
+    return max(1, torch.get_num_threads())
+
+
+def _best_time(fn, repeats: int) -> float:
+    fn()  # warm-up (first touch, thread pool start)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def streaming_is_faster(linear: nn.Linear, splits: int | None = None, repeats: int = 3) -> bool:
+    """Whether one-row products with `linear` run faster as StreamingLinear than through
+    F.linear, timed here (best of `repeats`) on this matrix. Run it on the largest matrix
+    (an LM head does not fit in any cache, as decoding meets it): the answer depends on
+    the CPU, its BLAS and the thread count, not on anything that can be read off a flag."""
+    streaming = StreamingLinear(linear, splits or default_splits())
+    x = torch.randn(1, linear.in_features, dtype=linear.weight.dtype)
+    with torch.inference_mode():
+        plain = _best_time(lambda: F.linear(x, linear.weight), repeats)
+        blocked = _best_time(lambda: streaming.matmul_no_bias(x), repeats)
+    return blocked < plain
+
+
+def _plain_linear(module) -> bool:
+    """An nn.Linear computing nn.Linear's product (a subclass such as LoRA adds to it: left alone)."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def stream_matrices(model, splits: int | None = None, check_speed: bool = True) -> bool:
+    """Swap the float32 nn.Linear matrices of a CPU `model` for StreamingLinear, in place
+    (inference only: the new layers hold no gradients). The token embedding stays for
+    lookups, so a tied LM head gets its own copy (as the transposed head copy of
+    `fastgpt.cached_forward` did). With `check_speed`, the swap happens only when
+    `streaming_is_faster` says so for the model's LM head. Returns whether it swapped.
+
+    Other dtypes are left alone: half-precision batched GEMMs are the slow path of
+    CPU BLAS (fp16 `bmm` measured 10x slower than fp16 `F.linear`)."""
+    matrices = [(owner, name) for owner, name in decode_matrices(model) if _plain_linear(getattr(owner, name))]
+    if not matrices or model.device.type != "cpu":
+        return False
+    head = getattr(matrices[-1][0], matrices[-1][1])
+    if head.weight.dtype != torch.float32:
+        return False
+    splits = splits or default_splits()
+    if check_speed and not streaming_is_faster(head, splits):
+        return False
+    for owner, name in matrices:
+        linear = getattr(owner, name)
+        if linear.weight.dtype == torch.float32:
+            setattr(owner, name, StreamingLinear(linear, splits))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return True

@@ -1,0 +1,77 @@
+"""The streaming layout of float matrices (fastgpt.streaming_linear): the same products
+as nn.Linear for any row count, output width and split count, and a swapped model that
+decodes the same tokens as the plain one."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import varied_tiny_model
+
+from fastgpt.errors import FastGPTError
+from fastgpt.generate import generate
+from fastgpt.streaming_linear import StreamingLinear, stream_matrices, streaming_is_faster
+
+PROMPTS = [[464], [15496, 11, 995, 0, 314], [40, 1101, 257, 1310, 2099, 286, 262, 2104, 13, 632, 373, 845]]
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("out_features", [96, 101])  # 101: not a multiple of any split > 1, so padded
+@pytest.mark.parametrize("bias", [True, False])
+def test_streaming_linear_is_the_linear_product(splits, out_features, bias):
+    torch.manual_seed(splits * 1000 + out_features)
+    linear = torch.nn.Linear(48, out_features, bias=bias).double()
+    layer = StreamingLinear(linear, splits)
+    for shape in [(1, 48), (5, 48), (2, 3, 48)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer.matmul_no_bias(x), F.linear(x, linear.weight), rtol=1e-12, atol=1e-12)
+    assert layer(torch.randn(4, 48, dtype=torch.float64)).is_contiguous()
+    torch.testing.assert_close(layer.weight_t(), linear.weight.t())
+    if bias:
+        torch.testing.assert_close(layer.bias, linear.bias)
+    else:
+        assert layer.bias is None
+
+
+def test_streaming_linear_takes_non_contiguous_rows():
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(32, 40)
+    layer = StreamingLinear(linear, 2)
+    x = torch.randn(32, 6)[:, ::2].t()  # (3, 32), strided
+    torch.testing.assert_close(layer(x), linear(x), rtol=1e-6, atol=1e-6)
+
+
+def test_streaming_linear_rejects_a_bad_split_count():
+    with pytest.raises(FastGPTError, match="splits"):
+        StreamingLinear(torch.nn.Linear(4, 4), 0)
+
+
+def test_a_streamed_model_decodes_the_same_tokens_as_the_plain_one():
+    model = varied_tiny_model()
+    streamed = copy.deepcopy(model)
+    assert stream_matrices(streamed, splits=3, check_speed=False)
+    assert isinstance(streamed.lm_head, StreamingLinear) and isinstance(streamed.blocks[0].mlp.fc, StreamingLinear)
+    assert all(not p.requires_grad for p in streamed.parameters())
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.inference_mode():
+        torch.testing.assert_close(streamed(ids), model(ids), rtol=1e-5, atol=1e-5)
+    plain = generate(model, PROMPTS, 12, temperature=0, eos_id=None)
+    fast = generate(streamed, PROMPTS, 12, temperature=0, eos_id=None)
+    assert fast.tokens == plain.tokens
+    sampled = [generate(m, PROMPTS[:1], 12, temperature=0.8, top_k=50, seed=7, eos_id=None).tokens
+               for m in (model, streamed)]
+    assert sampled[0] == sampled[1]
+
+
+def test_only_float32_cpu_models_are_streamed():
+    model = varied_tiny_model().half()
+    assert not stream_matrices(model, check_speed=False)
+    assert type(model.lm_head) is torch.nn.Linear
+
+
+def test_the_speed_check_times_both_layouts_and_answers_yes_or_no():
+    # Which layout wins depends on the CPU: only that it answers, and that the swap follows it.
+    model = varied_tiny_model()
+    verdict = streaming_is_faster(model.lm_head, splits=2, repeats=1)
+    assert isinstance(verdict, bool)
