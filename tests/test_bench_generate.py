@@ -36,15 +36,25 @@ def test_benchmark_rejects_unknown_modes_and_sizes(tmp_path):
         run("cpu", sizes=("huge",), out_dir=tmp_path)
 
 
-@pytest.mark.parametrize("native_bf16, f16c, expected", [(True, True, "bf16"), (False, True, "fp16"),
-                                                         (False, False, None)])
-def test_the_16bit_mode_follows_the_cpu(monkeypatch, native_bf16, f16c, expected):
-    """Simulated capabilities: on AVX2 '16-bit weights' means fp16 (F16C), not emulated bf16."""
+@pytest.mark.parametrize("native_bf16, f16c, faster, expected", [
+    (True, True, "bf16", "bf16"), (True, True, "fp16", "fp16"), (True, False, "fp16", "bf16"),
+    (False, True, "bf16", "fp16"), (False, False, "fp16", None)])
+def test_the_16bit_mode_follows_the_cpu(monkeypatch, native_bf16, f16c, faster, expected):
+    """Simulated capabilities and GEMV timings: on AVX2 '16-bit weights' means fp16 (F16C), not
+    emulated bf16; where both are native, the faster one in the timing."""
+    from fastgpt import runtime
     from fastgpt.bench import generate as bench
     from fastgpt.runtime import cpu_capabilities, dtype_name
     caps = dataclasses.replace(cpu_capabilities(), avx512_bf16=native_bf16, amx=False, f16c=f16c)
+    monkeypatch.setattr(runtime, "cpu_capabilities", lambda: caps)
     monkeypatch.setattr(bench, "cpu_capabilities", lambda: caps)
+    timed = []
+    monkeypatch.setattr(runtime, "_gemv_seconds", lambda dtype: timed.append(dtype) or
+                        (1.0 if dtype_name(dtype) == faster else 2.0))
+    runtime.fastest_cpu_half_dtype.cache_clear()
     half = bench.half_dtype("cpu")
+    runtime.fastest_cpu_half_dtype.cache_clear()
+    assert len(timed) == (2 if native_bf16 and f16c else 0)  # a timing only when there is a choice
     assert (dtype_name(half) if half is not None else None) == expected
     assert ("16bit" in bench.default_modes("cpu")) == (expected is not None)
     assert bench.default_modes("cpu")[-2:] == ["int8", "int4"]

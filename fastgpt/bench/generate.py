@@ -41,7 +41,7 @@ import torch
 from ..config import preset
 from ..errors import FastGPTError
 from ..quantize import INT8_KERNELS, QUANTIZATIONS, quantize, weight_bytes_per_token
-from ..runtime import CANONICAL_DTYPES, canonical_dtype_name, cpu_capabilities, describe_machine
+from ..runtime import CANONICAL_DTYPES, canonical_dtype_name, cpu_capabilities, describe_machine, fastest_cpu_half_dtype
 from ..streaming_linear import StreamingLinear, stream_matrices
 from ..weights import load_pretrained
 from .common import Row, device_name, quantiles, write_csv
@@ -60,13 +60,11 @@ COMPILED = "fastgpt+compile"
 
 def half_dtype(device: str) -> torch.dtype | None:
     """The 16-bit weight format this device reads fastest, or None (no fast 16-bit format).
-    An AVX2 CPU emulates bf16 (~100x slower matmuls) but converts fp16 in hardware (F16C)."""
+    An AVX2 CPU emulates bf16 (~100x slower matmuls) but converts fp16 in hardware (F16C);
+    where both are native, a timing decides (`fastest_cpu_half_dtype`)."""
     if str(device).startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    caps = cpu_capabilities()
-    if caps.native_bf16:
-        return torch.bfloat16
-    return torch.float16 if caps.f16c else None
+    return fastest_cpu_half_dtype()
 
 
 def mode_name(name: str) -> str:
