@@ -88,7 +88,7 @@ def _transposed_head(model) -> torch.Tensor | None:
     cached = _TRANSPOSED_HEADS.get(model)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = (key, weight.detach().t().contiguous())
+            cached = (key, weight.detach()[:model.config.vocab_size].t().contiguous())  # real rows only
         _TRANSPOSED_HEADS[model] = cached
     return cached[1]
 
@@ -104,7 +104,7 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """
     wt = _transposed_head(model)
     if wt is None:
-        return model.lm_head(hidden)
+        return model.lm_head(hidden)[..., :model.config.vocab_size]  # never the padded vocabulary's ids
     logits = hidden @ wt
     bias = model.lm_head.bias
     return logits if bias is None else logits + bias

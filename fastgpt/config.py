@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass
 from .errors import FastGPTError
 
 INIT_SCHEMES = ("gpt2", "pytorch")
+# The token embedding / LM head is stored with its rows padded (zero rows) to a multiple of this:
+# GPT-2's odd 50257 would leave bf16 logits rows unaligned, and cuBLAS then runs slow GEMMs.
+VOCAB_PAD = 64
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,12 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the stored token embedding / LM head: vocab_size rounded up to VOCAB_PAD.
+        Ids at or past vocab_size are never produced nor scored; files hold vocab_size rows."""
+        return -(-self.vocab_size // VOCAB_PAD) * VOCAB_PAD
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -120,12 +120,13 @@ class GPT(nn.Module):
         super().__init__()
         cfg = preset(config) if isinstance(config, str) else config
         self.config = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        # Both vocabulary matrices hold padded_vocab_size rows (aligned GEMMs); rows past vocab_size stay zero.
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # weight tying, as in GPT-2
         self.reset_parameters()
@@ -147,22 +148,35 @@ class GPT(nn.Module):
         ten epochs (the-verdict: train loss 0.54), which the GPT-2 scheme does far
         more slowly (5.70).
         """
+        with torch.no_grad():
+            self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        V = self.config.vocab_size
+        vocab_matrices = [self.tok_emb.weight] + ([] if self.tied or not isinstance(self.lm_head, nn.Linear)
+                                                  else [self.lm_head.weight])
         if self.config.init == "gpt2":
             for name, p in self.named_parameters():
                 if name.endswith("proj.weight"):
                     nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
                 elif p.dim() >= 2:
-                    nn.init.normal_(p, 0.0, 0.02)
+                    # Only the real rows draw random numbers: a seed gives the weights of an unpadded model.
+                    nn.init.normal_(p[:V] if any(p is m for m in vocab_matrices) else p, 0.0, 0.02)
                 elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
                     nn.init.ones_(p)
                 else:
                     nn.init.zeros_(p)
-            return
-        for module in self.modules():
-            # A tied head is the embedding: re-initialising it as a Linear would overwrite N(0, 1).
-            if module is not self and hasattr(module, "reset_parameters") and not (module is self.lm_head
-                                                                                   and self.tied):
-                module.reset_parameters()
+        else:
+            for module in self.modules():
+                if module is self.tok_emb:
+                    nn.init.normal_(module.weight[:V])  # nn.Embedding's default, on the real rows
+                elif module is self.lm_head:
+                    if not self.tied:  # (a tied head is the embedding, already N(0, 1))
+                        nn.init.kaiming_uniform_(module.weight[:V], a=math.sqrt(5))  # nn.Linear's default
+                elif module is not self and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        for p in vocab_matrices:
+            p[V:].zero_()  # the pad rows: zero logits and zero gradients, so AdamW keeps them zero
 
     # ------------------------------------------------------------------ forward
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -197,16 +211,23 @@ class GPT(nn.Module):
         materialises the (B*T, V) logits.
         """
         h = self.hidden_states(idx, cache)
+        V = self.config.vocab_size
         if targets is None:
-            return self.lm_head(h)
-        return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
+            return self.lm_head(h)[..., :V]  # the pad columns are no token: never returned
+        return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1),
+                                        vocab_size=V)
 
     # ------------------------------------------------------------------ info
     def num_parameters(self, tied: bool = True) -> int:
-        """Parameter count. `tied=False` counts a tied LM head as its own matrix too (what the
-        model would have untied); an untied model's head is counted either way."""
-        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied matrix once
-        return n if tied or not self.tied else n + self.lm_head.weight.numel()
+        """Parameter count, the vocabulary's pad rows left out (GPT-2 124M: 124,439,808). `tied=False`
+        counts a tied LM head as its own matrix too (what the model would have untied); an untied
+        model's head is counted either way."""
+        cfg = self.config
+        pad = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
+        n = 0
+        for p in self.parameters():  # parameters() yields a tied matrix once
+            n += p.numel() - (pad if p is self.tok_emb.weight or p is getattr(self.lm_head, "weight", None) else 0)
+        return n if tied or not self.tied else n + cfg.vocab_size * cfg.n_embd
 
     @property
     def device(self) -> torch.device:

@@ -148,9 +148,14 @@ def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "m
     return _implementation("cross_entropy", logits)(logits, targets, ignore_index, reduction)
 
 
-def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100, reduction: str = "mean"):
-    """cross_entropy(hidden @ weight.T, targets) without keeping the logits when fused."""
-    return _implementation("linear_cross_entropy", hidden)(hidden, weight, targets, ignore_index, reduction)
+def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100, reduction: str = "mean",
+                         vocab_size: int | None = None):
+    """cross_entropy(hidden @ weight[:vocab_size].T, targets) without keeping the logits when fused.
+
+    `vocab_size`: how many leading rows of `weight` are the vocabulary (None: all); the model's
+    head stores more (zero pad rows, for aligned GEMMs), which are never scored."""
+    return _implementation("linear_cross_entropy", hidden)(hidden, weight, targets, ignore_index, reduction,
+                                                           vocab_size=vocab_size)
 
 
 def attention(q, k, v, dropout_p: float = 0.0):

@@ -109,7 +109,8 @@ def sequence_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, mode: 
         raise FastGPTError(f"--logprob: unknown mode {mode!r} (choose from: {', '.join(LOGPROB_MODES)})")
     hidden = model.hidden_states(inputs)
     nll = ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight,
-                                   targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+                                   targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none",
+                                   vocab_size=model.config.vocab_size)
     mask = targets != IGNORE_INDEX
     total = -(nll.float().reshape(targets.shape) * mask).sum(dim=1)
     return total if mode == "sum" else total / mask.sum(dim=1).clamp(min=1)

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import torch
 
+from ..config import VOCAB_PAD
 from ..errors import FastGPTError
 from ._custom_ops import kernel_op, new_output
 from .cross_entropy import check_inputs, count_valid, launch_backward, launch_forward, reduce_rows
-from .reference import linear_cross_entropy_reference  # noqa: F401  (re-exported beside its kernels)
+from .reference import check_vocab_size, linear_cross_entropy_reference  # noqa: F401  (the latter re-exported)
 
 # Cost model of one chunk of `rows` rows (bytes moved, bf16 logits):
 #   logits pass (GEMM out, kernel read x2 + write, two GEMMs in): ~6 * rows * V * 2
@@ -64,12 +65,12 @@ def _accumulate_grad_weight(grad_weight: torch.Tensor, dlogits: torch.Tensor, hi
     grad_weight += torch.mm(dlogits.t(), hidden)  # product rounded once per chunk, summed in fp32
 
 
-# Vocabulary rows are padded (with zero rows) to a multiple of this before the GEMMs.
-# GPT-2's 50257 is odd, so bf16 logits rows are not 16-byte aligned and cuBLAS falls
-# back to slow unaligned kernels ("align1"): on an H100 the three GEMMs took 17 ms
-# for 8192 x 768 x 50257 instead of ~3. Zero rows give logits of exactly 0 in the pad
-# columns, which the cross-entropy kernel never reads and leaves 0 as their gradient.
-VOCAB_PAD = 64
+# The GEMMs run over a weight whose row count is a multiple of VOCAB_PAD. GPT-2's 50257 is
+# odd, so bf16 logits rows would not be 16-byte aligned and cuBLAS falls back to slow
+# unaligned kernels ("align1"): on an H100 the three GEMMs took 17 ms for 8192 x 768 x
+# 50257 instead of ~3. The model stores its head padded already (GPTConfig.padded_vocab_size)
+# and passes `vocab_size`; any other weight is padded here with zero rows, a copy per call.
+# Only the first vocab_size logits columns are scored; the others get a zero gradient.
 
 
 def _padded_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -92,12 +93,13 @@ def _logits_buffer(hidden: torch.Tensor, weight: torch.Tensor, chunk_rows: int) 
 # ----------------------------------------------------------------------------- custom ops
 @kernel_op("linear_cross_entropy_fwd")
 def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              ignore_index: int, reduction: str, chunk_rows: int,
+                              ignore_index: int, reduction: str, chunk_rows: int, vocab_size: int,
                               need_grad_hidden: bool, need_grad_weight: bool
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_hidden, grad_weight): the gradients are those of the loss itself (grad_output 1),
-    or empty (0,) tensors when not needed or when reduction="none" (recomputed in backward)."""
-    N, V = hidden.shape[0], weight.shape[0]
+    or empty (0,) tensors when not needed or when reduction="none" (recomputed in backward).
+    Only the first `vocab_size` rows of `weight` are scored; grad_weight has the weight's shape."""
+    N, V, rows = hidden.shape[0], vocab_size, weight.shape[0]
     write_grad = reduction != "none" and (need_grad_hidden or need_grad_weight)
     n_valid = count_valid(targets, ignore_index)
     row_loss = new_output(N, torch.float32, hidden.device)
@@ -116,18 +118,20 @@ def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, target
         logits = torch.mm(hidden_chunk, padded.t(), out=buffer[: (end - start) * Vp].view(end - start, Vp))
         launch_forward(logits[:, :V], targets[start:end], ignore_index, scale if write_grad else None,
                        loss=row_loss[start:end])
-        if write_grad:  # `logits` now holds d loss / d logits (0 in the pad columns)
+        if write_grad:  # `logits` now holds d loss / d logits, once the unscored columns are zeroed
+            logits[:, V:].zero_()
             if need_grad_hidden:
                 torch.mm(logits, padded, out=grad_hidden[start:end])
             if need_grad_weight:
                 _accumulate_grad_weight(grad_weight, logits, hidden_chunk)
     if grad_weight.numel():
-        grad_weight = grad_weight[:V]  # the first V rows: contiguous, no copy
+        grad_weight = grad_weight[:rows]  # the weight's own rows: contiguous, no copy
     return reduce_rows(row_loss, n_valid, reduction), grad_hidden, grad_weight
 
 
 @_linear_cross_entropy_fwd.register_fake
-def _(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad_hidden, need_grad_weight):
+def _(hidden, weight, targets, ignore_index, reduction, chunk_rows, vocab_size, need_grad_hidden,
+      need_grad_weight):
     write_grad = reduction != "none" and (need_grad_hidden or need_grad_weight)
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=torch.float32)
     grad_hidden = hidden.new_empty(hidden.shape if write_grad and need_grad_hidden else (0,))
@@ -137,10 +141,10 @@ def _(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad_hi
 
 @kernel_op("linear_cross_entropy_bwd_recompute")
 def _linear_cross_entropy_bwd_recompute(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                                        targets: torch.Tensor, ignore_index: int, chunk_rows: int
+                                        targets: torch.Tensor, ignore_index: int, chunk_rows: int, vocab_size: int
                                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients for reduction="none": per-row grad_loss, logits recomputed chunk by chunk."""
-    N, V = hidden.shape[0], weight.shape[0]
+    N, V, rows = hidden.shape[0], vocab_size, weight.shape[0]
     padded = _padded_weight(weight)
     Vp = padded.shape[0]
     grad_hidden = new_output(hidden.shape, hidden.dtype, hidden.device)
@@ -154,22 +158,23 @@ def _linear_cross_entropy_bwd_recompute(grad_loss: torch.Tensor, hidden: torch.T
         _, lse = launch_forward(logits[:, :V], targets[start:end], ignore_index)
         launch_backward(logits[:, :V], targets[start:end], lse, grad_loss[start:end], ignore_index,
                         grad=logits[:, :V])
+        logits[:, V:].zero_()  # unscored columns: no gradient
         torch.mm(logits, padded, out=grad_hidden[start:end])
         _accumulate_grad_weight(grad_weight, logits, hidden_chunk)
-    return grad_hidden, grad_weight[:V]
+    return grad_hidden, grad_weight[:rows]
 
 
 @_linear_cross_entropy_bwd_recompute.register_fake
-def _(grad_loss, hidden, weight, targets, ignore_index, chunk_rows):
+def _(grad_loss, hidden, weight, targets, ignore_index, chunk_rows, vocab_size):
     return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
             weight.new_empty(weight.shape, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, ignore_index, reduction, chunk_rows, _, _ = inputs
+    hidden, weight, targets, ignore_index, reduction, chunk_rows, vocab_size, _, _ = inputs
     _, grad_hidden, grad_weight = output
     ctx.mark_non_differentiable(grad_hidden, grad_weight)
-    ctx.reduction, ctx.ignore_index, ctx.chunk_rows = reduction, ignore_index, chunk_rows
+    ctx.reduction, ctx.ignore_index, ctx.chunk_rows, ctx.vocab_size = reduction, ignore_index, chunk_rows, vocab_size
     ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, targets)
@@ -182,10 +187,10 @@ def _backward(ctx, grad_loss, _grad_hidden, _grad_weight):
     if ctx.reduction == "none":
         hidden, weight, targets = ctx.saved_tensors
         grad_hidden, grad_weight = _linear_cross_entropy_bwd_recompute(
-            grad_loss, hidden, weight, targets, ctx.ignore_index, ctx.chunk_rows)
+            grad_loss, hidden, weight, targets, ctx.ignore_index, ctx.chunk_rows, ctx.vocab_size)
         return (grad_hidden.to(ctx.hidden_dtype) if need_hidden else None,
                 grad_weight.to(ctx.weight_dtype) if need_weight else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
     # Finished in forward for grad_output = 1: scale by the real grad_output, casting the fp32
     # weight gradient to the weight's dtype in the same pass.
     grad_hidden, grad_weight = ctx.saved_tensors
@@ -195,7 +200,7 @@ def _backward(ctx, grad_loss, _grad_hidden, _grad_weight):
         grad_weight = torch.mul(grad_weight, grad_loss, out=torch.empty(
             grad_weight.shape, dtype=ctx.weight_dtype, device=grad_weight.device))
     return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 _linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -203,9 +208,10 @@ _linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_cont
 
 def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                 ignore_index: int = -100, reduction: str = "mean",
-                                chunk_rows: int | None = None) -> torch.Tensor:
+                                chunk_rows: int | None = None, vocab_size: int | None = None) -> torch.Tensor:
     """Same contract as `linear_cross_entropy_reference`, without materialising (N, V) logits.
-    Under autocast both operands take the autocast dtype, as `hidden @ weight.T` would."""
+    Under autocast both operands take the autocast dtype, as `hidden @ weight.T` would. A weight
+    whose rows are a multiple of VOCAB_PAD (the model's padded head) is used as it is, uncopied."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise FastGPTError(f"linear_cross_entropy: hidden (N, C) and weight (V, C) disagree: "
                            f"{tuple(hidden.shape)} vs {tuple(weight.shape)}")
@@ -215,7 +221,8 @@ def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targ
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     elif hidden.dtype != weight.dtype:
         raise FastGPTError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
-    N, V = hidden.shape[0], weight.shape[0]
+    check_vocab_size(vocab_size, weight.shape[0])
+    N, V = hidden.shape[0], weight.shape[0] if vocab_size is None else vocab_size
     check_inputs(torch.empty((N, V), dtype=hidden.dtype, device="meta"), targets, ignore_index, reduction,
                  name="hidden @ weight.T")
     if chunk_rows is None:
@@ -226,5 +233,5 @@ def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targ
     with torch.autocast(device_type, enabled=False):
         loss, _, _ = _linear_cross_entropy_fwd(
             hidden.contiguous(), weight.contiguous(), targets.contiguous(), int(ignore_index), reduction,
-            int(chunk_rows), grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+            int(chunk_rows), int(V), grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
     return loss

@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import FastGPTError
+
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
 
@@ -41,9 +43,22 @@ def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                   ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
-    """cross_entropy(hidden @ weight.T, targets); hidden (N, C), weight (V, C), targets (N,)."""
+                                   ignore_index: int = -100, reduction: str = "mean",
+                                   vocab_size: int | None = None) -> torch.Tensor:
+    """cross_entropy(hidden @ weight[:vocab_size].T, targets); hidden (N, C), weight (>= vocab_size, C),
+    targets (N,). Rows past `vocab_size` (a padded head's) are no token (None: every row is one)."""
+    check_vocab_size(vocab_size, weight.shape[0])
+    if vocab_size is not None:
+        weight = weight[:vocab_size]
     return cross_entropy_reference(hidden @ weight.t(), targets, ignore_index, reduction)
+
+
+def check_vocab_size(vocab_size: int | None, rows: int) -> None:
+    """vocab_size is None or an int in [1, rows], else a one-line FastGPTError."""
+    if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)
+                                   or not 1 <= vocab_size <= rows):
+        raise FastGPTError(f"linear_cross_entropy: vocab_size must be an integer in [1, {rows}] "
+                           f"(the weight's rows), got {vocab_size!r}")
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

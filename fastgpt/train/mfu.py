@@ -41,9 +41,10 @@ def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, con
 
 def model_flops_per_token(model, context_length: int) -> int:
     cfg = model.config
-    n = sum(p.numel() for p in model.parameters()) - model.pos_emb.weight.numel()
+    # num_parameters leaves out the vocabulary's pad rows: only real tokens are useful work
+    n = model.num_parameters() - model.pos_emb.weight.numel()
     if model.lm_head.weight is not model.tok_emb.weight:  # untied: the token embedding is only looked up
-        n -= model.tok_emb.weight.numel()
+        n -= cfg.vocab_size * cfg.n_embd
     return flops_per_token(n, cfg.n_layer, cfg.n_head, cfg.head_dim, context_length)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ..config import GPTConfig
 from ..errors import FastGPTError
-from .state import expected_shapes
+from .state import expected_shapes, file_state
 
 # (GPT-2 name, fastgpt name, stored as a Conv1D (in, out) matrix?)
 _TOP = [("wte.weight", "tok_emb.weight", False), ("wpe.weight", "pos_emb.weight", False),
@@ -56,9 +56,10 @@ def from_gpt2(cfg: GPTConfig, tensors: dict[str, torch.Tensor], source: str,
     return state
 
 
-def to_gpt2(model) -> dict[str, torch.Tensor]:
-    """The model's weights under GPT-2 names in GPT-2's layout (contiguous CPU tensors; no LM head: an untied
-    one is saved by the caller, under the name its format uses)."""
-    params = dict(model.named_parameters())
-    return {gpt2_name: (params[ours].t() if conv1d else params[ours]).detach().cpu().contiguous()
+def to_gpt2(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights under GPT-2 names in GPT-2's layout (contiguous CPU tensors, vocab_size rows; no
+    LM head: an untied one is saved by the caller, under the name its format uses). `state`: the model's
+    `file_state`, when the caller has it already."""
+    params = file_state(model) if state is None else state
+    return {gpt2_name: params[ours].t().contiguous() if conv1d else params[ours]
             for gpt2_name, ours, conv1d in name_map(model.config.n_layer)}

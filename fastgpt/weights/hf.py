@@ -17,7 +17,7 @@ from ..config import GPTConfig
 from ..errors import FastGPTError
 from .atomic import replace_file
 from .gpt2_layout import from_gpt2, name_map, to_gpt2
-from .state import build_model
+from .state import TIED, build_model, file_state
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -168,9 +168,10 @@ def save_hf(model, directory: str | Path) -> None:
     from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {PREFIX + name: t for name, t in to_gpt2(model).items()}
+    state = file_state(model)  # vocab_size rows, as every file holds them
+    tensors = {PREFIX + name: t for name, t in to_gpt2(model, state).items()}
     if not model.config.tie_embeddings:  # (a tied head is tied again by transformers: tie_word_embeddings)
-        tensors["lm_head.weight"] = model.lm_head.weight.detach().cpu().contiguous()
+        tensors["lm_head.weight"] = state[TIED]
     dtype = model.tok_emb.weight.dtype
     replace_file(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     replace_file(directory / "config.json",

@@ -16,7 +16,7 @@ from ..config import GPTConfig
 from ..errors import FastGPTError
 from .atomic import replace_file
 from .hf import load_safetensors
-from .state import TIED, build_model, expected_shapes
+from .state import TIED, build_model, expected_shapes, file_state
 
 FORMAT = "fastgpt"
 VERSION = 1
@@ -36,8 +36,7 @@ def save_fastgpt(model, directory: str | Path, metadata: dict | None = None) -> 
     except (TypeError, ValueError) as err:
         raise FastGPTError(f"save_fastgpt: metadata must be JSON-serialisable ({err})") from None
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()
-               if name != TIED or not model.config.tie_embeddings}
+    tensors = file_state(model)
     replace_file(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     replace_file(directory / "config.json", lambda tmp: tmp.write_text(config_text))
     return directory
