@@ -159,7 +159,7 @@ def test_compiles_without_graph_break():
     assert_close_scaled(w.grad, ref_w, TOL[torch.float32])
 
 
-@pytest.mark.parametrize("bad", ["shape", "dtype", "chunk"])
+@pytest.mark.parametrize("bad", ["shape", "dtype", "chunk", "vocab_size", "vocab_size_zero"])
 def test_bad_input_raises_one_line_error(bad):
     hidden, weight, targets = make_case(5, 8, 10, torch.float32)
     kwargs = {}
@@ -167,11 +167,55 @@ def test_bad_input_raises_one_line_error(bad):
         weight = weight[:, :4]
     elif bad == "dtype":
         weight = weight.double()
-    else:
+    elif bad == "chunk":
         kwargs["chunk_rows"] = 0
-    with pytest.raises(FastGPTError) as info:
+    else:
+        kwargs["vocab_size"] = 11 if bad == "vocab_size" else 0  # more rows than the weight has; none
+    with pytest.raises(FastGPTError, match="vocab_size" if bad.startswith("vocab_size") else None) as info:
         linear_cross_entropy_triton(hidden, weight, targets, IGNORE, "mean", **kwargs)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [128, 100])  # a padded head (used as it is), and rows padded again per call
+def test_vocab_size_scores_only_the_leading_rows(rows, dtype, reduction, monkeypatch):
+    """With vocab_size=V only weight[:V] are tokens: the loss and gradients are those of the (N, V)
+    logits, even with non-zero rows past V, and grad_weight keeps the weight's shape, 0 past V."""
+    from fastgpt.kernels import linear_cross_entropy as lce
+    copies = []
+    real_pad = lce._padded_weight
+    monkeypatch.setattr(lce, "_padded_weight", lambda w: copies.append(real_pad(w) is not w) or real_pad(w))
+    V, N, C = 97, 21, 16
+    hidden, weight, targets = make_case(N, C, rows, dtype, seed=3)
+    targets = torch.where(targets == IGNORE, targets, targets % V)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = linear_cross_entropy_triton(h, w, targets, IGNORE, reduction, chunk_rows=8, vocab_size=V)
+    grad_out = torch.rand_like(loss) + 0.5
+    grad_h, grad_w = torch.autograd.grad(loss, (h, w), grad_out)
+    ref_loss, ref_h, ref_w = fp64_reference(hidden, weight[:V], targets, reduction, grad_out)
+    assert grad_w.shape == weight.shape and grad_w.dtype == dtype
+    assert_close_scaled(loss, ref_loss, TOL[dtype])
+    assert_close_scaled(grad_h, ref_h, TOL[dtype])
+    assert_close_scaled(grad_w[:V], ref_w, TOL[dtype])
+    assert torch.equal(grad_w[V:], torch.zeros_like(grad_w[V:]))
+    assert copies and all(copy == (rows % 64 != 0) for copy in copies)  # an aligned weight is never copied
+
+
+def test_vocab_size_in_the_reference_and_the_dispatch_point():
+    from fastgpt import ops
+    from fastgpt.kernels.reference import linear_cross_entropy_reference
+    hidden, weight, targets = make_case(9, 8, 64, torch.float32)
+    targets = torch.where(targets == IGNORE, targets, targets % 50)
+    ref_loss, _, _ = fp64_reference(hidden, weight[:50], targets, "mean", torch.ones((), device=DEVICE))
+    assert_close_scaled(linear_cross_entropy_reference(hidden, weight, targets, IGNORE, vocab_size=50), ref_loss,
+                        TOL[torch.float32])
+    for backend in ("torch", "triton"):
+        with ops.use_backend(backend):
+            got = ops.linear_cross_entropy(hidden, weight, targets, IGNORE, vocab_size=50)
+        assert_close_scaled(got, ref_loss, TOL[torch.float32])
+    with pytest.raises(FastGPTError, match="vocab_size"):
+        linear_cross_entropy_reference(hidden, weight, targets, IGNORE, vocab_size=65)
 
 
 @requires_gpu
