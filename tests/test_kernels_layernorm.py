@@ -4,14 +4,17 @@ On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest). Every kernel
 output starts as NaN (POISON_OUTPUTS), so an element a kernel fails to write fails
 the comparison instead of passing by luck.
 """
+import collections
+
 import pytest
 import torch
 from conftest import DEVICE, GPU, requires_gpu
 from kernel_checks import DTYPES, assert_close, poison_outputs  # noqa: F401 (poison_outputs: autouse fixture)
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastgpt import ops
 from fastgpt.errors import FastGPTError
-from fastgpt.kernels import _custom_ops
+from fastgpt.kernels import _custom_ops, layernorm
 from fastgpt.kernels.layernorm import (
     add_layer_norm_reference,
     add_layer_norm_triton,
@@ -259,3 +262,128 @@ def test_kernel_outputs_start_as_nan_in_these_tests():
     """The shared autouse fixture is active: an unwritten output element would stay NaN."""
     assert _custom_ops.POISON_OUTPUTS
     assert torch.isnan(_custom_ops.new_output((3,), torch.float32, torch.device("cpu"))).all()
+
+
+# ------------------------------------------------- dweight/dbias: the partials reduction kernel
+# bf16 too: these kernels have no tl.dot, and the interpreter's bf16 loads, fp32 sums and
+# bf16 stores agree with the fp64 reference here (errors <= 0.7% of the largest value).
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("programs,width", [(1, 1), (63, 31), (64, 33), (65, 1000), (150, 33), (130, 768)])
+def test_partials_reduction_against_fp64(programs, width, dtype):
+    """Rows not a multiple of the kernel's 64-row tile, widths not a multiple of its 32 columns;
+    one launch writes both sums, rounded once from fp32 to the weight's dtype."""
+    g = torch.Generator().manual_seed(programs * 1000 + width)
+    partial = (torch.randn(2, programs, width, generator=g) * 3).to(DEVICE)
+    dweight, dbias = layernorm._sum_partials(partial, programs, dtype)
+    assert dweight.dtype == dbias.dtype == dtype and dweight.shape == dbias.shape == (width,)
+    expected = partial.double().sum(1)
+    for got, ref, name in [(dweight, expected[0], "dweight"), (dbias, expected[1], "dbias")]:
+        assert torch.isfinite(got).all(), f"{name}: an unwritten (NaN) element"
+        rounding = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps  # one rounding to dtype
+        bound = rounding * ref.abs() + 1e-6 * partial.double().abs().sum(1).max()  # + fp32 summation
+        err = (got.double() - ref).abs()
+        assert (err <= bound).all(), f"{name}: max error {err.max():.3g}"
+
+
+def test_partials_reduction_of_no_rows_writes_zeros():
+    """A backward with no rows launches only the reduction: zeros, though the buffer is NaN."""
+    partial = _custom_ops.new_output((2, 1, 40), torch.float32, DEVICE)
+    assert torch.isnan(partial).all()
+    for dtype in (torch.float32, torch.float16):
+        dweight, dbias = layernorm._sum_partials(partial, 0, dtype)
+        assert torch.equal(dweight, torch.zeros(40, dtype=dtype, device=DEVICE))
+        assert torch.equal(dbias, torch.zeros(40, dtype=dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("fused", [False, True], ids=["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("rows,width", [(333, 31), (333, 1000)])
+def test_backward_with_many_programs(rows, width, fused, dtype, monkeypatch):
+    """With 50 "SMs" the backward runs 84 programs here: more than one 64-row tile of partials
+    for the reduction, the last one partial (an unwritten partial row would be NaN)."""
+    monkeypatch.setattr(layernorm, "num_sms", lambda device: 50)
+    x, w, b, dy = make(rows, width, dtype)
+    if fused:
+        dres = make(rows, width, dtype, seed=2)[3]
+        (_, y, (rt, xt, wt, bt)), (_, yr, (rr, xr, wr, br)) = add_layer_norm_both_ways(x, w, b, dy, dres)
+        assert_close(rt.grad, rr.grad, dtype, "dresidual")
+    else:
+        xt, wt, bt = leaf(x), leaf(w), leaf(b)
+        y = layer_norm_triton(xt, wt, bt, EPS)
+        y.backward(dy)
+        xr, wr, br = fp64_leaf(x), fp64_leaf(w), fp64_leaf(b)
+        yr = layer_norm_reference(xr, wr, br, EPS)
+        yr.backward(dy.double())
+    assert wt.grad.dtype == bt.grad.dtype == dtype
+    assert_close(y, yr, dtype, "y")
+    assert_close(xt.grad, xr.grad, dtype, "dx")
+    assert_close(wt.grad, wr.grad, dtype, "dweight")
+    assert_close(bt.grad, br.grad, dtype, "dbias")
+
+
+def test_empty_rows_give_zero_weight_and_bias_gradients():
+    x, w, b, _ = make(1, 8, torch.float32)
+    xt, wt, bt = leaf(x[:0]), leaf(w), leaf(b)
+    layer_norm_triton(xt, wt, bt, EPS).sum().backward()
+    assert torch.equal(wt.grad, torch.zeros_like(w)) and torch.equal(bt.grad, torch.zeros_like(b))
+
+
+class _TorchOpsOutsideLaunches(TorchDispatchMode):
+    """Counts the aten ops run outside Triton launches (the interpreter's own copies are not
+    the step's work: on a GPU they do not exist)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.in_launch = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.in_launch:
+            self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rows", [7, 0])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16], ids=str)
+def test_backward_runs_no_torch_kernels_besides_allocations(rows, weight_dtype, monkeypatch):
+    """dweight and dbias come out of the reduction kernel in the weight's dtype: no torch sum,
+    cast or zero fill is left in the backward, only allocations (and this test's NaN poison)."""
+    from triton.runtime.jit import KernelInterface
+    mode = _TorchOpsOutsideLaunches()
+    launcher_of = KernelInterface.__getitem__
+
+    def flagged(self, grid):
+        launch = launcher_of(self, grid)
+
+        def run(*args, **kwargs):
+            mode.in_launch = True
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                mode.in_launch = False
+        return run
+    monkeypatch.setattr(KernelInterface, "__getitem__", flagged)
+    x, w, _, dy = make(7, 31, torch.float32)
+    mean, rstd = x.mean(-1)[:rows], torch.rsqrt(x.var(-1, unbiased=False) + EPS)[:rows]
+    x, dy, w = x[:rows], dy[:rows], w.to(weight_dtype)
+    with mode:
+        dx, dweight, dbias = layernorm._backward(dy, x, w, mean, rstd, dy)
+    assert dweight.dtype == dbias.dtype == weight_dtype
+    assert set(mode.counts) <= {"aten.empty.memory_format", "aten.fill_.Scalar"}, dict(mode.counts)
+    assert mode.counts["aten.empty.memory_format"] == 4  # dx, the partials, dweight, dbias
+
+
+@requires_gpu
+def test_weight_gradients_are_bit_identical_across_runs():
+    """Fixed-order reduction (no atomics): reruns agree bit for bit, as bit-exact resume needs."""
+    x, w, b, dy = make(8 * 1024, 768, torch.bfloat16)
+    grads = []
+    for _ in range(3):
+        xt, wt, bt = leaf(x), leaf(w), leaf(b)
+        layer_norm_triton(xt, wt, bt, EPS).backward(dy)
+        grads.append((wt.grad, bt.grad))
+    for dweight, dbias in grads[1:]:
+        assert torch.equal(dweight, grads[0][0]) and torch.equal(dbias, grads[0][1])

@@ -34,10 +34,12 @@ PER_LAYER = {  # launches of one block in one step (forward + backward)
     "gelu._bias_gelu_bwd_kernel": 1,
     "layernorm._layer_norm_fwd_kernel": 2,  # ln_1, and ln_2 fused with the residual add
     "layernorm._layer_norm_bwd_kernel": 2,
+    "layernorm._layer_norm_bwd_reduce_kernel": 2,  # dweight and dbias of each, from the partials
 }
 PER_MODEL = {  # launches outside the blocks
     "layernorm._layer_norm_fwd_kernel": 1,  # ln_f
     "layernorm._layer_norm_bwd_kernel": 1,
+    "layernorm._layer_norm_bwd_reduce_kernel": 1,
     "cross_entropy._cross_entropy_fwd_kernel": 1,  # LM head + loss; its forward writes the logits' gradient
 }
 

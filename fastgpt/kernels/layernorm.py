@@ -13,8 +13,12 @@ Triton design (one row = one GPT-2 token's C features):
 * backward: a persistent grid of three programs per SM, each walking a contiguous run
   of rows, a tile of up to 4 rows at a time. dx of a row needs only that row;
   dweight and dbias are sums over all rows, so each program accumulates its rows'
-  contributions in fp32 registers and writes one partial row into a (programs, C)
-  buffer, summed afterwards by torch.
+  contributions in fp32 registers and writes one partial row of each into a
+  (2, programs, C) buffer.
+* reduction: one more small kernel sums those partials over programs in fp32, in a
+  fixed order (bit-identical reruns), and writes dweight and dbias in the weight's dtype:
+  one launch instead of torch's two sums and two casts (see `_backward` for why not
+  reduce inside the backward kernel).
 * means are sums times 1/C (computed once on the host), not sums / C: Triton's fp32
   division on a GPU is approximate (2 ulp), even by 1, and at width 1 the backward
   multiplies that rounding by rstd = 1/sqrt(eps) ~ 316 (an H100 showed 1.3e-5 there).
@@ -69,12 +73,13 @@ def _layer_norm_fwd_kernel(X, RESIDUAL, W, B, Y, RESIDUAL_OUT, MEAN, RSTD,
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(X, W, MEAN, RSTD, DY, DRESIDUAL, DX, DW_PARTIAL, DB_PARTIAL,
+def _layer_norm_bwd_kernel(X, W, MEAN, RSTD, DY, DRESIDUAL, DX, PARTIAL,
                            stride_x, stride_dy, stride_dresidual, stride_dx,
                            N, C, inv_C, tiles_per_program,
                            HAS_DRESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Row tiles [pid * tiles_per_program, ...) of BLOCK_M rows each: dx for every row,
-    and this program's share of dweight and dbias.
+    and this program's share of dweight and dbias: rows pid and programs + pid of PARTIAL
+    (2, programs, C).
 
     With xhat = (x - mean) * rstd and g = dy * weight, per row:
         dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   [+ dresidual]
@@ -106,8 +111,30 @@ def _layer_norm_bwd_kernel(X, W, MEAN, RSTD, DY, DRESIDUAL, DX, DW_PARTIAL, DB_P
         tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
         db += tl.sum(dy, axis=0)
-    tl.store(DW_PARTIAL + pid * C + cols, dw, mask=col_mask)
-    tl.store(DB_PARTIAL + pid * C + cols, db, mask=col_mask)
+    tl.store(PARTIAL + pid * C + cols, dw, mask=col_mask)
+    tl.store(PARTIAL + (tl.num_programs(0) + pid) * C + cols, db, mask=col_mask)
+
+
+@triton.jit
+def _layer_norm_bwd_reduce_kernel(PARTIAL, DW, DB, programs, C,
+                                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns [pid0 * BLOCK_C, ...) of dweight (pid1 = 0) or dbias (pid1 = 1): the sum over
+    the backward's `programs` fp32 partial rows (none: zeros), cast to the output's dtype.
+    Fixed tiles and a fixed tree sum at the end, so reruns are bit-identical."""
+    which = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    base = PARTIAL + which.to(tl.int64) * programs * C
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for start in range(0, programs, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < programs)[:, None] & col_mask[None, :]
+        acc += tl.load(base + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if which == 0:
+        tl.store(DW + cols, total.to(DW.dtype.element_ty), mask=col_mask)
+    else:
+        tl.store(DB + cols, total.to(DB.dtype.element_ty), mask=col_mask)
 
 
 def _block_and_warps(C: int) -> tuple[int, int]:
@@ -123,6 +150,11 @@ def _backward_tile(C: int) -> tuple[int, int, int]:
     block, _ = _block_and_warps(C)
     block_m = max(1, min(4, 2048 // block))
     return block_m, block, min(16, max(4, block_m * block // 512))
+
+
+# Partials reduction: 32 fp32 columns = one 128-byte line per partial row, 64 rows per load
+# (16 fp32 per thread at 4 warps); C=768 gives 24 x 2 programs. Not tuned on a GPU.
+REDUCE_BLOCK_P, REDUCE_BLOCK_C, REDUCE_WARPS = 64, 32, 4
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, what: str) -> None:
@@ -163,7 +195,8 @@ def _forward(x, residual, weight, bias, eps, y_dtype=None):
 
 
 def _backward(dy, x, weight, mean, rstd, dresidual):
-    """Launch the backward kernel. x is the normalized input (the new residual when fused)."""
+    """Launch the backward kernel, then the dweight/dbias reduction. x is the normalized input
+    (the new residual when fused)."""
     C = x.shape[-1]
     x2, dy2 = as_rows(x), as_rows(dy)
     N = x2.shape[0]
@@ -173,25 +206,44 @@ def _backward(dy, x, weight, mean, rstd, dresidual):
     # Three programs per SM: at C=768 that is ~18 KB of loads in flight per SM (about what
     # an H100 needs near peak bandwidth), all three fit on an SM at once at the <= 168
     # registers ptxas uses (one wave). The fp32 partials (2 x programs x C, 2.4 MB on an
-    # H100 at C=768, written once and read once by the sum) add ~13% to the 38 MB of bf16
-    # x, dy and dx. On an H100 the kernel ran 18.7 us at 8192 x 768 bf16 (~2 TB/s); not tuned further.
+    # H100 at C=768, written once and read once by the reduction) add ~13% to the 38 MB of
+    # bf16 x, dy and dx. On an H100 the kernel ran 18.7 us at 8192 x 768 bf16 (~2 TB/s) with
+    # the partials then summed by torch; not tuned further.
     programs = max(1, min(row_tiles, 3 * num_sms(x.device)))
     tiles_per_program = triton.cdiv(row_tiles, programs)
     programs = max(1, triton.cdiv(row_tiles, tiles_per_program)) if N else 1  # none left without rows
-    dw_partial = new_output((programs, C), torch.float32, x.device)
-    db_partial = new_output((programs, C), torch.float32, x.device)
-    if N == 0:
-        dw_partial.zero_()
-        db_partial.zero_()
-    else:
+
+    # dweight/dbias: the partials are summed by one small kernel (one launch for both,
+    # fixed order). Summing inside this kernel instead would take either float atomics
+    # (their order varies from run to run, and bit-exact resume needs reruns to agree) or
+    # a "last program to finish sums everything" scheme, which needs a counter zeroed
+    # before every launch (another launch, or state kept between calls), memory fences,
+    # and leaves the whole (2, programs, C) sum to one SM; a second launch spreads it.
+    partial = new_output((2, programs, C), torch.float32, x.device)
+    if N:
         dres2 = as_rows(dresidual) if dresidual is not None else dy2
         with on_device_of(x):
             _layer_norm_bwd_kernel[(programs,)](
-                x2, weight, mean, rstd, dy2, dres2, dx, dw_partial, db_partial,
+                x2, weight, mean, rstd, dy2, dres2, dx, partial,
                 x2.stride(0), dy2.stride(0), dres2.stride(0), C,
                 N, C, 1.0 / C, tiles_per_program,
                 HAS_DRESIDUAL=dresidual is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=num_warps)
-    return dx, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
+    # No rows: the reduction sums zero partial rows, so dweight and dbias come out as zeros.
+    dweight, dbias = _sum_partials(partial, programs if N else 0, weight.dtype)
+    return dx, dweight, dbias
+
+
+def _sum_partials(partial: torch.Tensor, programs: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dweight, dbias) in `dtype`: sums over the `programs` rows of a contiguous fp32 (2, programs, C)
+    partials buffer (programs = 0: zeros, the buffer unread), by one launch of the reduction kernel."""
+    C = partial.shape[-1]
+    dweight = new_output((C,), dtype, partial.device)
+    dbias = new_output((C,), dtype, partial.device)
+    with on_device_of(partial):
+        _layer_norm_bwd_reduce_kernel[(triton.cdiv(C, REDUCE_BLOCK_C), 2)](
+            partial, dweight, dbias, programs, C,
+            BLOCK_P=REDUCE_BLOCK_P, BLOCK_C=REDUCE_BLOCK_C, num_warps=REDUCE_WARPS)
+    return dweight, dbias
 
 
 # --------------------------------------------------- torch.library ops and their autograd
@@ -315,7 +367,8 @@ def add_layer_norm_triton(residual: torch.Tensor, x: torch.Tensor, weight: torch
 
 # ------------------------------------------------------------------- compile-only check
 def compile_specs():
-    """Both kernels at GPT-2 small (C=768) and XL (C=1600) widths, fp16 and bf16 activations."""
+    """The LayerNorm kernels at GPT-2 small (C=768) and XL (C=1600) widths, fp16 and bf16 activations;
+    the partials reduction (independent of C) for fp32 (mixed precision), fp16 and bf16 weights."""
     from .compile_check import KernelSpec
     specs = []
     for C in (768, 1600):
@@ -334,7 +387,7 @@ def compile_specs():
                 name = f"layer_norm_bwd{'_add' if fused else ''}[C={C},{dt}]"
                 specs.append(KernelSpec(name, _layer_norm_bwd_kernel, {
                     "X": f"*{dt}", "W": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "DY": f"*{dt}",
-                    "DRESIDUAL": f"*{dt}", "DX": f"*{dt}", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
+                    "DRESIDUAL": f"*{dt}", "DX": f"*{dt}", "PARTIAL": "*fp32",
                     "stride_x": "i32", "stride_dy": "i32", "stride_dresidual": "i32", "stride_dx": "i32",
                     "N": "i32", "C": "i32", "inv_C": "fp32", "tiles_per_program": "i32",
                     "HAS_DRESIDUAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr"},
@@ -351,9 +404,14 @@ def compile_specs():
             specs.append(KernelSpec(f"layer_norm_bwd{'_add' if fused else ''}[C={C},bf16 dy->fp32]",
                                     _layer_norm_bwd_kernel, {
                 "X": "*fp32", "W": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "DY": "*bf16",
-                "DRESIDUAL": "*fp32", "DX": "*fp32", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
+                "DRESIDUAL": "*fp32", "DX": "*fp32", "PARTIAL": "*fp32",
                 "stride_x": "i32", "stride_dy": "i32", "stride_dresidual": "i32", "stride_dx": "i32",
                 "N": "i32", "C": "i32", "inv_C": "fp32", "tiles_per_program": "i32",
                 "HAS_DRESIDUAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr"},
                 {"HAS_DRESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_C": block}, num_warps=bwd_warps))
+    for dt in ("fp32", "fp16", "bf16"):
+        specs.append(KernelSpec(f"layer_norm_bwd_reduce[{dt}]", _layer_norm_bwd_reduce_kernel, {
+            "PARTIAL": "*fp32", "DW": f"*{dt}", "DB": f"*{dt}", "programs": "i32", "C": "i32",
+            "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
+            {"BLOCK_P": REDUCE_BLOCK_P, "BLOCK_C": REDUCE_BLOCK_C}, num_warps=REDUCE_WARPS))
     return specs
