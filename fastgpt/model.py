@@ -152,31 +152,25 @@ class GPT(nn.Module):
             self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        V = self.config.vocab_size
-        vocab_matrices = [self.tok_emb.weight] + ([] if self.tied or not isinstance(self.lm_head, nn.Linear)
-                                                  else [self.lm_head.weight])
         if self.config.init == "gpt2":
             for name, p in self.named_parameters():
                 if name.endswith("proj.weight"):
                     nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
                 elif p.dim() >= 2:
-                    # Only the real rows draw random numbers: a seed gives the weights of an unpadded model.
-                    nn.init.normal_(p[:V] if any(p is m for m in vocab_matrices) else p, 0.0, 0.02)
+                    nn.init.normal_(p, 0.0, 0.02)
                 elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
                     nn.init.ones_(p)
                 else:
                     nn.init.zeros_(p)
         else:
             for module in self.modules():
-                if module is self.tok_emb:
-                    nn.init.normal_(module.weight[:V])  # nn.Embedding's default, on the real rows
-                elif module is self.lm_head:
-                    if not self.tied:  # (a tied head is the embedding, already N(0, 1))
-                        nn.init.kaiming_uniform_(module.weight[:V], a=math.sqrt(5))  # nn.Linear's default
-                elif module is not self and hasattr(module, "reset_parameters"):
+                # A tied head is the embedding: re-initialising it as a Linear would overwrite N(0, 1).
+                if module is not self and hasattr(module, "reset_parameters") and not (module is self.lm_head
+                                                                                       and self.tied):
                     module.reset_parameters()
-        for p in vocab_matrices:
-            p[V:].zero_()  # the pad rows: zero logits and zero gradients, so AdamW keeps them zero
+        # The pad rows are zero: zero logits and exactly zero gradients, so AdamW keeps them zero.
+        self.tok_emb.weight[self.config.vocab_size:].zero_()
+        self.lm_head.weight[self.config.vocab_size:].zero_()
 
     # ------------------------------------------------------------------ forward
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:

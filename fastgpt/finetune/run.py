@@ -21,7 +21,7 @@ from ..errors import FastGPTError
 from ..runtime import autocast_factory, canonical_dtype_name, resolve_device, resolve_dtype
 from ..train import checkpoint as ckpt_io
 from ..train.metrics import step_line
-from ..train.optim import make_optimizer
+from ..train.optim import make_optimizer, pad_vocab_moments
 from ..train.options import merge_for_resume, option_names
 from ..train.run_dir import refuse_existing, save_and_prune
 from ..train.schedule import learning_rate
@@ -115,7 +115,7 @@ def make_trainee(gpt, cfg: StepwiseConfig, device: torch.device, dtype: torch.dt
     if ckpt is not None:
         saved = ckpt_io.load_optimizer_file(ckpt, device)
         try:
-            optimizer.load_state_dict(saved["optimizer"])
+            optimizer.load_state_dict(pad_vocab_moments(saved["optimizer"], optimizer, gpt))
         except ValueError as err:
             raise FastGPTError(f"{ckpt / 'optimizer.pt'}: does not fit this run's trainable weights ({err})") from None
         if saved.get("scaler") is not None and scaler.is_enabled():

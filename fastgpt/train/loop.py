@@ -34,7 +34,7 @@ from .evaluate import mean_loss, sample_text
 from .interrupt import StopFlag
 from .metrics import eval_line, plot_losses, step_line
 from .mfu import mfu_text, model_flops_per_token
-from .optim import make_optimizer, portable_state
+from .optim import make_optimizer, pad_vocab_moments, portable_state
 from .recompute import enable_activation_checkpointing
 from .resolve import prepare_inputs, resolve_run
 from .run_dir import checkpoint_dir, open_run_dir, refuse_existing, write_json
@@ -151,7 +151,8 @@ def _train(cfg, resume_from, state, asked, log, info: dist.DistInfo, device) -> 
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if resume_from is not None:
         saved = ckpt_io.load_optimizer_file(resume_from, device)
-        dist.load_optimizer_state(model, optimizer, saved["optimizer"], cfg.distributed, info)
+        dist.load_optimizer_state(model, optimizer, pad_vocab_moments(saved["optimizer"], optimizer, model),
+                                  cfg.distributed, info)
         if saved.get("scaler") is not None and scaler.is_enabled():
             scaler.load_state_dict(saved["scaler"])
     if cfg.compile:

@@ -16,6 +16,8 @@ import struct
 
 import torch
 
+from ..weights.state import pad_vocab_rows
+
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
@@ -72,3 +74,23 @@ def portable_state(state: dict) -> dict:
     groups = [{**group, "lr": float(group["lr"]), "capturable": False} if isinstance(group.get("lr"), torch.Tensor)
               else group for group in state["param_groups"]]
     return {**state, "param_groups": groups}
+
+
+def pad_vocab_moments(state: dict, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """`state` (an optimizer state dict to load into `optimizer`) with the moments of the vocabulary
+    matrices zero-padded to the model's padded_vocab_size rows: checkpoints written before the
+    vocabulary was stored padded hold vocab_size rows. The pad rows' gradient is always 0, so
+    zero moments are exactly what training would have kept there."""
+    cfg = model.config
+    vocab = {id(model.tok_emb.weight), id(getattr(model.lm_head, "weight", None))}
+    saved_ids = [i for group in state["param_groups"] for i in group["params"]]
+    live = [p for group in optimizer.param_groups for p in group["params"]]
+    # torch's format numbers the parameters in group order, FSDP's full state names them: either way in order
+    is_vocab = {key: id(p) in vocab for key, p in zip(saved_ids, live, strict=False)}  # (load_state_dict checks)
+    moments = {}
+    for key, entry in state["state"].items():
+        if is_vocab.get(key, False):
+            entry = {name: pad_vocab_rows(t, cfg) if isinstance(t, torch.Tensor) and t.dim() == 2
+                     and t.shape[0] == cfg.vocab_size else t for name, t in entry.items()}
+        moments[key] = entry
+    return {**state, "state": moments}
