@@ -127,3 +127,21 @@ def test_llama_cpp_greedy_tokens_equal_fastgpt_fp32(tmp_path):
         else:  # f16 weights: the first tokens, at least
             assert theirs[:6] == ours[:6]
         runner.close()
+
+
+def test_convert_writes_a_book_checkpoint_as_gguf(tmp_path, capsys):
+    from test_book_weights import book_model
+
+    from fastgpt.cli import main
+    from fastgpt.weights.book import build_book
+    book = book_model()  # vocabulary 97: no tokenizer fits, so the file is ids-only
+    torch.save(book.state_dict(), tmp_path / "model.pth")
+    assert main(["convert", str(tmp_path / "model.pth"), "--out", str(tmp_path / "g"), "--n-head", "4",
+                 "--format", "gguf-f16"]) == 0
+    out = capsys.readouterr().out
+    assert "no tokenizer" in out and "GPTModel" in out
+    reader, tensors = _read(tmp_path / "g" / "model-f16.gguf")
+    ours = gguf_tensors(build_book(tmp_path / "model.pth", n_head=4)[0])
+    assert set(tensors) == set(ours) and _field(reader, "general.file_type") == 1
+    np.testing.assert_allclose(_values(tensors["blk.1.ffn_down.weight"]), ours["blk.1.ffn_down.weight"].numpy(),
+                               atol=1e-3)

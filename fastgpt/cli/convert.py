@@ -1,4 +1,4 @@
-"""`fastgpt convert`: a checkpoint of the book's code (model.pth) -> a fastgpt or Hugging Face directory."""
+"""`fastgpt convert`: a checkpoint of the book's code (model.pth) -> a fastgpt or Hugging Face directory, or GGUF."""
 from __future__ import annotations
 
 import argparse
@@ -12,9 +12,11 @@ is --n-head, or GPT-2's for the widths 768, 1024, 1280 and 1600. The file is loa
 weights_only=True: no pickled code runs.
 
 A language model becomes a fastgpt directory (--format fastgpt) for generate, chat,
-pretrain --init-from and the finetune commands, or a Hugging Face GPT-2 directory
-(--format hf) for transformers. A chapter-6 classifier (out_head [num_classes, d] with a
-bias) becomes a directory for `fastgpt classify`; name its classes with --labels.
+pretrain --init-from and the finetune commands, a Hugging Face GPT-2 directory
+(--format hf) for transformers, or a llama.cpp GGUF file DIR/model-<type>.gguf
+(--format gguf-f32, gguf-f16 or gguf-q8_0; needs pip install gguf). A chapter-6
+classifier (out_head [num_classes, d] with a bias) becomes a directory for `fastgpt
+classify`; name its classes with --labels.
 fastgpt reads the class at each text's last real token. The book's chapter-6 code pads
 every text with <|endoftext|> to the longest training text and reads the last position,
 so fastgpt's answers equal the book's classify_review only for texts of that length.
@@ -35,8 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
     p.add_argument("--n-head", type=int, default=None, metavar="N",
                    help="attention heads (default: GPT-2's for widths 768/1024/1280/1600; required otherwise)")
-    p.add_argument("--format", default="fastgpt", choices=["fastgpt", "hf"],
-                   help="fastgpt (default) or hf (a language model only)")
+    p.add_argument("--format", default="fastgpt", choices=["fastgpt", "hf", "gguf-f32", "gguf-f16", "gguf-q8_0"],
+                   help="fastgpt (default), hf or gguf-<type> (a language model only)")
     p.add_argument("--labels", type=_comma_list, default=None,
                    help="a classifier's class names in class-id order, comma-separated (the book's chapter-6 "
                         "spam classifier: ham,spam); default: the ids 0,1,...")
@@ -69,14 +71,22 @@ def run(args) -> int:
             raise FastGPTError(f"--labels: {book_file} is a language model, not a classifier")
         if args.format == "hf":
             save_pretrained(model, args.out)
+        elif args.format.startswith("gguf-"):
+            from ..gpt2_vocab import GPT2_VOCAB_SIZE
+            from ..weights.gguf_export import write_gguf
+            qtype, ids_only = args.format.removeprefix("gguf-"), cfg.vocab_size != GPT2_VOCAB_SIZE
+            path = write_gguf(model, Path(args.out) / f"model-{qtype}.gguf", qtype, ids_only=ids_only)
+            if ids_only:  # the book's models use GPT-2's tokenizer; another vocabulary's is not in the file
+                print(f"{path}: no tokenizer (vocabulary {cfg.vocab_size} is not GPT-2's): llama.cpp can run "
+                      "token ids, not text")
         else:
             save_fastgpt(model, args.out, metadata)
         print(f"{book_file}: the book's {metadata['book_variant']} ({shape}, vocabulary {cfg.vocab_size}, "
               f"qkv bias {metadata['qkv_bias']}) -> {args.format} directory {args.out}")
         return 0
-    if args.format == "hf":
-        raise FastGPTError(f"--format hf: {book_file} is a chapter-6 classifier, which has no Hugging Face GPT-2 "
-                           "language-model form; use --format fastgpt")
+    if args.format != "fastgpt":
+        raise FastGPTError(f"--format {args.format}: {book_file} is a chapter-6 classifier, which has no Hugging Face "
+                           "GPT-2 or GGUF language-model form; use --format fastgpt")
     _save_classifier(model, head, metadata, book_file, args.labels, args.out)
     print(f"{book_file}: the book's chapter-6 classifier ({shape}, {head['weight'].shape[0]} classes) -> "
           f"classifier directory {args.out} (fastgpt classify --model {args.out} TEXT)")
