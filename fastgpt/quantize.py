@@ -209,6 +209,17 @@ def decode_matrices(model):
     yield model, "lm_head"
 
 
+def _real_rows(model, owner, linear: nn.Linear) -> nn.Linear:
+    """The LM head cut to its vocab_size rows (the model stores it padded, see GPTConfig): a quantized
+    head neither stores nor computes the pad rows, which are no token. Other matrices as they are."""
+    V = model.config.vocab_size
+    if owner is not model or linear.out_features == V:
+        return linear
+    head = nn.Linear(linear.in_features, V, bias=False, device="meta")
+    head.weight = nn.Parameter(linear.weight.detach()[:V], requires_grad=False)
+    return head
+
+
 def _freeze(model):
     for p in model.parameters():
         p.requires_grad_(False)
@@ -229,7 +240,7 @@ def quantize_int4(model, dtype: torch.dtype | None = None, group_size: int = 32,
         raise FastGPTError(f"quantize_int4: head must be 'int4' or 'int8', got {head!r}")
     model.to(dtype or activation_dtype(model.device)).eval()
     for owner, name in decode_matrices(model):
-        linear = getattr(owner, name)
+        linear = _real_rows(model, owner, getattr(owner, name))
         if owner is model and head == "int8":
             setattr(owner, name, Int8Linear(linear, KERNEL_DTYPE, "weight-only"))
         else:
@@ -255,7 +266,7 @@ def quantize_int8(model, dtype: torch.dtype | None = None, kernel: str | None = 
     compute = KERNEL_DTYPE if on_cpu and kernel == "weight-only" else dtype
     model.to(dtype).eval()
     for owner, name in decode_matrices(model):
-        setattr(owner, name, Int8Linear(getattr(owner, name), compute, kernel))
+        setattr(owner, name, Int8Linear(_real_rows(model, owner, getattr(owner, name)), compute, kernel))
     return _freeze(model)
 
 

@@ -60,8 +60,8 @@ def varied_tiny_model():
     model = GPT("tiny").eval()
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.2)
+            if p.dim() == 2:  # (the embedding's real rows: its pad rows stay zero)
+                (p[:model.config.vocab_size] if p is model.tok_emb.weight else p).normal_(0.0, 0.2)
     return model
 
 
