@@ -85,3 +85,26 @@ def test_speculative_benchmark_checks_identity_and_reports_acceptance(tmp_path):
     draft_row = rows[2]
     assert "acceptance=100.0%" in draft_row.extra and "tokens_equal_plain=all" in draft_row.extra
     assert "| draft k=2 |" in (tmp_path / "speculative.md").read_text()
+
+
+def test_llama_cpp_types_are_checked_before_anything_runs(tmp_path):
+    from fastgpt.bench.generate import run
+    from fastgpt.errors import FastGPTError
+    with pytest.raises(FastGPTError, match="llama.cpp types: choose from f32, f16, q8_0, got q4_k"):
+        run("cpu", sizes=("tiny",), out_dir=tmp_path, dtypes=("float32",), llama_cpp=("q4_k",))
+
+
+def test_llama_cpp_rows_sit_in_the_same_table(tmp_path):
+    """Only where llama-cpp-python is installed (never a CI dependency)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional")
+    pytest.importorskip("gguf", reason="the GGUF writer needs gguf")
+    from fastgpt.bench.generate import run
+    rows = run("cpu", sizes=("tiny",), out_dir=tmp_path, new_tokens=6, prompt_tokens=4, repeats=1,
+               dtypes=("float32",), threads=1, llama_cpp=("f32", "q8_0"))
+    llama = {r.dtype: r for r in rows if r.backend == "llama.cpp"}
+    assert set(llama) == {"f32", "q8_0"}
+    extra = dict(item.split("=", 1) for item in llama["f32"].extra.split(";"))
+    assert extra["equal_tokens"] == "6/6" and float(extra["ttft_ms"]) > 0 and float(extra["bound_share"]) > 0
+    assert extra["llama_cpp_python"]
+    assert {r.dtype for r in rows if r.backend == "bound (bandwidth)"} == {"fp32", "gguf f32", "gguf q8_0"}
+    assert "| llama.cpp | q8_0 |" in (tmp_path / "generate.md").read_text()

@@ -17,6 +17,11 @@ bf16 on GPUs and CPUs with native bf16, fp16 on other CPUs with F16C), int8, int
 "int8:weight-only" force one int8 kernel, with the activations it wants), and with
 `compile=True` fp32 through torch.compile.
 
+llama.cpp (optional, `llama_cpp=("f32", "f16", "q8_0")`, CLI `--llama-cpp`): the same weights
+written to GGUF by fastgpt.weights.gguf_export, run through llama-cpp-python with the same
+threads, fed the same prompt ids, greedy (fastgpt.bench.llamacpp); in the same turns as the
+others. Off unless asked for: which rows a run has should not depend on what is installed.
+
 Decoding one sequence is memory-bound: every new token reads every weight once. The
 "bound" rows give that limit: READ bandwidth (measured here, in this run, by summing a
 tensor far larger than the caches, with the run's thread count) / bytes of weights read
@@ -40,6 +45,7 @@ import torch
 
 from ..config import preset
 from ..errors import FastGPTError
+from ..gpt2_vocab import GPT2_VOCAB_SIZE
 from ..quantize import INT8_KERNELS, QUANTIZATIONS, quantize, weight_bytes_per_token
 from ..runtime import CANONICAL_DTYPES, canonical_dtype_name, cpu_capabilities, describe_machine, fastest_cpu_half_dtype
 from ..streaming_linear import StreamingLinear, stream_matrices
@@ -56,6 +62,7 @@ HALF = "16bit"
 INT8_WITH_KERNEL = {f"int8:{kernel}": kernel for kernel in INT8_KERNELS}
 MODES = (*CANONICAL_DTYPES, HALF, *QUANTIZATIONS, *INT8_WITH_KERNEL)
 COMPILED = "fastgpt+compile"
+LLAMA_CPP = "llama.cpp"
 
 
 def half_dtype(device: str) -> torch.dtype | None:
@@ -89,15 +96,17 @@ def default_modes(device: str) -> list[str]:
 
 def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path | None = "benchmarks/results",
         new_tokens: int = 256, prompt_tokens: int = 8, repeats: int = 3, dtypes=None, hf_dtypes=("fp32",),
-        threads: int | Sequence[int] | None = None, command: str | None = None, compile: bool = False) -> list[Row]:
+        threads: int | Sequence[int] | None = None, command: str | None = None, compile: bool = False,
+        llama_cpp: Sequence[str] = ()) -> list[Row]:
     """Measure, write `generate.csv` and `generate.md` into `out_dir`, return the rows.
 
     `sizes`: a size name ("gpt2", "demo", ...), a size set of `SIZE_SETS`, or a list of
     names. `dtypes`: fastgpt modes (see the module docstring; default `default_modes`);
     `hf_dtypes`: transformers' (its default is fp32). `threads`: torch CPU threads for
     every measurement, or a list of thread counts measured one after the other (default:
-    torch's current setting). `compile`: add fp32 through torch.compile. `command`: the
-    command line, written at the top of the Markdown file.
+    torch's current setting). `compile`: add fp32 through torch.compile. `llama_cpp`: GGUF
+    types ("f32", "f16", "q8_0") to run in llama.cpp as well. `command`: the command line,
+    written at the top of the Markdown file.
     """
     if isinstance(sizes, str):
         sizes = SIZE_SETS.get(sizes, (sizes,))
@@ -112,13 +121,22 @@ def run(device: str = "cpu", sizes=("gpt2",), out_dir: str | Path | None = "benc
         raise FastGPTError(f"transformers dtypes: choose from {', '.join(CANONICAL_DTYPES)}")
     if repeats < 1 or new_tokens < 2:
         raise FastGPTError("repeats must be >= 1 and new_tokens >= 2")
+    llama_cpp = list(llama_cpp or ())
+    if llama_cpp:
+        from ..weights.gguf_export import GGUF_TYPES
+        from .llamacpp import available
+        if any(t not in GGUF_TYPES for t in llama_cpp):
+            raise FastGPTError(f"llama.cpp types: choose from {', '.join(GGUF_TYPES)}, got {' '.join(llama_cpp)}")
+        if not available():
+            raise FastGPTError("llama.cpp contender: needs the packages llama-cpp-python and gguf "
+                               "(pip install gguf llama-cpp-python)")
     rows: list[Row] = []
     for n in threads if isinstance(threads, (list, tuple)) else [threads]:
         with _threads(n):
             bandwidth = memory_bandwidth_gbs(device)
             for size in sizes:
                 rows += _run_size(device, size, new_tokens, prompt_tokens, repeats, modes, hf_modes, bandwidth,
-                                  compile)
+                                  compile, llama_cpp)
     markdown = markdown_report(rows, machine=describe_machine(torch.device(device)))
     if command:
         markdown = f"Command: `{command}`\n\n{markdown}"
@@ -196,7 +214,15 @@ def _time_interleaved(calls: dict, repeats: int, device: str) -> tuple[dict, dic
     return wall, cpu
 
 
-def _run_size(device, size, new_tokens, prompt_tokens, repeats, modes, hf_modes, bandwidth, compile) -> list[Row]:
+def _run_size(device, size, new_tokens, prompt_tokens, repeats, modes, hf_modes, bandwidth, compile,
+              llama_cpp=()) -> list[Row]:
+    with contextlib.ExitStack() as stack:  # closes llama.cpp's models, then removes their GGUF files
+        return _measure_size(stack, device, size, new_tokens, prompt_tokens, repeats, modes, hf_modes, bandwidth,
+                             compile, llama_cpp)
+
+
+def _measure_size(stack, device, size, new_tokens, prompt_tokens, repeats, modes, hf_modes, bandwidth, compile,
+                  llama_cpp) -> list[Row]:
     from ..generate import generate
 
     hf = _hf_model(size)
@@ -225,6 +251,7 @@ def _run_size(device, size, new_tokens, prompt_tokens, repeats, modes, hf_modes,
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)  # the same weights, through fastgpt's Hugging Face loader
         ours = {m: _load_ours(tmp, device, m) for m in modes}
+        llama = _load_llama_cpp(stack, tmp, llama_cpp, torch.get_num_threads())
     hf_fp32 = hf.to(device)
     for d in hf_modes:
         model = hf_fp32 if d == "fp32" else copy.deepcopy(hf).to(device=device, dtype=CANONICAL_DTYPES[d])
@@ -234,6 +261,8 @@ def _run_size(device, size, new_tokens, prompt_tokens, repeats, modes, hf_modes,
     if compile:
         ours_compiled = ours["fp32"] if "fp32" in ours else _load_ours_from_hf(hf_fp32, device)
         calls[(COMPILED, "fp32")] = our_call(ours_compiled, (COMPILED, "fp32"), compiled=True)
+    for t, (runner, _) in llama.items():
+        calls[(LLAMA_CPP, t)] = _llama_call(runner, prompt[0].tolist(), new_tokens, outputs, (LLAMA_CPP, t))
     seconds, cpu_seconds = _time_interleaved(calls, repeats, device)
 
     reference = outputs[("transformers", "fp32")][0, prompt_tokens:].tolist() \
@@ -246,12 +275,20 @@ def _run_size(device, size, new_tokens, prompt_tokens, repeats, modes, hf_modes,
             for m, model in ours.items():
                 agreement[m] = logit_agreement(model(text)[0, prompt_tokens - 1:].float(), exact)
     bounds = {m: bandwidth * 1e9 / weight_bytes_per_token(model) for m, model in ours.items()}
+    llama_bounds = {t: bandwidth * 1e9 / weight_bytes for t, (_, weight_bytes) in llama.items()}
     level = cpu_capabilities().level if not str(device).startswith("cuda") else "cuda"
     rows = []
     for (backend, d), secs in seconds.items():
         cpu_rate = quantiles([new_tokens / c for c in cpu_seconds[(backend, d)]])[0]
         extra = f"cpu={level};cpu_time_tokens_per_s={cpu_rate:.1f}"
-        if backend != "transformers":
+        if backend == LLAMA_CPP:
+            result = outputs[(backend, d)]
+            tokens = result.tokens
+            decode_rate = (new_tokens - 1) / max(result.total_s - result.first_token_s, 1e-9)
+            extra += f";ttft_ms={result.first_token_s * 1e3:.1f};decode_tokens_per_s={decode_rate:.1f}"
+            extra += f";llama_cpp_python={_llama_version()}"
+            extra += f";bound_share={quantiles([new_tokens / s for s in secs])[0] / llama_bounds[d]:.3f}"
+        elif backend != "transformers":
             result = outputs[(backend, d)]
             stats, tokens = result.stats, result.tokens[0]
             extra += f";ttft_ms={stats.first_token_s * 1e3:.1f};decode_tokens_per_s={stats.decode_tokens_per_s:.1f}"
@@ -261,6 +298,7 @@ def _run_size(device, size, new_tokens, prompt_tokens, repeats, modes, hf_modes,
                 extra += f";layout=streaming(splits={model.lm_head.splits})"
             if d in bounds:
                 extra += f";bound_share={quantiles([new_tokens / s for s in secs])[0] / bounds[d]:.3f}"
+        if backend != "transformers":
             if reference is not None:  # greedy tokens equal to transformers' fp32 ones
                 same = next((i for i, (a, b) in enumerate(zip(tokens, reference, strict=False)) if a != b),
                             len(reference))
@@ -274,7 +312,44 @@ def _run_size(device, size, new_tokens, prompt_tokens, repeats, modes, hf_modes,
         rows.append(Row(name, "bound (bandwidth)", shape, m, bounds[m], bounds[m], bounds[m], "tokens/s",
                         device=device_name(device),
                         extra=f"cpu={level};read_bandwidth_GBps={bandwidth:.1f};weight_MB={weight_bytes / 1e6:.0f}"))
+    for t, (_, weight_bytes) in llama.items():
+        rows.append(Row(name, "bound (bandwidth)", shape, f"gguf {t}", llama_bounds[t], llama_bounds[t],
+                        llama_bounds[t], "tokens/s", device=device_name(device),
+                        extra=f"cpu={level};read_bandwidth_GBps={bandwidth:.1f};weight_MB={weight_bytes / 1e6:.0f}"))
     return rows
+
+
+def _load_llama_cpp(stack, hf_dir, types, threads) -> dict:
+    """GGUF type -> (a llama.cpp runner, weight bytes per token) for the weights in `hf_dir`; the files
+    lie in a temporary folder that `stack` removes after closing the runners. A vocabulary other
+    than GPT-2's gets an ids-only file: the benchmark feeds ids and never needs text."""
+    if not types:
+        return {}
+    from ..weights.gguf_export import weight_bytes_per_token as gguf_bytes
+    from ..weights.gguf_export import write_gguf
+    from .llamacpp import LlamaCppGreedy
+
+    model = load_pretrained(hf_dir, device="cpu", dtype=torch.float32)  # plain nn.Linear weights, not streamed
+    gguf_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    ids_only = model.config.vocab_size != GPT2_VOCAB_SIZE
+    runners = {}
+    for t in types:
+        path = write_gguf(model, gguf_dir / f"model-{t}.gguf", t, ids_only=ids_only)
+        runner = LlamaCppGreedy(path, n_ctx=model.config.context_length, threads=threads)
+        stack.callback(runner.close)
+        runners[t] = (runner, gguf_bytes(model, t))
+    return runners
+
+
+def _llama_call(runner, prompt_ids, new_tokens, outputs, key):
+    def call():
+        outputs[key] = runner.generate(prompt_ids, new_tokens)
+    return call
+
+
+def _llama_version() -> str:
+    from .llamacpp import version
+    return version()
 
 
 def _activation_name(model) -> str:
@@ -440,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads; several counts are measured one after the other "
                              "(default: torch's, one per core)")
     parser.add_argument("--compile", action="store_true", help="add fastgpt fp32 through torch.compile")
+    parser.add_argument("--llama-cpp", nargs="*", default=None, metavar="TYPE",
+                        help="add llama.cpp (needs pip install gguf llama-cpp-python) on the same weights written "
+                             "to GGUF: f32, f16, q8_0 (default with no TYPE: all three); same threads, prompt ids "
+                             "and token count; off unless given")
     parser.add_argument("--speculative", nargs=2, metavar=("MODEL", "DRAFT"), default=None,
                         help="instead: speculative greedy decoding of trained MODEL with DRAFT (and prompt "
                              "lookup) against MODEL alone, on CPU")
@@ -456,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         sizes = [s for name in args.sizes for s in SIZE_SETS.get(name, (name,))]
         rows = run(args.device, sizes, args.out_dir, args.new_tokens, args.prompt_tokens, args.repeats,
-                   args.dtypes, args.hf_dtypes, args.threads, command=command, compile=args.compile)
+                   args.dtypes, args.hf_dtypes, args.threads, command=command, compile=args.compile,
+                   llama_cpp=(args.llama_cpp or ["f32", "f16", "q8_0"]) if args.llama_cpp is not None else ())
     except FastGPTError as err:
         print(f"bench_generate: error: {err}", file=sys.stderr)
         return 2
