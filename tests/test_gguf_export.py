@@ -148,3 +148,19 @@ def test_convert_writes_a_book_checkpoint_as_gguf(tmp_path, capsys):
     assert set(tensors) == set(ours) and _field(reader, "general.file_type") == 1
     np.testing.assert_allclose(_values(tensors["blk.1.ffn_down.weight"]), ours["blk.1.ffn_down.weight"].numpy(),
                                atol=1e-3)
+
+
+def test_llama_cpp_reads_gpt2_tokenizer_as_gpt2_encodes(tmp_path):
+    """The written vocabulary and merges make llama.cpp tokenize text exactly as GPT-2 (tiktoken) does."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (not a CI dependency)")
+    from fastgpt.tokenizer import Tokenizer
+
+    path = write_gguf(_model(GPTConfig(vocab_size=50257, context_length=16, n_layer=1, n_head=1, n_embd=32)),
+                      tmp_path / "m.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=16, verbose=False)
+    gpt2 = Tokenizer()
+    for text in ["Hello world, it's 2026!", " The quick brown fox\n\njumps<|endoftext|>", "naïve café 😀   spaces"]:
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        assert ids == gpt2.encode(text)
+        assert llm.detokenize(ids, special=True).decode() == text
+    llm.close()
