@@ -38,8 +38,8 @@ def varied_model(context: int = CONTEXT) -> GPT:
     model = GPT(preset("tiny", context_length=context)).eval()
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.2)
+            if p.dim() == 2:  # (the embedding's real rows: its pad rows stay zero)
+                (p[:model.config.vocab_size] if p is model.tok_emb.weight else p).normal_(0.0, 0.2)
     return model
 
 

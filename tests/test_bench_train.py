@@ -24,7 +24,7 @@ def _copy_into_nanogpt(model: GPT) -> NanoGPT:
     nano = NanoGPT(model.config)
     with torch.no_grad():
         nano.wte.weight.zero_()
-        nano.wte.weight[: model.config.vocab_size] = model.tok_emb.weight
+        nano.wte.weight[: model.config.vocab_size] = model.tok_emb.weight[: model.config.vocab_size]
         nano.wpe.weight.copy_(model.pos_emb.weight)
         nano.ln_f.load_state_dict(model.ln_f.state_dict())
         for ours, theirs in zip(model.blocks, nano.blocks, strict=True):

@@ -33,8 +33,8 @@ def other_draft():
     draft = GPT("tiny").eval()
     with torch.no_grad():
         for p in draft.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.2)
+            if p.dim() == 2:  # (the embedding's real rows: its pad rows stay zero)
+                (p[:draft.config.vocab_size] if p is draft.tok_emb.weight else p).normal_(0.0, 0.2)
     return draft
 
 

@@ -139,14 +139,23 @@ def unmerged_base(model: nn.Module) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total), each shared tensor counted once."""
+    """(trainable, total), each shared tensor counted once, and a GPT's vocabulary pad rows (zero, no
+    token: see GPTConfig.padded_vocab_size) left out, as `GPT.num_parameters` leaves them."""
+    pad = {}
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if hasattr(cfg, "padded_vocab_size") and hasattr(module, "tok_emb"):
+            for matrix in (module.tok_emb, getattr(module, "lm_head", None)):
+                if isinstance(getattr(matrix, "weight", None), torch.Tensor):
+                    pad[id(matrix.weight)] = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        n = p.numel() - pad.get(id(p), 0)
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total
 
 
