@@ -40,4 +40,4 @@ def test_two_processes_equal_one_process(tmp_path, strategy):
     # the checkpoint holds the full (unsharded) weights: it loads as a plain model
     from fastgpt.train.checkpoint import load_model_state
     config, weights, _ = load_model_state(tmp_path / "two" / "ckpt_000004" / "model")
-    assert weights["tok_emb.weight"].shape == (config.vocab_size, 32)
+    assert weights["tok_emb.weight"].shape == (config.padded_vocab_size, 32)  # (held padded; the file: vocab_size)
