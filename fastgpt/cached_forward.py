@@ -84,6 +84,8 @@ def _transposed_head(model) -> torch.Tensor | None:
     # exactly nn.Linear: a subclass (LoRA, say) may add to its forward
     if type(head) is not nn.Linear or weight is None or weight.device.type != "cpu":
         return None
+    if weight.dtype != torch.float32:  # 16-bit `x @ Wt` is CPU BLAS's slow path (fp16: 0.7 GB/s, 30x F.linear)
+        return None
     key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
     cached = _TRANSPOSED_HEADS.get(model)
     if cached is None or cached[0] != key:
@@ -98,9 +100,10 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
     On CPUs a GEMV through `F.linear(x, W)` with W (vocab, C) ran at half the speed of
     `x @ Wt` with Wt (C, vocab) stored contiguous (GPT-2's head: 12.8 vs 7.3 ms on an
-    AVX2 EPYC, 19.9 vs 9.5 ms on one core of an AVX512 one). So a float head on a CPU is
+    AVX2 EPYC, 19.9 vs 9.5 ms on one core of an AVX512 one). So a float32 head on a CPU is
     copied once, transposed, and kept beside its model; the copy is rebuilt when the
-    weight changes (storage, version or dtype). Quantized and GPU heads run as they are.
+    weight changes (storage, version or dtype). Quantized, 16-bit, streaming
+    (`fastgpt.streaming_linear`) and GPU heads run as they are.
     """
     wt = _transposed_head(model)
     if wt is None:
