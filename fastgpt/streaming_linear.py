@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FastGPTError
-from .quantize import decode_matrices
+from .quantize import decode_matrices, quantize
 
 
 class StreamingLinear(nn.Module):
@@ -140,3 +140,16 @@ def stream_matrices(model, splits: int | None = None, check_speed: bool = True) 
     for p in model.parameters():
         p.requires_grad_(False)
     return True
+
+
+def prepare_for_decoding(model, quantization: str | None = None, activations: torch.dtype | None = None) -> str:
+    """The one step from a loaded model to the form the CLIs decode with, in place:
+    quantized when `quantization` ("int8" / "int4"; `activations`: their dtype, default
+    the CPU's choice), else, for float32 on a CPU, the streaming layout where it is faster.
+    Returns what was done, for the log line."""
+    if quantization:
+        quantize(model, quantization, activations)
+        return f"weights quantized to {quantization} (approximate: logits differ from the float model's)"
+    if stream_matrices(model):
+        return f"float32 matrices in the streaming layout ({default_splits()} column blocks per matrix)"
+    return ""

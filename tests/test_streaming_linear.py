@@ -75,3 +75,16 @@ def test_the_speed_check_times_both_layouts_and_answers_yes_or_no():
     model = varied_tiny_model()
     verdict = streaming_is_faster(model.lm_head, splits=2, repeats=1)
     assert isinstance(verdict, bool)
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_the_decoding_form_follows_the_timing_and_quantization_wins(monkeypatch, faster):
+    from fastgpt import streaming_linear
+    from fastgpt.quantize import Int8Linear
+    monkeypatch.setattr(streaming_linear, "streaming_is_faster", lambda linear, splits=None: faster)
+    model = varied_tiny_model()
+    done = streaming_linear.prepare_for_decoding(model)
+    assert isinstance(model.lm_head, StreamingLinear) == faster and ("streaming" in done) == faster
+    quantized = varied_tiny_model()
+    assert "int8" in streaming_linear.prepare_for_decoding(quantized, "int8")
+    assert isinstance(quantized.lm_head, Int8Linear)

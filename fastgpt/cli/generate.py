@@ -136,22 +136,18 @@ def _setup(args):
         # its own BPE if saved with it, else GPT-2's (a single weights file, like the book's model.pth, has none)
         from pathlib import Path
         tokenizer = load_tokenizer(None if Path(args.model).expanduser().is_file() else resolve(args.model))
+    from ..streaming_linear import prepare_for_decoding
+    # an explicit --dtype sets a quantized model's activations; auto: bf16 only where the CPU computes it natively
+    done = prepare_for_decoding(model, args.quantize, None if args.dtype == "auto" else dtype)
     if args.quantize:
-        from ..quantize import quantize
-        # an explicit --dtype sets the activations; auto: bf16 only where the CPU computes it natively
-        quantize(model, args.quantize, None if args.dtype == "auto" else dtype)
-        print(f"fastgpt: weights quantized to {args.quantize} (approximate: logits differ from the float model's)",
-              file=sys.stderr)
-    from ..streaming_linear import stream_matrices
-    if not args.quantize:
-        stream_matrices(model)  # fp32 on a CPU: the layout it reads fastest, if a timing on this CPU says so
+        print(f"fastgpt: {done}", file=sys.stderr)
     draft = None
     if args.draft:
         from ..speculative import check_draft
         from ..weights import load_fastgpt
         draft, _ = load_fastgpt(args.draft, device=device, dtype=dtype)
         check_draft(model, draft)
-        stream_matrices(draft)
+        prepare_for_decoding(draft)
     speed = dict(compile=args.compile, draft=draft, speculate_k=args.speculate_k, prompt_lookup=args.prompt_lookup)
     sampling = dict(temperature=args.temperature, top_k=top_k, top_p=args.top_p, seed=args.seed, **speed)
     return model, metadata, tokenizer, sampling

@@ -132,10 +132,10 @@ def _load_model(args):
         from ..weights import load_fastgpt, resolve
         model, metadata = load_fastgpt(args.model, device=device, dtype=dtype)
         tokenizer = load_tokenizer(resolve(args.model))  # its own BPE if saved with it, else GPT-2's
+    from ..streaming_linear import prepare_for_decoding
+    done = prepare_for_decoding(model, args.quantize, None if args.dtype == "auto" else dtype)
     if args.quantize:
-        from ..quantize import quantize
-        quantize(model, args.quantize, None if args.dtype == "auto" else dtype)
-        print(f"fastgpt serve: weights quantized to {args.quantize} (approximate)", file=sys.stderr)
+        print(f"fastgpt serve: {done}", file=sys.stderr)
     return model.eval(), metadata, tokenizer
 
 
