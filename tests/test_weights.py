@@ -112,6 +112,8 @@ def test_logits_match_transformers(references, name, layout):
     assert model.lm_head.weight is model.tok_emb.weight
     assert model.config.n_layer == CONFIGS[name]["n_layer"]
     assert model.config.context_length == CONFIGS[name]["n_positions"]
+    # GPT-2's Conv1D matrices are stored transposed: loaded, they are the model's own contiguous (out, in)
+    assert all(p.is_contiguous() for p in model.parameters())
     assert_same_logits(logits(model, ref.idx), ref.logits)
 
 
