@@ -34,3 +34,17 @@ def test_bench_cpu_sizes_skip_suites_without_a_cpu_case(tmp_path, capsys):
     assert main(["bench", "attention", "--device", "cpu", "--sizes", "cpu", "--out", str(tmp_path)]) == 0
     assert "bench attention: no 'cpu' size set; skipped" in capsys.readouterr().out
     assert not (tmp_path / "attention.csv").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--llama-cpp"], ("f32", "f16", "q8_0")),
+                                             (["--llama-cpp", "q8_0"], ("q8_0",))])
+def test_bench_generate_passes_the_llama_cpp_types_on(monkeypatch, tmp_path, flags, expected):
+    from fastgpt.bench import generate as bench_generate
+    seen = {}
+
+    def fake_run(device, sizes, out_dir, **options):  # the suite's own run is tested in test_bench_generate
+        seen.update(options)
+        return []
+    monkeypatch.setattr(bench_generate, "run", fake_run)
+    assert main(["bench", "generate", "--device", "cpu", "--sizes", "tiny", "--out", str(tmp_path), *flags]) == 0
+    assert seen.get("llama_cpp") == expected

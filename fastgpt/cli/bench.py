@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="benchmarks/results/latest", help="output folder (default: %(default)s)")
     p.add_argument("--url", default=None, help="serve: a running fastgpt serve (default: start one, random weights)")
     p.add_argument("--clients", type=int, default=None, help="serve: concurrent clients (default: 16 for gpt2)")
+    p.add_argument("--llama-cpp", nargs="*", default=None, metavar="TYPE",
+                   help="generate: add llama.cpp (pip install gguf llama-cpp-python) on the same weights as GGUF "
+                        "f32, f16, q8_0 (no TYPE: all three); off unless given")
     p.set_defaults(func=run)
 
 
@@ -52,8 +55,12 @@ def run(args) -> int:
         print(f"== bench {suite} (device={device}, sizes={sizes}) -> {args.out}", flush=True)
         start = time.perf_counter()
         try:
-            serve_options = {"url": args.url, "clients": args.clients} if suite == "serve" else {}
-            rows = module.run(device=device, sizes=sizes, out_dir=args.out, **serve_options)
+            options = {}
+            if suite == "serve":
+                options = {"url": args.url, "clients": args.clients}
+            elif suite == "generate" and args.llama_cpp is not None:
+                options = {"llama_cpp": tuple(args.llama_cpp or ("f32", "f16", "q8_0"))}
+            rows = module.run(device=device, sizes=sizes, out_dir=args.out, **options)
         except Exception as err:  # one suite failing must not lose the others' results
             print(f"bench {suite}: FAILED: {type(err).__name__}: {err}", flush=True)
             failed.append(suite)
