@@ -119,10 +119,12 @@ def _gemv_seconds(dtype: torch.dtype, rows: int = 16384, cols: int = 2048, repea
 
 @functools.lru_cache(maxsize=1)
 def fastest_cpu_half_dtype() -> torch.dtype | None:
-    """The 16-bit weight format this CPU decodes fastest, or None when it has neither
-    (no bf16 instructions, no F16C). With both, they are timed once per process: having
-    bf16 instructions does not make a bf16 GEMV fast (an AVX512-BF16 EPYC, torch 2.13,
-    read fp16 weights at 23 GB/s and bf16 ones at 12), and the reverse may hold elsewhere."""
+    """The 16-bit weight format this CPU decodes one sequence fastest with, or None when it
+    has neither (no bf16 instructions, no F16C). With both, they are timed once per
+    process: having bf16 instructions does not make a bf16 GEMV fast (an AVX512-BF16 EPYC,
+    torch 2.13, read fp16 weights at 23 GB/s and bf16 ones at 12), and the reverse may hold
+    elsewhere. Batch-1 decoding only: the same EPYC multiplied 16 rows by an fp16 matrix 7x
+    slower than by a bf16 one (it has no fp16 arithmetic), so prefills and batches want bf16."""
     caps = cpu_capabilities()
     candidates = [dtype for dtype, usable in ((torch.bfloat16, caps.native_bf16), (torch.float16, caps.f16c))
                   if usable]
@@ -249,8 +251,10 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device, purpose: str = 
 
     'auto' for training (autocast dtype): bf16 on GPUs that have it, fp16 on older GPUs;
     on CPUs bf16 only where the CPU computes it natively, else fp32.
-    'auto' for inference (weight dtype): bf16 on GPUs; on CPUs with native bf16 the 16-bit
-    format that CPU reads fastest (`fastest_cpu_half_dtype`: bf16 or fp16), else fp32.
+    'auto' for inference (weight dtype): bf16 on GPUs; on CPUs bf16 where native, else fp32.
+    (Not fp16 on CPUs, even where its one-row GEMV is the faster one, see
+    `fastest_cpu_half_dtype`: without fp16 arithmetic a prompt's prefill or a served batch
+    multiplies fp16 matrices 4-9x slower than bf16 ones.)
     An explicit bf16 on a CPU without bf16 instructions runs, after a one-line warning.
     """
     if isinstance(name, torch.dtype):
@@ -261,8 +265,6 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device, purpose: str = 
     if key == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if purpose == "inference" and cpu_has_bf16():
-            return fastest_cpu_half_dtype() or torch.bfloat16
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
     dtype = CANONICAL_DTYPES[key]
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():

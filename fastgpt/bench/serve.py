@@ -29,6 +29,7 @@ except ImportError:  # a dev/serve dependency: the suite then skips with a messa
     httpx = None
 
 from ..errors import FastGPTError
+from ..runtime import dtype_name, resolve_device, resolve_dtype
 from .common import Row, markdown_table, suite_main, write_results
 
 SIZE_SETS = {
@@ -211,12 +212,13 @@ def run(device: str = "cpu", sizes: str = "tiny", out_dir: str | None = None, ur
     what = f"{spec['preset']} random weights" if url is None else url
     # the server's machine and threads, not this client process's
     where = f"{device} server, threads={threads or 'default'}, {os.cpu_count()} CPUs" if url is None else url
+    # the dtype a started server resolves from --dtype auto (an outside server's is its own)
+    dtype = dtype_name(resolve_dtype("auto", resolve_device(device), "inference")) if url is None else "server's"
     for label, (wall, results) in runs.items():
         tokens = sum(r.completion_tokens for r in results)
         ttft = [r.ttft_s * 1e3 for r in results]
         extra = (f"model={what};wall_s={wall:.2f};tokens={tokens};ttft_p50_ms={percentile(ttft, 50):.1f};"
                  f"ttft_p99_ms={percentile(ttft, 99):.1f}")
-        dtype = "fp32" if device == "cpu" else "auto"
         rows.append(Row("serve_throughput", label, shape, dtype, tokens / wall, tokens / wall, tokens / wall,
                         "tokens/s", device=where, extra=extra))
         rows.append(Row("serve_ttft", label, shape, dtype, percentile(ttft, 50), percentile(ttft, 20),
