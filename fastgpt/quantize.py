@@ -45,10 +45,7 @@ def activation_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     """The dtype of a quantized model's activations: bf16 on GPUs and on CPUs that compute
     it natively, fp32 elsewhere (emulated bf16 LayerNorms and attention cost more than the
     quantized matmuls save)."""
-    device = torch.device(device)
-    if device.type == "cpu":  # (not resolve_dtype's inference choice, which may be fp16: the kernels are bf16)
-        return torch.bfloat16 if cpu_capabilities().native_bf16 else torch.float32
-    return resolve_dtype("auto", device, "inference")
+    return resolve_dtype("auto", torch.device(device), "inference")
 
 
 def default_int8_kernel(caps: CpuCapabilities | None = None) -> str:
