@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import FastGPTError
+from .state import file_state
 
 # the types a GGUF matrix can be written in (llama.cpp: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0)
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -43,7 +44,7 @@ def _gguf():
 
 def gguf_tensors(model) -> dict[str, torch.Tensor]:
     """llama.cpp gpt2 tensor name -> float32 CPU tensor, in llama.cpp's layout (see the module docstring)."""
-    state = model.state_dict()
+    state = file_state(model)  # as every file holds it: vocab_size rows, no pad rows
     if "tok_emb.weight" not in state or any(not t.is_floating_point() for t in state.values()):
         raise FastGPTError("write_gguf: model must be an unquantized fastgpt GPT (float weights)")
     top = {"token_embd.weight": "tok_emb.weight", "position_embd.weight": "pos_emb.weight",
@@ -61,14 +62,7 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
     if missing:
         raise FastGPTError(f"write_gguf: model has no tensor {missing[0]!r} (quantized, adapted or streamed? "
                            "write a plain fastgpt GPT)")
-    vocab = model.config.vocab_size  # an embedding padded past vocab_size: its pad rows are no token
-    out = {}
-    for name, ours in names.items():
-        tensor = state[ours].detach()
-        if name in ("token_embd.weight", "output.weight"):
-            tensor = tensor[:vocab]
-        out[name] = tensor.to("cpu", torch.float32).contiguous()
-    return out
+    return {name: state[ours].to(torch.float32) for name, ours in names.items()}
 
 
 def tensor_type(name: str, shape: tuple[int, ...], qtype: str) -> str:
