@@ -5,15 +5,18 @@ speed is bytes of weights / memory bandwidth. On CPUs PyTorch sends `F.linear(x,
 with one row to MKL's GEMV, which streams a matrix too large for the caches at about
 half the machine's read bandwidth and on one thread (GPT-2's 50257 x 768 head: 11.5
 GB/s with 1 or 2 threads, where `W.sum()` reads 28 GB/s; a 2-core AVX512 EPYC, torch
-2.13). The same product as a batched GEMM over S column blocks of W^T, each stored
-contiguous,
+2.13). The same product split along K into S slabs of W^T, each contiguous,
 
-    W (N, K) -> blocks (S, K, N/S),   y = concat_s( x @ blocks[s] ),
+    W (N, K) -> W^T (K, N) = S slabs (K/S, N),   y = sum_s  x[slab s] @ slab_s,
 
-runs the S blocks on separate threads and streams each block row by row: 30 GB/s on
-the same machine. `StreamingLinear` holds that layout; `stream_matrices` swaps it in
-for the model's matrices (inference only, like `fastgpt.quantize`), after timing one
-pass over the model's own matrices both ways on the CPU at hand (`streaming_is_faster`).
+is one batched GEMM (`bmm`) whose S products run on separate threads, each streaming
+its own slab front to back, and a sum of S short rows. Over GPT-2's matrices on the
+same machine: 28 GB/s, against 23 for S column blocks (N split instead of K) and 11.5
+for `F.linear`. Several rows (a prefill, a served batch) take the same path: S GEMMs
+over half the K each. `StreamingLinear` holds that layout;
+`stream_matrices` swaps it in for the model's matrices (inference only, like
+`fastgpt.quantize`), after timing one pass over the model's own matrices both ways on
+the CPU at hand (`streaming_is_faster`).
 """
 from __future__ import annotations
 
@@ -28,43 +31,30 @@ from .quantize import decode_matrices, quantize
 
 
 class StreamingLinear(nn.Module):
-    """nn.Linear (inference) with W^T stored as `splits` contiguous column blocks (S, K, N/S).
-
-    The output dimension is padded with zero columns to a multiple of S and the padding
-    sliced off the result. Any number of rows works (a prefill is a batched GEMM too).
-    """
+    """nn.Linear (inference) with W^T (K, N) stored contiguous, K padded with zero rows to a
+    multiple of `splits` so that it cuts into S equal slabs (see the module docstring)."""
 
     def __init__(self, linear: nn.Linear, splits: int):
         super().__init__()
         if not isinstance(splits, int) or splits < 1:
             raise FastGPTError(f"StreamingLinear: splits must be a positive integer, got {splits!r}")
         N, K = linear.out_features, linear.in_features
-        pad = -N % splits
         with torch.no_grad():
-            weight = F.pad(linear.weight.detach(), (0, 0, 0, pad))
-            self.register_buffer("blocks", weight.view(splits, (N + pad) // splits, K).transpose(1, 2).contiguous())
+            weight_t = F.pad(linear.weight.detach().t(), (0, 0, 0, -K % splits)).contiguous()
+            self.register_buffer("slabs", weight_t.view(splits, -1, N))        # (S, K_pad / S, N)
             bias = linear.bias
-            # (S, 1, N/S): added by the batched GEMM itself (baddbmm), no separate pass
-            self.register_buffer("bias_blocks", None if bias is None else
-                                 F.pad(bias.detach(), (0, pad)).view(splits, 1, (N + pad) // splits).clone())
+            self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.in_features, self.out_features, self.splits = K, N, splits
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """The bias as a vector (N,), as nn.Linear has it (the MLP adds fc's bias in its GELU)."""
-        return None if self.bias_blocks is None else self.bias_blocks.reshape(-1)[: self.out_features]
 
     def _product(self, x: torch.Tensor, with_bias: bool) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        M, S = rows.shape[0], self.splits
-        shared = rows.expand(S, M, self.in_features)  # every block multiplies the same rows (no copy)
-        if with_bias and self.bias_blocks is not None:
-            y = torch.baddbmm(self.bias_blocks, shared, self.blocks)
-        else:
-            y = torch.bmm(shared, self.blocks)           # (S, M, N/S)
-        y = y.transpose(0, 1).reshape(M, -1)             # (M, N + pad); a view when M == 1
-        if y.shape[1] != self.out_features:
-            y = y[:, : self.out_features].contiguous()  # (callers view it)
+        M, S, slab = rows.shape[0], self.splits, self.slabs.shape[1]
+        if S * slab != self.in_features:
+            rows = F.pad(rows, (0, S * slab - self.in_features))
+        # (S, M, K/S) @ (S, K/S, N): the S slabs side by side, then their S partial products summed
+        y = torch.bmm(rows.view(M, S, slab).transpose(0, 1), self.slabs).sum(0)
+        if with_bias and self.bias is not None:
+            y += self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def matmul_no_bias(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,15 +65,15 @@ class StreamingLinear(nn.Module):
         return self._product(x, with_bias=True)
 
     def weight_t(self) -> torch.Tensor:
-        """W^T (K, N) reassembled from the blocks (for checks; decoding never builds it)."""
-        return self.blocks.transpose(0, 1).reshape(self.in_features, -1)[:, : self.out_features]
+        """W^T (K, N): a view of the slabs' real rows (contiguous)."""
+        return self.slabs.view(-1, self.out_features)[: self.in_features]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, splits={self.splits}"
 
 
 def default_splits() -> int:
-    """One block per torch thread: the batched GEMM hands each thread its own blocks."""
+    """One slab per torch thread: the batched GEMM hands each thread its own slab."""
     return max(1, torch.get_num_threads())
 
 
@@ -160,5 +150,5 @@ def prepare_for_decoding(model, quantization: str | None = None, activations: to
         quantize(model, quantization, activations)
         return f"weights quantized to {quantization} (approximate: logits differ from the float model's)"
     if stream_matrices(model):
-        return f"float32 matrices in the streaming layout ({default_splits()} column blocks per matrix)"
+        return f"float32 matrices in the streaming layout ({default_splits()} slabs per matrix)"
     return ""
