@@ -46,7 +46,10 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight and activation dtype: auto, fp32, bf16, fp16 (torch's names float32, bfloat16, float16 "
                         "too). auto: bf16 on CUDA and on CPUs that compute bf16 natively (AVX512-BF16, AMX), "
                         "fp32 on other CPUs. On a CPU without bf16 instructions bf16 is emulated (~100x slower "
-                        "matmuls; a warning says so) and fp16 is the fast 16-bit format where it has F16C")
+                        "matmuls; a warning says so) and fp16 is the fast 16-bit format where it has F16C. "
+                        "fp32 on a CPU decodes through a streaming layout when a start-up timing finds it faster. "
+                        "fp16 may decode one sequence faster than bf16 even on a bf16 CPU, but without fp16 "
+                        "arithmetic its prompts (prefill) run several times slower")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton"],
                    help="kernel backend (default: $FASTGPT_BACKEND or auto = Triton on CUDA)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
