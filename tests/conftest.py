@@ -51,13 +51,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def varied_tiny_model():
-    """A tiny GPT (context 64, eval mode) whose matrices are drawn with std 0.2 instead of
-    GPT-2's 0.02: at the small init a random model repeats one token forever, which would
-    make equalities between decoding paths trivially true."""
+def varied_tiny_model(seed: int = 1234, **overrides):
+    """A tiny GPT (context 64 unless `overrides` say otherwise, eval mode) whose matrices are
+    drawn with std 0.2 instead of GPT-2's 0.02: at the small init a random model repeats one
+    token forever, which would make equalities between decoding paths trivially true."""
+    from fastgpt.config import preset
     from fastgpt.model import GPT
-    torch.manual_seed(1234)
-    model = GPT("tiny").eval()
+    torch.manual_seed(seed)
+    model = GPT(preset("tiny", **overrides)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:  # (the embedding's real rows: its pad rows stay zero)

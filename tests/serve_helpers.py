@@ -12,10 +12,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
-import torch
 import uvicorn
+from conftest import varied_tiny_model
 
-from fastgpt.config import preset
 from fastgpt.finetune.templates import get_template
 from fastgpt.model import GPT
 from fastgpt.serve.app import LOOPBACK_HOSTS, ServedModel, ServerOptions, create_app, wait_until_ready
@@ -34,13 +33,7 @@ CONTEXT = 256  # room for an Alpaca prompt (its preamble alone is ~30 tokens)
 def varied_model(context: int = CONTEXT) -> GPT:
     """conftest's varied tiny model (std 0.2 matrices, so greedy text is not one repeated
     token) with a longer context."""
-    torch.manual_seed(1234)
-    model = GPT(preset("tiny", context_length=context)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:  # (the embedding's real rows: its pad rows stay zero)
-                (p[:model.config.vocab_size] if p is model.tok_emb.weight else p).normal_(0.0, 0.2)
-    return model
+    return varied_tiny_model(context_length=context)
 
 
 def served_tiny(model, template: str | None = "alpaca", name: str = "tiny") -> ServedModel:

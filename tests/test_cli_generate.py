@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import varied_tiny_model
 
 from fastgpt.cli import main
 from fastgpt.model import GPT
@@ -13,27 +14,17 @@ from fastgpt.model import GPT
 REPO = Path(__file__).resolve().parents[1]
 
 
-def varied_tiny_model():
-    """Random tiny GPT with large weights (std 0.2), so it does not just repeat one token."""
-    torch.manual_seed(0)
-    model = GPT("tiny")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:  # (the embedding's real rows: its pad rows stay zero)
-                (p[:model.config.vocab_size] if p is model.tok_emb.weight else p).normal_(0.0, 0.2)
-    return model
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from fastgpt.weights import save_fastgpt
-    return save_fastgpt(varied_tiny_model(), tmp_path_factory.mktemp("tiny"))
+    return save_fastgpt(varied_tiny_model(seed=0), tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
 def alpaca_dir(tmp_path_factory):
     from fastgpt.weights import save_fastgpt
-    return save_fastgpt(varied_tiny_model(), tmp_path_factory.mktemp("tiny_alpaca"), metadata={"template": "alpaca"})
+    return save_fastgpt(varied_tiny_model(seed=0), tmp_path_factory.mktemp("tiny_alpaca"),
+                        metadata={"template": "alpaca"})
 
 
 def run_cli(*args, stdin=""):

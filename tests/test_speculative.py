@@ -29,13 +29,7 @@ def target():
 @pytest.fixture(scope="module")
 def other_draft():
     """A different model of the same vocabulary: it agrees with the target only sometimes."""
-    torch.manual_seed(99)
-    draft = GPT("tiny").eval()
-    with torch.no_grad():
-        for p in draft.parameters():
-            if p.dim() == 2:  # (the embedding's real rows: its pad rows stay zero)
-                (p[:draft.config.vocab_size] if p is draft.tok_emb.weight else p).normal_(0.0, 0.2)
-    return draft
+    return varied_tiny_model(seed=99)
 
 
 def test_cached_forward_at_an_offset_matches_the_full_pass_after_a_rejected_speculation(target):
