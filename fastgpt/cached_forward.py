@@ -40,9 +40,12 @@ def hidden_states_at(model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
     offsets = torch.arange(T, device=idx.device)
     positions = cache.lengths[:, None] + offsets                       # (B, T)
     x = model.tok_emb(idx) + model.pos_emb(positions)
-    span = _live_span(positions, cache)
+    live = _live_span(positions, cache)
+    span = cache.max_length if live is None else live
+    decode_kernel = T == 1 and ops.uses_triton(x)
     visible = None
-    if not (T == 1 and ops.uses_triton(x)) and not (T == 1 and B == 1 and span < cache.max_length):
+    # (one token of one sequence over exactly its live keys sees them all: no mask)
+    if not decode_kernel and not (T == 1 and B == 1 and live is not None):
         keys = torch.arange(span, device=idx.device)
         visible = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, span)
     for layer, block in enumerate(model.blocks):
@@ -52,9 +55,9 @@ def hidden_states_at(model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         q, k, v = attn.qkv(h).split(C, dim=2)
         q, k, v = (t.view(B, T, attn.n_head, attn.head_dim) for t in (q, k, v))
         cache.write_at(layer, k, v, positions)
-        if T == 1 and ops.uses_triton(x):  # the Triton decode kernel: one query per sequence
+        if decode_kernel:  # the Triton decode kernel: one query per sequence
             y = ops.decode_attention(q[:, 0], cache.k[layer], cache.v[layer], cache.lengths + 1)[:, None]
-        else:  # (one token of one sequence over exactly its live keys needs no mask)
+        else:
             y = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[layer][:, :, :span],
                                                cache.v[layer][:, :, :span], attn_mask=visible).transpose(1, 2)
         x, h = ops.add_layer_norm(x, attn.proj(y.reshape(B, T, C)), block.ln_2.weight, block.ln_2.bias,
@@ -63,15 +66,15 @@ def hidden_states_at(model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
     return model.ln_f(x)
 
 
-def _live_span(positions: torch.Tensor, cache: KVCache) -> int:
-    """How many cache slots the step can see. On a CPU, reading the positions costs no
-    device sync, and attending over the live prefix instead of the whole static cache
-    saves most of the attention's work (a 1024-slot cache holding 80 tokens: 3.9 of 44
-    ms per GPT-2 token). On GPUs, and while torch.compile traces, the shape stays static:
-    the whole cache, masked."""
+def _live_span(positions: torch.Tensor, cache: KVCache) -> int | None:
+    """How many cache slots the step can see, or None for "keep the shape static". On a
+    CPU, reading the positions costs no device sync, and attending over the live prefix
+    instead of the whole static cache saves most of the attention's work (a 1024-slot
+    cache holding 80 tokens: 3.9 of 44 ms per GPT-2 token). On GPUs, and while
+    torch.compile traces, the step attends over the whole cache, masked."""
     if positions.device.type != "cpu" or torch.compiler.is_compiling():
-        return cache.max_length
-    return min(int(positions.max()) + 1, cache.max_length)
+        return None
+    return int(positions.max()) + 1
 
 
 # model -> (weight key, transposed copy); weak keys: the copy lives as long as its model

@@ -104,17 +104,23 @@ def cpu_has_bf16() -> bool:
     return cpu_capabilities().native_bf16
 
 
-def _gemv_seconds(dtype: torch.dtype, rows: int = 16384, cols: int = 2048, repeats: int = 3) -> float:
-    """Best time of a one-row product with a (rows, cols) matrix of `dtype` (64 MB in 16
-    bits: beyond the caches, as decoding meets its weights)."""
-    matrix, vector = torch.randn(rows, cols).to(dtype), torch.randn(1, cols).to(dtype)
-    torch.nn.functional.linear(vector, matrix)  # warm-up
+def best_time(fn, repeats: int = 3) -> float:
+    """Seconds of the fastest of `repeats` calls of `fn`, after one warm-up call (first
+    touch of memory, thread pool start): for start-up timings that choose a kernel."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.nn.functional.linear(vector, matrix)
+        fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def _gemv_seconds(dtype: torch.dtype, rows: int = 16384, cols: int = 2048) -> float:
+    """Best time of a one-row product with a (rows, cols) matrix of `dtype` (64 MB in 16
+    bits: beyond the caches, as decoding meets its weights)."""
+    matrix, vector = torch.randn(rows, cols).to(dtype), torch.randn(1, cols).to(dtype)
+    return best_time(lambda: torch.nn.functional.linear(vector, matrix))
 
 
 @functools.lru_cache(maxsize=1)
