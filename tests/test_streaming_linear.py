@@ -70,11 +70,19 @@ def test_only_float32_cpu_models_are_streamed():
     assert type(model.lm_head) is torch.nn.Linear
 
 
-def test_the_speed_check_times_both_layouts_and_answers_yes_or_no():
-    # Which layout wins depends on the CPU and the model's size: only that it answers.
+@pytest.mark.parametrize("slabs_seconds, expected", [(1.0, True), (3.0, False)])
+def test_the_speed_check_times_both_layouts_and_follows_the_timing(monkeypatch, slabs_seconds, expected):
+    from fastgpt import streaming_linear
+    timed = []
+
+    def fake_best_time(fn, repeats=3):
+        fn()  # the products really run (shapes checked), then a chosen time
+        timed.append(fn.__name__)
+        return slabs_seconds if fn.__name__ == "in_slabs" else 2.0
+    monkeypatch.setattr(streaming_linear, "best_time", fake_best_time)
     linears = [torch.nn.Linear(64, 96), torch.nn.Linear(96, 64)]
-    verdict = streaming_is_faster(linears, [StreamingLinear(linear, 2) for linear in linears], repeats=1)
-    assert isinstance(verdict, bool)
+    assert streaming_is_faster(linears, [StreamingLinear(linear, 2) for linear in linears]) is expected
+    assert sorted(timed) == ["in_slabs", "plain"]
 
 
 @pytest.mark.parametrize("faster", [True, False])
