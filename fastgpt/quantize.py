@@ -4,7 +4,10 @@ Decoding one sequence reads every weight once per token, so its speed is set by
 memory bandwidth / bytes of weights. The formats, and the kernels torch ships for them:
 
   int8: each matrix row as int8 plus one scale per row (symmetric, absmax / 127):
-        4x fewer bytes than float32. Two kernels (`INT8_KERNELS`):
+        4x fewer bytes than float32. Three kernels (`INT8_KERNELS`):
+        "native": fastgpt's own C kernel (`fastgpt.native_linear`), fp32 activations,
+            exact; it reads GPT-2's int8 matrices at 26-32 GB/s where the two below
+            read at 9 and 20 (a 2-core AVX512 EPYC); needs a C compiler at run time;
         "weight-only": ATen's `_weight_int8pack_mm`, activations in bf16 (its fp32
             path measured ~25x slower), exact activations;
         "dynamic": fbgemm's `quantized::linear_dynamic`, fp32 in and out, each
@@ -17,8 +20,9 @@ memory bandwidth / bytes of weights. The formats, and the kernels torch ships fo
 
 Which kernel and which activation dtype (the dtype of everything between the matmuls:
 embeddings, LayerNorms, attention) are chosen from the CPU's capabilities at run time
-(`default_int8_kernel`, `activation_dtype`): bf16 only where the CPU computes it
-natively; elsewhere fp32 activations and, for int8, fbgemm's dynamic kernel.
+(`default_int8_kernel`, `activation_dtype`): the native kernel with fp32 activations
+wherever it builds; otherwise bf16 only where the CPU computes it natively, elsewhere fp32
+activations and, for int8, fbgemm's dynamic kernel.
 
 Both are approximations: each weight moves by up to half a quantization step
 (int8: absmax / 254 of its row; int4: (max - min) / 30 of its group, 8x coarser
@@ -33,10 +37,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import native_linear
 from .errors import FastGPTError
+from .native_linear import NativeLinear, int8_rows
 from .runtime import CpuCapabilities, cpu_capabilities, resolve_dtype
 
-INT8_KERNELS = ("weight-only", "dynamic")
+INT8_KERNELS = ("native", "weight-only", "dynamic")
 # The dtype the int4 kernel (and int8's weight-only kernel) computes in: their only fast path.
 KERNEL_DTYPE = torch.bfloat16
 
@@ -48,10 +54,14 @@ def activation_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     return resolve_dtype("auto", torch.device(device), "inference")
 
 
-def default_int8_kernel(caps: CpuCapabilities | None = None) -> str:
-    """'weight-only' where bf16 is native (exact bf16 activations at full speed); elsewhere
-    'dynamic' when fbgemm is built in (it needs only AVX2), since the weight-only kernel
-    would then run either in emulated bf16 or on its ~25x slower fp32 path."""
+def default_int8_kernel(caps: CpuCapabilities | None = None, native: bool | None = None) -> str:
+    """'native' where fastgpt's C kernel builds (`native`: default, whether it does here):
+    exact fp32 activations, and the fastest measured. Without it, 'weight-only' where bf16
+    is native (exact bf16 activations at full speed); elsewhere 'dynamic' when fbgemm is
+    built in (it needs only AVX2), since the weight-only kernel would then run either in
+    emulated bf16 or on its ~25x slower fp32 path."""
+    if native_linear.available("i8") if native is None else native:
+        return "native"
     caps = caps or cpu_capabilities()
     if caps.native_bf16 or "fbgemm" not in torch.backends.quantized.supported_engines:
         return "weight-only"
@@ -82,14 +92,13 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16, kernel: str = "weight-only"):
         super().__init__()
-        if kernel not in INT8_KERNELS:
-            raise FastGPTError(f"int8 kernel must be one of {', '.join(INT8_KERNELS)}, got {kernel!r}")
+        if kernel not in INT8_KERNELS[1:]:  # "native" is NativeLinear's (see quantize_int8)
+            raise FastGPTError(f"Int8Linear's kernel must be one of {', '.join(INT8_KERNELS[1:])}, got {kernel!r}")
         if kernel == "dynamic" and (linear.weight.device.type != "cpu"
                                     or "fbgemm" not in torch.backends.quantized.supported_engines):
             raise FastGPTError("the dynamic int8 kernel needs fbgemm on a CPU (x86 with AVX2)")
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.register_buffer("qweight", torch.round(weight / scale[:, None]).to(torch.int8).contiguous())
+        qweight, scale = int8_rows(linear.weight)
+        self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scale", scale.to(dtype))
         bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
@@ -249,21 +258,27 @@ def quantize_int8(model, dtype: torch.dtype | None = None, kernel: str | None = 
     """Turn `model` (a GPT) into an inference-only model with int8 matrices, in place.
 
     Every projection (qkv, attention out, MLP fc and proj) and the LM head become
-    Int8Linear; the rest (embeddings, LayerNorms) and the activations use `dtype`
-    (default: `activation_dtype`). `kernel`: "weight-only" or "dynamic" (default:
+    int8 layers (NativeLinear for the "native" kernel, else Int8Linear); the rest
+    (embeddings, LayerNorms) and the activations use `dtype` (default: fp32 for the native
+    and dynamic kernels, else `activation_dtype`). `kernel`: one of INT8_KERNELS (default:
     `default_int8_kernel()` on CPUs, weight-only elsewhere). The token embedding stays
     unquantized for lookups, so the LM head is no longer tied to it. Returns the model,
     in eval mode.
     """
     on_cpu = model.device.type == "cpu"
     kernel = kernel or (default_int8_kernel() if on_cpu else "weight-only")
-    # fbgemm takes fp32 in and out: bf16 activations around it would only add conversions
-    dtype = dtype or (torch.float32 if kernel == "dynamic" else activation_dtype(model.device))
+    if kernel == "native" and not (on_cpu and native_linear.available("i8")):
+        raise FastGPTError(f"the native int8 kernel runs on CPUs where it builds; here: "
+                           f"{native_linear.why_unavailable() if on_cpu else model.device}")
+    # fbgemm and the native kernel take fp32 in and out: bf16 activations would only add conversions
+    dtype = dtype or (torch.float32 if kernel in ("dynamic", "native") else activation_dtype(model.device))
     # The weight-only kernel's fast path on CPUs is bf16, whatever the activations are.
     compute = KERNEL_DTYPE if on_cpu and kernel == "weight-only" else dtype
     model.to(dtype).eval()
     for owner, name in decode_matrices(model):
-        setattr(owner, name, Int8Linear(_real_rows(model, owner, getattr(owner, name)), compute, kernel))
+        linear = _real_rows(model, owner, getattr(owner, name))
+        layer = NativeLinear(linear, "i8") if kernel == "native" else Int8Linear(linear, compute, kernel)
+        setattr(owner, name, layer)
     return _freeze(model)
 
 

@@ -14,8 +14,10 @@ its own slab front to back, and a sum of S short rows. Over GPT-2's matrices on 
 same machine: 28 GB/s, against 23 for S column blocks (N split instead of K) and 11.5
 for `F.linear`. Several rows (a prefill, a served batch) take the same path: S GEMMs
 over half the K each. `StreamingLinear` holds that layout;
-`stream_matrices` swaps it in for the model's matrices (inference only, like
-`fastgpt.quantize`), after timing one pass over the model's own matrices both ways on
+`stream_matrices` swaps in the streaming layout for the model's matrices (inference
+only, like `fastgpt.quantize`): fastgpt's own C kernel (`fastgpt.native_linear`, which
+reads at 26-28 GB/s on that machine and runs prefills faster than BLAS) where it builds,
+else these slabs, each after timing one pass over the model's own matrices both ways on
 the CPU at hand (`streaming_is_faster`).
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FastGPTError
+from .native_linear import NativeLinear, available
 from .quantize import decode_matrices, quantize
 from .runtime import best_time
 
@@ -76,7 +79,7 @@ def default_splits() -> int:
     return max(1, torch.get_num_threads())
 
 
-def streaming_is_faster(linears: list[nn.Linear], streamed: list[StreamingLinear], repeats: int = 3) -> bool:
+def streaming_is_faster(linears: list[nn.Linear], streamed: list[nn.Module], repeats: int = 3) -> bool:
     """Whether one decode step's products, every matrix once in order, run faster as
     `streamed` than as `linears` through F.linear: timed here (best of `repeats`), on the
     model's own matrices, so that the caches see what decoding shows them (a model larger
@@ -103,31 +106,37 @@ def _plain_linear(module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
-def stream_matrices(model, splits: int | None = None, check_speed: bool = True) -> bool:
-    """Swap the float32 nn.Linear matrices of a CPU `model` for StreamingLinear, in place
-    (inference only: the new layers hold no gradients). The token embedding stays for
-    lookups, so a tied LM head gets its own copy (as the transposed head copy of
-    `fastgpt.cached_forward` did). With `check_speed`, the swap happens only when
-    `streaming_is_faster` says so for this model. Returns whether it swapped.
+def stream_matrices(model, splits: int | None = None, check_speed: bool = True, native: bool | None = None) -> str:
+    """Swap the float32 nn.Linear matrices of a CPU `model` for a streaming layout, in place
+    (inference only: the new layers hold no gradients): NativeLinear (fastgpt's C kernel)
+    when `native` (default: when it is available here), else StreamingLinear with `splits`
+    slabs. The token embedding stays for lookups, so a tied LM head gets its own copy (as
+    the transposed head copy of `fastgpt.cached_forward` did). With `check_speed`, the swap
+    happens only when `streaming_is_faster` says so for this model. Returns a description of
+    the layout swapped in, "" when none was.
 
     Other dtypes are left alone: half-precision batched GEMMs are the slow path of
     CPU BLAS (fp16 `bmm` measured 10x slower than fp16 `F.linear`)."""
     if model.device.type != "cpu":
-        return False
+        return ""
     matrices = [(owner, name) for owner, name in decode_matrices(model)
                 if _plain_linear(getattr(owner, name)) and getattr(owner, name).weight.dtype == torch.float32]
     if not matrices:
-        return False
-    splits = splits or default_splits()
+        return ""
     linears = [getattr(owner, name) for owner, name in matrices]
-    streamed = [StreamingLinear(linear, splits) for linear in linears]
+    if available("f32") if native is None else native:
+        streamed, layout = [NativeLinear(linear, "f32") for linear in linears], "fastgpt's C kernel"
+    else:
+        splits = splits or default_splits()
+        streamed = [StreamingLinear(linear, splits) for linear in linears]
+        layout = f"{splits} slabs per matrix"
     if check_speed and not streaming_is_faster(linears, streamed):
-        return False
+        return ""
     for (owner, name), layer in zip(matrices, streamed, strict=True):
         setattr(owner, name, layer)
     for p in model.parameters():
         p.requires_grad_(False)
-    return True
+    return f"float32 matrices in the streaming layout ({layout})"
 
 
 def prepare_for_decoding(model, quantization: str | None = None, activations: torch.dtype | None = None) -> str:
@@ -138,6 +147,4 @@ def prepare_for_decoding(model, quantization: str | None = None, activations: to
     if quantization:
         quantize(model, quantization, activations)
         return f"weights quantized to {quantization} (approximate: logits differ from the float model's)"
-    if stream_matrices(model):
-        return f"float32 matrices in the streaming layout ({default_splits()} slabs per matrix)"
-    return ""
+    return stream_matrices(model)

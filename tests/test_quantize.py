@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import varied_tiny_model
 
+from fastgpt import native_linear
 from fastgpt.errors import FastGPTError
 from fastgpt.generate import generate
 from fastgpt.kv_cache import KVCache
@@ -143,6 +144,7 @@ def _simulate(monkeypatch, native_bf16: bool):
 def test_activation_dtype_and_int8_kernel_follow_the_cpu(monkeypatch, native_bf16):
     from fastgpt.quantize import Int8Linear, activation_dtype, default_int8_kernel
     caps = _simulate(monkeypatch, native_bf16)
+    monkeypatch.setattr(native_linear, "available", lambda fmt="f32": False)  # the choice without the C kernel
     assert activation_dtype("cpu") == (torch.bfloat16 if native_bf16 else torch.float32)
     has_fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
     expected_kernel = "weight-only" if native_bf16 or not has_fbgemm else "dynamic"
