@@ -30,6 +30,7 @@ from .weights.download import default_cache_dir
 SOURCE_DIR = Path(__file__).parent / "csrc"
 # -fopenmp: parallel loops on the OpenMP runtime torch has already loaded (libgomp), one pool
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-Wno-psabi")
+LIBRARIES = ("-lm",)  # after the source, where linkers that drop unneeded libraries look for them
 _failures: dict[str, str] = {}
 
 
@@ -50,7 +51,7 @@ def _compiler_version(cc: str) -> str:
 def library_path(name: str, cc: str) -> Path:
     """Where the build of csrc/<name>.c for this source, compiler and CPU is cached."""
     caps = cpu_capabilities()
-    key = "\n".join([(SOURCE_DIR / f"{name}.c").read_text(), " ".join(FLAGS), cc, _compiler_version(cc),
+    key = "\n".join([(SOURCE_DIR / f"{name}.c").read_text(), " ".join(FLAGS + LIBRARIES), cc, _compiler_version(cc),
                      platform.machine(), caps.model, caps.isa, str(sorted(vars(caps).items()))])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return default_cache_dir() / "native" / f"{name}-{digest}.so"
@@ -60,7 +61,7 @@ def _build(name: str, cc: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def compile_to(tmp: Path) -> None:
-        result = subprocess.run([cc, *FLAGS, str(SOURCE_DIR / f"{name}.c"), "-o", str(tmp)],
+        result = subprocess.run([cc, *FLAGS, str(SOURCE_DIR / f"{name}.c"), "-o", str(tmp), *LIBRARIES],
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             first_error = next((line for line in result.stderr.splitlines() if "error" in line),

@@ -1,4 +1,4 @@
-"""nn.Linear for decoding on CPUs through fastgpt's own C kernel (`csrc/tile_gemm.c`).
+"""nn.Linear for decoding on CPUs through fastgpt's own C kernel (`csrc/cpu_decode.c`).
 
 Decoding one token reads every weight once, so its speed is bytes of weights / memory
 bandwidth. The kernels PyTorch ships for one-row products stream CPU memory well below
@@ -31,13 +31,14 @@ import torch.nn.functional as F
 from .errors import FastGPTError
 from .native_build import load_library, unavailable_reason
 
-LIBRARY = "tile_gemm"
+LIBRARY = "cpu_decode"
 FORMATS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "i8": torch.int8}
 _ARGUMENTS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
 
 
-def _kernels() -> ctypes.CDLL | None:
+def kernel_library() -> ctypes.CDLL | None:
+    """csrc/cpu_decode.c built for this CPU, its functions' signatures declared, or None."""
     library = load_library(LIBRARY)
     if library is not None and not hasattr(library, "ready"):
         for fmt in FORMATS:
@@ -45,13 +46,28 @@ def _kernels() -> ctypes.CDLL | None:
             if function is not None:
                 function.argtypes, function.restype = _ARGUMENTS, None
         library.fastgpt_tile_width.restype = ctypes.c_int
+        i64, pointer = ctypes.c_int64, ctypes.c_void_p
+        library.fastgpt_decode_blocks.argtypes = [ctypes.c_int, i64, pointer, i64, i64, i64, pointer, pointer,
+                                                  i64, i64, ctypes.c_float, pointer, pointer, ctypes.c_int]
+        library.fastgpt_decode_blocks.restype = ctypes.c_int
         library.ready = True
     return library
 
 
+class _Gemms(dict):
+    """format -> its ctypes function, looked up once (a module holding one could not be deep-copied)."""
+
+    def __missing__(self, fmt):
+        self[fmt] = getattr(kernel_library(), f"fastgpt_gemm_{fmt}")
+        return self[fmt]
+
+
+_GEMMS = _Gemms()
+
+
 def available(fmt: str = "f32") -> bool:
     """Whether the kernel for weight format `fmt` is built and loaded on this machine."""
-    library = _kernels()
+    library = kernel_library()
     return library is not None and hasattr(library, f"fastgpt_gemm_{fmt}")
 
 
@@ -60,7 +76,7 @@ def why_unavailable() -> str:
 
 
 def tile_width() -> int:
-    library = _kernels()
+    library = kernel_library()
     if library is None:
         raise FastGPTError(f"native CPU kernels unavailable: {why_unavailable()}")
     return library.fastgpt_tile_width()
@@ -83,7 +99,7 @@ def pack_tiles(weight: torch.Tensor, tile: int) -> torch.Tensor:
 
 class NativeLinear(nn.Module):
     """nn.Linear (inference, CPU) with its weight in `fmt` ("f32", "f16", "bf16", "i8") in the
-    tile layout of csrc/tile_gemm.c; float32 arithmetic (see the module docstring)."""
+    tile layout of csrc/cpu_decode.c; float32 arithmetic (see the module docstring)."""
 
     def __init__(self, linear: nn.Linear, fmt: str = "f32"):
         super().__init__()
@@ -103,7 +119,6 @@ class NativeLinear(nn.Module):
             bias = linear.bias
             self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.in_features, self.out_features, self.fmt = linear.in_features, linear.out_features, fmt
-        self._function = getattr(_kernels(), f"fastgpt_gemm_{fmt}")
 
     def _product(self, x: torch.Tensor, with_bias: bool) -> torch.Tensor:
         # Decoding calls this ~50 times per token: the common case (fp32, contiguous) costs
@@ -120,7 +135,7 @@ class NativeLinear(nn.Module):
         if M:
             scale = self.scale
             bias = self.bias if with_bias else None
-            self._function(rows.data_ptr(), M, self.in_features, self.in_features, self.tiles.data_ptr(), N,
+            _GEMMS[self.fmt](rows.data_ptr(), M, self.in_features, self.in_features, self.tiles.data_ptr(), N,
                            None if scale is None else scale.data_ptr(), None if bias is None else bias.data_ptr(),
                            y.data_ptr(), N, torch.get_num_threads())
         return y if x.dtype == torch.float32 else y.to(x.dtype)

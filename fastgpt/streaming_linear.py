@@ -106,43 +106,62 @@ def _plain_linear(module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
-def stream_matrices(model, splits: int | None = None, check_speed: bool = True, native: bool | None = None) -> str:
-    """Swap the float32 nn.Linear matrices of a CPU `model` for a streaming layout, in place
-    (inference only: the new layers hold no gradients): NativeLinear (fastgpt's C kernel)
-    when `native` (default: when it is available here), else StreamingLinear with `splits`
-    slabs. The token embedding stays for lookups, so a tied LM head gets its own copy (as
-    the transposed head copy of `fastgpt.cached_forward` did). With `check_speed`, the swap
-    happens only when `streaming_is_faster` says so for this model. Returns a description of
-    the layout swapped in, "" when none was.
+NATIVE_FORMATS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
-    Other dtypes are left alone: half-precision batched GEMMs are the slow path of
-    CPU BLAS (fp16 `bmm` measured 10x slower than fp16 `F.linear`)."""
+
+def stream_matrices(model, splits: int | None = None, check_speed: bool = True, native: bool | None = None) -> str:
+    """Swap the nn.Linear matrices of a CPU `model` for a streaming layout, in place
+    (inference only: the new layers hold no gradients). Returns a description of what was
+    done, "" when nothing was.
+
+    With `native` (default: when fastgpt's C kernel builds here): NativeLinear in the
+    model's own format (float32, float16 or bfloat16 weights), and the rest of a 16-bit
+    model turned to float32, since the kernel computes in float32 (a 16-bit model then
+    keeps its 16-bit weights, with float32 LayerNorms and attention, as llama.cpp does). No
+    timing is needed there: one-token steps of such a model run all blocks in one C call
+    (`fastgpt.native_decode`), which timing the products alone would misjudge, and the
+    products themselves were as fast as or faster than PyTorch's in every measurement.
+
+    Else, float32 only: StreamingLinear with `splits` slabs, when (`check_speed`)
+    `streaming_is_faster` says so for this model; other dtypes are left alone there, since
+    half-precision batched GEMMs are the slow path of CPU BLAS (fp16 `bmm` measured 10x
+    slower than fp16 `F.linear`).
+
+    The token embedding stays for lookups, so a tied LM head gets its own copy (as the
+    transposed head copy of `fastgpt.cached_forward` did)."""
     if model.device.type != "cpu":
         return ""
-    matrices = [(owner, name) for owner, name in decode_matrices(model)
-                if _plain_linear(getattr(owner, name)) and getattr(owner, name).weight.dtype == torch.float32]
-    if not matrices:
+    matrices = [(owner, name) for owner, name in decode_matrices(model) if _plain_linear(getattr(owner, name))]
+    dtypes = {getattr(owner, name).weight.dtype for owner, name in matrices}
+    if len(dtypes) != 1:
         return ""
-    linears = [getattr(owner, name) for owner, name in matrices]
-    if available("f32") if native is None else native:
-        streamed, layout = [NativeLinear(linear, "f32") for linear in linears], "fastgpt's C kernel"
-    else:
+    dtype = dtypes.pop()
+    fmt = NATIVE_FORMATS.get(dtype)
+    if fmt is not None and (available(fmt) if native is None else native):
+        model.float()
+        streamed = [NativeLinear(getattr(owner, name), fmt) for owner, name in matrices]
+        done = ("float32 matrices in fastgpt's C kernel" if fmt == "f32" else
+                f"{str(dtype).removeprefix('torch.')} weights in fastgpt's C kernel, float32 activations")
+    elif dtype == torch.float32:
+        linears = [getattr(owner, name) for owner, name in matrices]
         splits = splits or default_splits()
         streamed = [StreamingLinear(linear, splits) for linear in linears]
-        layout = f"{splits} slabs per matrix"
-    if check_speed and not streaming_is_faster(linears, streamed):
+        if check_speed and not streaming_is_faster(linears, streamed):
+            return ""
+        done = f"float32 matrices in the streaming layout ({splits} slabs per matrix)"
+    else:
         return ""
     for (owner, name), layer in zip(matrices, streamed, strict=True):
         setattr(owner, name, layer)
     for p in model.parameters():
         p.requires_grad_(False)
-    return f"float32 matrices in the streaming layout ({layout})"
+    return done
 
 
 def prepare_for_decoding(model, quantization: str | None = None, activations: torch.dtype | None = None) -> str:
     """The one step from a loaded model to the form the CLIs decode with, in place:
     quantized when `quantization` ("int8" / "int4"; `activations`: their dtype, default
-    the CPU's choice), else, for float32 on a CPU, the streaming layout where it is faster.
+    the CPU's choice), else, on a CPU, the streaming layout (`stream_matrices`).
     Returns what was done, for the log line."""
     if quantization:
         quantize(model, quantization, activations)

@@ -1,4 +1,4 @@
-"""fastgpt's C kernel for CPU decoding (fastgpt.native_linear, csrc/tile_gemm.c, built by
+"""fastgpt's C kernel for CPU decoding (fastgpt.native_linear, csrc/cpu_decode.c, built by
 fastgpt.native_build): the product of every weight format against a float64 reference of
 the weight it stores, at odd sizes, row counts that cross its 4-row and 64-row blocks and
 any thread count; its errors; the build's fallback; and quantized or streamed models
@@ -105,8 +105,8 @@ def test_a_failed_build_is_reported_and_nothing_is_loaded(monkeypatch, tmp_path)
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     native_build.load_library.cache_clear()
     try:
-        assert native_build.load_library("tile_gemm") is None
-        assert "failed" in native_build.unavailable_reason("tile_gemm")
+        assert native_build.load_library("cpu_decode") is None
+        assert "failed" in native_build.unavailable_reason("cpu_decode")
         assert not list((tmp_path / "native").glob("*.so"))  # no half-written library left behind
     finally:
         monkeypatch.undo()
@@ -118,14 +118,14 @@ def test_a_failed_build_is_reported_and_nothing_is_loaded(monkeypatch, tmp_path)
 def test_the_build_is_cached_per_source_compiler_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTGPT_CACHE", str(tmp_path))
     cc = native_build.compiler()
-    path = native_build.library_path("tile_gemm", cc)
-    assert path.parent == tmp_path / "native" and path.name.startswith("tile_gemm-")
-    assert native_build.library_path("tile_gemm", cc) == path
+    path = native_build.library_path("cpu_decode", cc)
+    assert path.parent == tmp_path / "native" and path.name.startswith("cpu_decode-")
+    assert native_build.library_path("cpu_decode", cc) == path
     from fastgpt import runtime
     other_cpu = runtime.CpuCapabilities(model="another CPU", isa="AVX2", avx2=True, avx512=False,
                                         avx512_bf16=False, avx512_vnni=False, amx=False, f16c=True)
     monkeypatch.setattr(native_build, "cpu_capabilities", lambda: other_cpu)
-    assert native_build.library_path("tile_gemm", cc) != path
+    assert native_build.library_path("cpu_decode", cc) != path
 
 
 def _dequantized_copy(model, quantized):

@@ -64,9 +64,9 @@ def test_a_streamed_model_decodes_the_same_tokens_as_the_plain_one():
     assert sampled[0] == sampled[1]
 
 
-def test_only_float32_cpu_models_are_streamed():
+def test_only_float32_cpu_models_are_cut_into_slabs():
     model = varied_tiny_model().half()
-    assert not stream_matrices(model, check_speed=False)
+    assert not stream_matrices(model, check_speed=False, native=False)
     assert type(model.lm_head) is torch.nn.Linear
 
 
@@ -91,10 +91,15 @@ def test_the_decoding_form_follows_the_timing_and_quantization_wins(monkeypatch,
     from fastgpt.native_linear import NativeLinear, available
     from fastgpt.quantize import Int8Linear
     monkeypatch.setattr(streaming_linear, "streaming_is_faster", lambda linears, streamed: faster)
-    model = varied_tiny_model()
-    done = streaming_linear.prepare_for_decoding(model)
-    layout = NativeLinear if available("f32") else StreamingLinear
-    assert isinstance(model.lm_head, layout) == faster and ("streaming" in done) == faster
+    with monkeypatch.context() as without_compiler:  # the slabs, as where the C kernel cannot be built
+        without_compiler.setattr(streaming_linear, "available", lambda fmt: False)
+        model = varied_tiny_model()
+        done = streaming_linear.prepare_for_decoding(model)
+        assert isinstance(model.lm_head, StreamingLinear) == faster and ("streaming" in done) == faster
+    if available("f32"):  # with it: no timing needed, the C kernel
+        model = varied_tiny_model()
+        assert "C kernel" in streaming_linear.prepare_for_decoding(model)
+        assert isinstance(model.lm_head, NativeLinear)
     quantized = varied_tiny_model()
     assert "int8" in streaming_linear.prepare_for_decoding(quantized, "int8")
     assert isinstance(quantized.lm_head, NativeLinear if available("i8") else Int8Linear)

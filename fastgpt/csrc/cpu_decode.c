@@ -1,6 +1,8 @@
-/* Matrix products for decoding on CPUs: y = x @ W^T (* scale) (+ bias), x and y float32,
- * W stored in tiles of TILE output columns, each tile K x TILE contiguous, in one of four
- * weight formats: float32, float16, bfloat16, int8 (with one float32 scale per column).
+/* Decoding on CPUs: matrix products, and whole transformer blocks for one token.
+ *
+ * 1. y = x @ W^T (* scale) (+ bias), x and y float32, W stored in tiles of TILE output
+ * columns, each tile K x TILE contiguous, in one of four weight formats: float32, float16,
+ * bfloat16, int8 (with one float32 scale per column).
  *
  * Why: decoding one token multiplies one row by every weight matrix, so it is bound by
  * the speed at which the weights stream from memory. A tile is read front to back by one
@@ -11,7 +13,16 @@
  *
  * Built at run time by fastgpt/native_build.py with the system C compiler and
  * -march=native, so the vector width and the widening instructions are the CPU's own.
- * Threads: OpenMP, the runtime PyTorch itself uses (libgomp), so no second pool spins. */
+ * Threads: OpenMP, the runtime PyTorch itself uses (libgomp), so no second pool spins.
+ *
+ * 2. fastgpt_decode_blocks: every block of a GPT-2 for one new token of one sequence, in
+ * one call and one OpenMP parallel region: LayerNorm, the qkv product, the key/value
+ * written into the cache, attention over the cached positions (one head per thread at a
+ * time), the output projection and residual, LayerNorm, fc + bias + GELU (tanh), the MLP
+ * projection and residual. A small model's token costs ~15 PyTorch calls per block from
+ * Python, each a few microseconds of overhead against microseconds of work; here it costs
+ * the arithmetic and a barrier per step. */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -97,17 +108,23 @@ static inline __attribute__((always_inline)) void tile_##FORMAT(                
         for (int v = 0; v < VECTORS; v++) memcpy(out[r] + 16 * v, &acc[r][v], sizeof(v16));    \
 }
 
+static inline float gelu_tanh(float u) {
+    return 0.5f * u * (1.0f + tanhf(0.7978845608028654f * (u + 0.044715f * u * u * u)));
+}
+
 /* y (M, N, row stride ldy) = x (M, K, row stride ldx) @ W^T, W packed as ceil(N / TILE)
- * tiles of K x TILE; scale (N) multiplies column n when given, bias (N) is added when given.
- * Work items: (tile, block of BLOCK_ROWS rows), spread over `threads` OpenMP threads. */
+ * tiles of K x TILE; scale (N) multiplies column n when given, bias (N) is added when given,
+ * then GELU when `gelu`. Work items: (tile, block of BLOCK_ROWS rows), shared out by an
+ * OpenMP `for` among the threads of the enclosing parallel region (one thread outside one). */
 #define BLOCK_ROWS 64
 #define PRODUCT(FORMAT, WEIGHT)                                                                \
 TILE_PRODUCT(FORMAT, WEIGHT)                                                                   \
-void fastgpt_gemm_##FORMAT(const float *x, int64_t M, int64_t ldx, int64_t K,                  \
-                           const WEIGHT *packed, int64_t N, const float *scale,               \
-                           const float *bias, float *y, int64_t ldy, int threads) {          \
+static void gemm_##FORMAT(const float *x, int64_t M, int64_t ldx, int64_t K, const void *weights, \
+                          int64_t N, const float *scale, const float *bias, float *y,        \
+                          int64_t ldy, int gelu) {                                            \
+    const WEIGHT *packed = (const WEIGHT *)weights;                                            \
     const int64_t tiles = (N + TILE - 1) / TILE, blocks = (M + BLOCK_ROWS - 1) / BLOCK_ROWS;  \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                          \
+    _Pragma("omp for schedule(static)")                                                        \
     for (int64_t item = 0; item < tiles * blocks; item++) {                                    \
         const int64_t t = item / blocks, first = (item % blocks) * BLOCK_ROWS;                 \
         const int64_t last = first + BLOCK_ROWS < M ? first + BLOCK_ROWS : M;                  \
@@ -129,11 +146,17 @@ void fastgpt_gemm_##FORMAT(const float *x, int64_t M, int64_t ldx, int64_t K,   
                     float value = out[r][j];                                                   \
                     if (scale) value *= scale[n0 + j];                                         \
                     if (bias) value += bias[n0 + j];                                           \
-                    yr[j] = value;                                                             \
+                    yr[j] = gelu ? gelu_tanh(value) : value;                                   \
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
+}                                                                                              \
+void fastgpt_gemm_##FORMAT(const float *x, int64_t M, int64_t ldx, int64_t K,                  \
+                           const WEIGHT *packed, int64_t N, const float *scale,               \
+                           const float *bias, float *y, int64_t ldy, int threads) {          \
+    _Pragma("omp parallel num_threads(threads)")                                               \
+    gemm_##FORMAT(x, M, ldx, K, packed, N, scale, bias, y, ldy, 0);                            \
 }
 
 PRODUCT(f32, float)
@@ -145,3 +168,112 @@ PRODUCT(f16, uint16_t)
 
 /* The tile width the packing must use (it depends on the instructions compiled in). */
 int fastgpt_tile_width(void) { return TILE; }
+
+/* ---------------------------------------------------------------- whole blocks, one token */
+typedef void (*gemm_fn)(const float *, int64_t, int64_t, int64_t, const void *, int64_t,
+                        const float *, const float *, float *, int64_t, int);
+
+/* One block's parameters. Matrices: 0 qkv (C -> 3C), 1 attention output (C -> C),
+ * 2 MLP fc (C -> 4C), 3 MLP projection (4C -> C), all in the same format. */
+typedef struct {
+    const float *ln1_weight, *ln1_bias, *ln2_weight, *ln2_bias;
+    const void *matrix[4];
+    const float *scale[4];  /* per output column (int8), else NULL */
+    const float *bias[4];   /* or NULL */
+} fastgpt_block;
+
+/* Called by one thread: out = LayerNorm(x) over C values (two passes, in double). */
+static void layer_norm(const float *x, int64_t C, const float *weight, const float *bias,
+                       float eps, float *out) {
+    double mean = 0.0, var = 0.0;
+    for (int64_t i = 0; i < C; i++) mean += x[i];
+    mean /= (double)C;
+    for (int64_t i = 0; i < C; i++) { double d = x[i] - mean; var += d * d; }
+    const float inv = (float)(1.0 / sqrt(var / (double)C + eps));
+    for (int64_t i = 0; i < C; i++) out[i] = ((float)(x[i] - mean)) * inv * weight[i] + bias[i];
+}
+
+/* dot(a, b) over n values, 16 at a time. */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    v16 acc = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc += load_f32(a + i) * load_f32(b + i);
+    float total = 0.0f;
+    for (int v = 0; v < 16; v++) total += acc[v];
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+/* y += alpha x over n values. */
+static inline void axpy(float alpha, const float *x, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        v16 sum = load_f32(y + i) + alpha * load_f32(x + i);
+        memcpy(y + i, &sum, sizeof sum);
+    }
+    for (; i < n; i++) y[i] += alpha * x[i];
+}
+
+/* One head of attention for the token at `pos`: store its key and value at `pos`, then
+ * out = softmax(q . K[0..pos] / sqrt(D)) V[0..pos]. k_cache, v_cache: this head's (S, D). */
+static void attend(const float *q, const float *k, const float *v, float *k_cache, float *v_cache,
+                   int64_t pos, int64_t D, float *scores, float *out) {
+    memcpy(k_cache + pos * D, k, D * sizeof(float));
+    memcpy(v_cache + pos * D, v, D * sizeof(float));
+    const float scale = 1.0f / sqrtf((float)D);
+    float top = -INFINITY;
+    for (int64_t j = 0; j <= pos; j++) {
+        scores[j] = dot(q, k_cache + j * D, D) * scale;
+        top = scores[j] > top ? scores[j] : top;
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j <= pos; j++) { scores[j] = expf(scores[j] - top); total += scores[j]; }
+    for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+    for (int64_t j = 0; j <= pos; j++) axpy(scores[j] / total, v_cache + j * D, out, D);
+}
+
+/* x (C): the token's embedding in, the last block's output (the residual stream) out.
+ * k_cache, v_cache: this sequence's cache, (n_layer, H, S, D) with the given strides
+ * between layers and heads; the token sits at `pos` < S. `format`: 0 f32, 1 i8, 2 bf16,
+ * 3 f16. work: at least 10 C + H S floats. Returns 0, or -1 for an unknown format. */
+int fastgpt_decode_blocks(int format, int64_t n_layer, const fastgpt_block *blocks, int64_t C,
+                          int64_t H, int64_t pos, float *k_cache, float *v_cache,
+                          int64_t layer_stride, int64_t head_stride, float eps, float *x,
+                          float *work, int threads) {
+    gemm_fn gemm;
+    switch (format) {
+        case 0: gemm = gemm_f32; break;
+        case 1: gemm = gemm_i8; break;
+        case 2: gemm = gemm_bf16; break;
+#if defined(HAVE_F16)
+        case 3: gemm = gemm_f16; break;
+#endif
+        default: return -1;
+    }
+    const int64_t D = C / H;
+    float *normed = work, *qkv = normed + C, *heads = qkv + 3 * C, *delta = heads + C;
+    float *hidden = delta + C, *scores = hidden + 4 * C;
+    #pragma omp parallel num_threads(threads)
+    for (int64_t l = 0; l < n_layer; l++) {
+        const fastgpt_block *b = blocks + l;
+        #pragma omp single
+        layer_norm(x, C, b->ln1_weight, b->ln1_bias, eps, normed);
+        gemm(normed, 1, C, C, b->matrix[0], 3 * C, b->scale[0], b->bias[0], qkv, 3 * C, 0);
+        #pragma omp for schedule(static)
+        for (int64_t h = 0; h < H; h++)
+            attend(qkv + h * D, qkv + C + h * D, qkv + 2 * C + h * D,
+                   k_cache + l * layer_stride + h * head_stride, v_cache + l * layer_stride + h * head_stride,
+                   pos, D, scores + h * (pos + 1), heads + h * D);
+        gemm(heads, 1, C, C, b->matrix[1], C, b->scale[1], b->bias[1], delta, C, 0);
+        #pragma omp single
+        {
+            for (int64_t i = 0; i < C; i++) x[i] += delta[i];
+            layer_norm(x, C, b->ln2_weight, b->ln2_bias, eps, normed);
+        }
+        gemm(normed, 1, C, C, b->matrix[2], 4 * C, b->scale[2], b->bias[2], hidden, 4 * C, 1);
+        gemm(hidden, 1, 4 * C, 4 * C, b->matrix[3], C, b->scale[3], b->bias[3], delta, C, 0);
+        #pragma omp single
+        for (int64_t i = 0; i < C; i++) x[i] += delta[i];
+    }
+    return 0;
+}

@@ -1,0 +1,138 @@
+"""Every transformer block of a one-token decode step in one C call, on CPUs.
+
+A decode step of one sequence runs ~15 PyTorch calls per block (LayerNorms, four products,
+the cache writes, attention, GELU, residual adds). On a small model each costs a few
+microseconds of dispatch against microseconds of work: the `make demo` model (4 x 256)
+spent ~280 us per block per token, ~10x its arithmetic. `csrc/cpu_decode.c`'s
+`fastgpt_decode_blocks` runs all blocks for the token in one OpenMP parallel region, with
+the same tile products as `NativeLinear`, and the attention over the live cache written
+out in C (one head per thread at a time).
+
+`BlockPlan` is the C-side view of a model: the addresses of every block's LayerNorm
+vectors and NativeLinear tiles, scales and biases. `plan_for(model)` builds it once per
+model when the model fits (CPU, eval, float32 activations, every block matrix a
+NativeLinear of one format: see `stream_matrices` and `quantize_int8`), and rebuilds it
+when a module or tensor it points at was replaced; otherwise it returns None and the
+caller runs the blocks in PyTorch (`fastgpt.cached_forward`, the reference this is tested
+against). The plan holds references to the tensors it points at, so they outlive it.
+"""
+from __future__ import annotations
+
+import ctypes
+import weakref
+
+import torch
+
+from .kv_cache import KVCache
+from .native_linear import NativeLinear, kernel_library
+
+FORMAT_CODES = {"f32": 0, "i8": 1, "bf16": 2, "f16": 3}
+
+
+class _Block(ctypes.Structure):
+    """fastgpt_block of csrc/cpu_decode.c."""
+    _fields_ = [("ln1_weight", ctypes.c_void_p), ("ln1_bias", ctypes.c_void_p),
+                ("ln2_weight", ctypes.c_void_p), ("ln2_bias", ctypes.c_void_p),
+                ("matrix", ctypes.c_void_p * 4), ("scale", ctypes.c_void_p * 4), ("bias", ctypes.c_void_p * 4)]
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _layer_norm_fits(ln, C: int) -> bool:
+    weight, bias = getattr(ln, "weight", None), getattr(ln, "bias", None)
+    return all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == (C,) and t.is_contiguous()
+               for t in (weight, bias)) and isinstance(getattr(ln, "eps", None), float)
+
+
+def _block_parts(block):
+    """(ln_1, ln_2, [qkv, attention output, fc, MLP projection]) of a GPT block."""
+    return block.ln_1, block.ln_2, [block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj]
+
+
+class BlockPlan:
+    """The blocks of `model` as csrc/cpu_decode.c reads them (see the module docstring)."""
+
+    def __init__(self, model, fmt: str):
+        cfg = model.config
+        self.C, self.H, self.fmt = cfg.n_embd, cfg.n_head, fmt
+        self.eps = model.blocks[0].ln_1.eps
+        self._watched = []  # (owner, attribute, object): what the addresses were taken from
+        self.blocks = (_Block * len(model.blocks))()
+        for entry, block in zip(self.blocks, model.blocks, strict=True):
+            ln_1, ln_2, matrices = _block_parts(block)
+            entry.ln1_weight, entry.ln1_bias = ln_1.weight.data_ptr(), ln_1.bias.data_ptr()
+            entry.ln2_weight, entry.ln2_bias = ln_2.weight.data_ptr(), ln_2.bias.data_ptr()
+            for i, layer in enumerate(matrices):
+                entry.matrix[i], entry.scale[i], entry.bias[i] = (layer.tiles.data_ptr(), _pointer(layer.scale),
+                                                                  _pointer(layer.bias))
+                self._watched += [(layer, name, getattr(layer, name)) for name in ("tiles", "scale", "bias")]
+            for ln in (ln_1, ln_2):
+                self._watched += [(ln, "weight", ln.weight), (ln, "bias", ln.bias)]
+            self._watched += [(block.attn, "qkv", matrices[0]), (block.attn, "proj", matrices[1]),
+                              (block.mlp, "fc", matrices[2]), (block.mlp, "proj", matrices[3])]
+        self._function = kernel_library().fastgpt_decode_blocks
+        self._work = torch.empty(0)
+
+    def current(self) -> bool:
+        """Whether every module and tensor the addresses came from is still in place."""
+        return all(getattr(owner, name) is obj for owner, name, obj in self._watched)
+
+    def fits(self, x: torch.Tensor, cache: KVCache) -> bool:
+        return (x.dtype == torch.float32 and cache.k.dtype == torch.float32 and cache.k.device.type == "cpu"
+                and cache.batch_size == 1 and cache.k.is_contiguous() and cache.v.is_contiguous())
+
+    def run(self, x: torch.Tensor, cache: KVCache, position: int) -> torch.Tensor:
+        """x (1, 1, C): the embedded token at `position` -> the last block's output (1, 1, C);
+        each block's key and value are written into `cache` at `position`."""
+        x = x.contiguous().clone()
+        S = cache.max_length
+        need = 10 * self.C + self.H * S
+        if self._work.numel() < need:
+            self._work = torch.empty(need)
+        _, _, H, _, D = cache.k.shape
+        status = self._function(FORMAT_CODES[self.fmt], len(self.blocks), self.blocks, self.C, self.H, position,
+                                cache.k.data_ptr(), cache.v.data_ptr(), H * S * D, S * D, self.eps,
+                                x.data_ptr(), self._work.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError(f"fastgpt_decode_blocks failed ({status}) for format {self.fmt}")
+        return x
+
+
+def _plannable_format(model) -> str | None:
+    """The one NativeLinear format of every block matrix, or None when the model does not fit."""
+    if model.training or model.device.type != "cpu" or not len(model.blocks):
+        return None
+    C, formats, eps = model.config.n_embd, set(), set()
+    for block in model.blocks:
+        try:
+            ln_1, ln_2, matrices = _block_parts(block)
+        except AttributeError:
+            return None
+        if not all(type(m) is NativeLinear for m in matrices):
+            return None
+        if not (_layer_norm_fits(ln_1, C) and _layer_norm_fits(ln_2, C)):
+            return None
+        formats |= {m.fmt for m in matrices}
+        eps |= {ln_1.eps, ln_2.eps}
+    return formats.pop() if len(formats) == 1 and len(eps) == 1 else None
+
+
+# model -> its plan; weak keys: a plan lives as long as its model
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def plan_for(model) -> BlockPlan | None:
+    """The model's BlockPlan (built or rebuilt as needed), or None when its blocks do not fit."""
+    plan = _PLANS.get(model)
+    if plan is not None and plan.current():
+        return plan
+    if not (len(model.blocks) and type(getattr(model.blocks[0].attn, "qkv", None)) is NativeLinear):
+        return None  # the common "no" in one look, before checking every block
+    fmt = _plannable_format(model)
+    if fmt is None or kernel_library() is None:
+        _PLANS.pop(model, None)
+        return None
+    plan = _PLANS[model] = BlockPlan(model, fmt)
+    return plan

@@ -1,0 +1,114 @@
+"""All blocks of a one-token decode step in one C call (fastgpt.native_decode,
+csrc/cpu_decode.c): the same hidden states, cache contents and greedy tokens as the PyTorch
+blocks of fastgpt.cached_forward over the same NativeLinear weights, for every weight
+format and at every position up to a full cache; the plan follows replaced modules and
+steps aside for models and batches it does not cover."""
+import copy
+
+import pytest
+import torch
+from conftest import varied_tiny_model
+
+from fastgpt import native_build, native_decode
+from fastgpt.cached_forward import hidden_states_at
+from fastgpt.generate import generate
+from fastgpt.kv_cache import KVCache
+from fastgpt.native_linear import NativeLinear
+from fastgpt.quantize import quantize_int8
+from fastgpt.streaming_linear import stream_matrices
+
+pytestmark = pytest.mark.skipif(native_build.compiler() is None, reason="no C compiler on this machine")
+PROMPTS = [[15496, 11, 995, 0, 314], [40, 1101, 257, 1310, 2099, 286, 262, 2104, 13, 632, 373, 845]]
+
+
+def native_model(fmt: str, **overrides):
+    model = varied_tiny_model(**overrides)
+    if fmt == "i8":
+        return quantize_int8(model, kernel="native")
+    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[fmt]
+    assert "C kernel" in stream_matrices(model.to(dtype), native=True)
+    return model
+
+
+def decode_both_ways(model, tokens):
+    """Feed `tokens` one at a time through hidden_states_at with the C plan and without it
+    (monkeypatched away), from two fresh caches: (hidden states, caches) of both."""
+    results = []
+    for use_plan in (True, False):
+        cache = KVCache.for_model(model, 1)
+        states = []
+        original = native_decode.plan_for
+        if not use_plan:
+            native_decode.plan_for = lambda m: None
+        try:
+            with torch.inference_mode():
+                for token in tokens:
+                    states.append(hidden_states_at(model, torch.tensor([[token]]), cache))
+                    cache.lengths += 1
+        finally:
+            native_decode.plan_for = original
+        results.append((torch.cat(states, dim=1), cache))
+    return results
+
+
+@pytest.mark.parametrize("fmt", ["f32", "i8", "f16", "bf16"])
+def test_the_c_blocks_are_the_pytorch_blocks(fmt):
+    model = native_model(fmt)
+    assert native_decode.plan_for(model) is not None and native_decode.plan_for(model).fmt == fmt
+    torch.manual_seed(5)
+    tokens = torch.randint(0, model.config.vocab_size, (model.config.context_length,)).tolist()  # fills the cache
+    (fast, fast_cache), (reference, reference_cache) = decode_both_ways(model, tokens)
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast_cache.k, reference_cache.k, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast_cache.v, reference_cache.v, rtol=1e-4, atol=1e-4)
+
+
+def test_odd_widths_and_head_sizes():
+    model = native_model("f32", n_embd=40, n_head=5, n_layer=3)  # head_dim 8: the vector loops' scalar tails
+    tokens = [3, 17, 250, 9, 1000, 42, 7]
+    (fast, _), (reference, _) = decode_both_ways(model, tokens)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_greedy_tokens_match_the_float_model(threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = varied_tiny_model()
+        fast = native_model("f32")
+        for prompt in PROMPTS:
+            assert (generate(fast, [prompt], 20, temperature=0, eos_id=None).tokens
+                    == generate(model, [prompt], 20, temperature=0, eos_id=None).tokens)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_the_plan_follows_a_replaced_matrix():
+    model = native_model("f32")
+    first = native_decode.plan_for(model)
+    assert native_decode.plan_for(model) is first  # reused while nothing changed
+    block = model.blocks[1]
+    zeroed = torch.nn.Linear(block.mlp.proj.in_features, block.mlp.proj.out_features)
+    torch.nn.init.zeros_(zeroed.weight)
+    torch.nn.init.zeros_(zeroed.bias)
+    block.mlp.proj = NativeLinear(zeroed, "f32")
+    second = native_decode.plan_for(model)
+    assert second is not first
+    (fast, _), (reference, _) = decode_both_ways(model, [5, 6, 7])
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_models_and_batches_it_does_not_cover_take_the_pytorch_blocks():
+    assert native_decode.plan_for(varied_tiny_model()) is None  # plain nn.Linear matrices
+    mixed = native_model("f32")
+    mixed.blocks[0].attn.proj = torch.nn.Linear(mixed.config.n_embd, mixed.config.n_embd)
+    assert native_decode.plan_for(mixed) is None
+    model = native_model("f32")
+    reference = copy.deepcopy(model)
+    two = [PROMPTS[0], PROMPTS[1]]  # a batch of two: the PyTorch blocks, same answers
+    assert (generate(model, two, 8, temperature=0, eos_id=None).tokens
+            == [generate(reference, [p], 8, temperature=0, eos_id=None).tokens[0] for p in two])
+    model.train()
+    assert native_decode.plan_for(model) is None
