@@ -62,8 +62,19 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.greedy:
         return torch.argmax(logits.float(), dim=-1)  # (exact; CPU argmax over bf16 is ~20x slower than over fp32)
     logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+    return draw(torch.softmax(logits, dim=-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id (B,) per row of probabilities (B, V), by the inverse of the cumulative
+    distribution: u uniform in [0, total), the first token whose cumulative mass exceeds u
+    (so a token of probability 0 is never drawn). One uniform number per row, where
+    `torch.multinomial` on CPUs draws an exponential per vocabulary entry: 1.3 ms per
+    GPT-2 token (50257 entries), a fifth of an int8 decode step; this takes ~0.1 ms. The
+    sums are in float64, exact enough over any vocabulary."""
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
 
 
 def sample_with_noise(logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor) -> torch.Tensor:

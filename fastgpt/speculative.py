@@ -33,7 +33,7 @@ import torch
 from .cached_forward import head_logits, hidden_states_at
 from .errors import FastGPTError
 from .kv_cache import KVCache
-from .sampling import SamplingParams, filter_logits
+from .sampling import SamplingParams, draw, filter_logits
 
 
 @dataclass
@@ -96,8 +96,8 @@ def accept_sampling(drafts: Sequence[int], draft_probs: torch.Tensor | None, tar
             residual = (target_probs[n] - q_row).clamp(min=0)
             total = residual.sum()
             weights = residual / total if total > 0 else target_probs[n]
-            return n, int(torch.multinomial(weights, 1, generator=generator))
-    return K, int(torch.multinomial(target_probs[K], 1, generator=generator))
+            return n, int(draw(weights[None], generator)[0])
+    return K, int(draw(target_probs[K][None], generator)[0])
 
 
 def _one_hot(token: int, like: torch.Tensor) -> torch.Tensor:
@@ -166,7 +166,7 @@ class DraftModel:
                 token = int(torch.argmax(logits.float()))
             else:
                 q = probabilities(logits, params)
-                token = int(torch.multinomial(q, 1, generator=generator))
+                token = int(draw(q[None], generator)[0])
                 probs.append(q)
             drafts.append(token)
             pending = [token]

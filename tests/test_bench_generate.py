@@ -42,9 +42,10 @@ def test_benchmark_rejects_unknown_modes_and_sizes(tmp_path):
 def test_the_16bit_mode_follows_the_cpu(monkeypatch, native_bf16, f16c, faster, expected):
     """Simulated capabilities and GEMV timings: on AVX2 '16-bit weights' means fp16 (F16C), not
     emulated bf16; where both are native, the faster one in the timing."""
-    from fastgpt import runtime
+    from fastgpt import native_linear, runtime
     from fastgpt.bench import generate as bench
     from fastgpt.runtime import cpu_capabilities, dtype_name
+    monkeypatch.setattr(native_linear, "available", lambda fmt="f32": False)  # PyTorch's kernels decide
     caps = dataclasses.replace(cpu_capabilities(), avx512_bf16=native_bf16, amx=False, f16c=f16c)
     monkeypatch.setattr(runtime, "cpu_capabilities", lambda: caps)
     monkeypatch.setattr(bench, "cpu_capabilities", lambda: caps)
@@ -58,6 +59,15 @@ def test_the_16bit_mode_follows_the_cpu(monkeypatch, native_bf16, f16c, faster, 
     assert (dtype_name(half) if half is not None else None) == expected
     assert ("16bit" in bench.default_modes("cpu")) == (expected is not None)
     assert bench.default_modes("cpu")[-2:] == ["int8", "int4"]
+
+
+def test_the_16bit_mode_is_fp16_on_the_c_kernel():
+    from fastgpt import native_linear
+    from fastgpt.bench.generate import half_dtype
+    if not native_linear.available("f16"):
+        pytest.skip("fastgpt's C kernel does not build here")
+    import torch
+    assert half_dtype("cpu") == torch.float16
 
 
 def test_demo_sized_model_and_the_16bit_mode_run(tmp_path):

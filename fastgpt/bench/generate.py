@@ -43,9 +43,11 @@ from typing import Sequence
 
 import torch
 
+from .. import native_linear
 from ..config import preset
 from ..errors import FastGPTError
 from ..gpt2_vocab import GPT2_VOCAB_SIZE
+from ..native_linear import NativeLinear
 from ..quantize import INT8_KERNELS, QUANTIZATIONS, quantize, weight_bytes_per_token
 from ..runtime import CANONICAL_DTYPES, canonical_dtype_name, cpu_capabilities, describe_machine, fastest_cpu_half_dtype
 from ..streaming_linear import StreamingLinear, stream_matrices
@@ -66,11 +68,16 @@ LLAMA_CPP = "llama.cpp"
 
 
 def half_dtype(device: str) -> torch.dtype | None:
-    """The 16-bit weight format this device reads fastest, or None (no fast 16-bit format).
-    An AVX2 CPU emulates bf16 (~100x slower matmuls) but converts fp16 in hardware (F16C);
-    where both are native, a timing decides (`fastest_cpu_half_dtype`)."""
+    """The 16-bit weight format of the "16bit" mode on `device`, or None (no fast one).
+    On CPUs where fastgpt's C kernel builds: fp16, llama.cpp's f16 (the kernel widens it to
+    float32 in registers, so the CPU's 16-bit arithmetic does not matter). Without it, the
+    format PyTorch reads fastest: an AVX2 CPU emulates bf16 (~100x slower matmuls) but
+    converts fp16 in hardware (F16C); where both are native, a timing decides
+    (`fastest_cpu_half_dtype`)."""
     if str(device).startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if native_linear.available("f16"):
+        return torch.float16
     return fastest_cpu_half_dtype()
 
 
@@ -296,6 +303,8 @@ def _measure_size(stack, device, size, new_tokens, prompt_tokens, repeats, modes
             extra += f";activations={_activation_name(model)}"
             if isinstance(model.lm_head, StreamingLinear):
                 extra += f";layout=streaming(splits={model.lm_head.splits})"
+            elif isinstance(model.lm_head, NativeLinear):
+                extra += f";layout=c_kernel({model.lm_head.fmt})"
             if d in bounds:
                 extra += f";bound_share={quantiles([new_tokens / s for s in secs])[0] / bounds[d]:.3f}"
         if backend != "transformers":
