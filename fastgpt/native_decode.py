@@ -26,7 +26,7 @@ import torch
 from .kv_cache import KVCache
 from .native_linear import NativeLinear, kernel_library
 
-FORMAT_CODES = {"f32": 0, "i8": 1, "bf16": 2, "f16": 3}
+FORMAT_CODES = {"f32": 0, "i8": 1, "bf16": 2, "f16": 3, "i4": 4}
 
 
 class _Block(ctypes.Structure):

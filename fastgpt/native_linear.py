@@ -8,11 +8,14 @@ the machine's bandwidth: fp32 `F.linear` at 11.5 GB/s, the int8 kernels at 9
 (32 with AVX-512, 16 with AVX2), each K x TILE and contiguous, so each thread streams its
 tiles front to back; the kernel widens the stored format to float32 in registers:
 
-    format  bytes/weight  stored as                     exact?
-    f32     4             float32                       yes
-    f16     2             float16 (F16C widening)       the weight rounded to fp16
-    bf16    2             bfloat16 (a shift)            the weight rounded to bf16
-    i8      1             int8 + a float32 scale/row    absmax / 127 per output row
+    format  bytes/weight  stored as                        exact?
+    f32     4             float32                          yes
+    f16     2             float16 (F16C widening)          the weight rounded to fp16
+    bf16    2             bfloat16 (a shift)               the weight rounded to bf16
+    i8      1             int8 + a float32 scale/row       absmax / 127 per output row
+    i4      0.5 (+0.25)   4-bit codes, two per byte, + a   (max - min) / 15 per group of
+                          scale and offset per group of    32 weights along a row
+                          32 along K (float32)
 
 Activations are float32 in and out whatever the format: a 16-bit or int8 model keeps its
 LayerNorms, attention and sums in float32, as llama.cpp does. The same kernel serves
@@ -32,7 +35,8 @@ from .errors import FastGPTError
 from .native_build import load_library, unavailable_reason
 
 LIBRARY = "cpu_decode"
-FORMATS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "i8": torch.int8}
+FORMATS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "i8": torch.int8, "i4": torch.uint8}
+GROUP = 32  # int4: weights per scale and offset, along K (csrc/cpu_decode.c's GROUP)
 _ARGUMENTS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
 
@@ -90,6 +94,30 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(weight / scale[:, None]).to(torch.int8), scale
 
 
+def quantize_groups_int4(weight: torch.Tensor, group_size: int):
+    """(N, K) float -> codes (N, K) int32 in 0..15, scale and zero (N, K / group_size) float32,
+    so that weight ~ (codes - 8) * scale + zero, each group spanning its own [min, max]."""
+    N, K = weight.shape
+    groups = weight.detach().float().reshape(N, K // group_size, group_size)
+    low, high = groups.amin(dim=2), groups.amax(dim=2)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp_(0, 15)
+    zero = low + 8 * scale
+    return codes.to(torch.int32).reshape(N, K), scale, zero
+
+
+def pack_int4(weight: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> tiles (ceil(N / tile), K, tile / 2) uint8, byte j = code of column j
+    (low nibble) | code of column j + tile / 2 (high nibble); and params
+    (ceil(N / tile), K / GROUP, 2, tile) float32: each group's scale row, then its offset
+    row (zero - 8 scale), so that w = code * scale + offset."""
+    codes, scale, zero = quantize_groups_int4(weight, GROUP)
+    tiles = pack_tiles(codes.to(torch.uint8), tile)
+    tiles = tiles[..., : tile // 2] | (tiles[..., tile // 2:] << 4)
+    by_tile = [pack_tiles(t, tile) for t in (scale, zero - 8 * scale)]  # each (T, K / GROUP, tile)
+    return tiles.contiguous(), torch.stack(by_tile, dim=2).contiguous()
+
+
 def pack_tiles(weight: torch.Tensor, tile: int) -> torch.Tensor:
     """(N, K) -> (ceil(N / tile), K, tile), contiguous; the last tile padded with zero columns."""
     N, K = weight.shape
@@ -98,7 +126,7 @@ def pack_tiles(weight: torch.Tensor, tile: int) -> torch.Tensor:
 
 
 class NativeLinear(nn.Module):
-    """nn.Linear (inference, CPU) with its weight in `fmt` ("f32", "f16", "bf16", "i8") in the
+    """nn.Linear (inference, CPU) with its weight in `fmt` ("f32", "f16", "bf16", "i8", "i4") in the
     tile layout of csrc/cpu_decode.c; float32 arithmetic (see the module docstring)."""
 
     def __init__(self, linear: nn.Linear, fmt: str = "f32"):
@@ -110,11 +138,17 @@ class NativeLinear(nn.Module):
         if not available(fmt):
             raise FastGPTError(f"native CPU kernel for {fmt} unavailable: {why_unavailable()}")
         weight = linear.weight.detach()
-        scale = None
-        if fmt == "i8":
-            weight, scale = int8_rows(weight)
+        if fmt == "i4" and linear.in_features % GROUP:
+            raise FastGPTError(f"NativeLinear i4: in_features ({linear.in_features}) must be a multiple of {GROUP}")
         with torch.no_grad():
-            self.register_buffer("tiles", pack_tiles(weight.to(FORMATS[fmt]), tile_width()))
+            if fmt == "i4":
+                tiles, scale = pack_int4(weight, tile_width())
+            elif fmt == "i8":
+                codes, scale = int8_rows(weight)
+                tiles = pack_tiles(codes, tile_width())
+            else:
+                tiles, scale = pack_tiles(weight.to(FORMATS[fmt]), tile_width()), None
+            self.register_buffer("tiles", tiles)
             self.register_buffer("scale", scale)
             bias = linear.bias
             self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -148,8 +182,13 @@ class NativeLinear(nn.Module):
         return self._product(x, with_bias=True)
 
     def weight(self) -> torch.Tensor:
-        """The (N, K) float32 weight this layer multiplies by (codes times scales for i8)."""
-        w = self.tiles.float().transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]
+        """The (N, K) float32 weight this layer multiplies by (codes times scales for i8 and i4)."""
+        K, N = self.in_features, self.out_features
+        if self.fmt == "i4":
+            codes = torch.cat([self.tiles & 0x0F, self.tiles >> 4], dim=-1).float()  # (T, K, tile)
+            scale, offset = (self.scale[:, :, i].repeat_interleave(GROUP, dim=1) for i in (0, 1))  # (T, K, tile)
+            return (codes * scale + offset).transpose(1, 2).reshape(-1, K)[:N]
+        w = self.tiles.float().transpose(1, 2).reshape(-1, K)[:N]
         return w * self.scale[:, None] if self.scale is not None else w
 
     def extra_repr(self) -> str:

@@ -14,8 +14,9 @@ memory bandwidth / bytes of weights. The formats, and the kernels torch ships fo
             activation row quantized to int8 on the fly (an extra ~1% error per matmul).
   int4: each run of `group_size` weights along a row as 4-bit codes q in 0..15
         with its own scale and offset, w ~ (q - 8) * scale + zero (asymmetric,
-        min/max of the group): ~6.4x fewer bytes than float32 at group size 32 (4 bytes
-        of scale and zero per group) (`_weight_int4pack_mm_for_cpu`, bf16 inside: its
+        min/max of the group): ~5-6x fewer bytes than float32 at group size 32. On
+        fastgpt's C kernel where it builds (fp32 activations, float32 scale and offset),
+        else ATen's `_weight_int4pack_mm_for_cpu` (bf16 scale and zero, bf16 inside: its
         fp32 path measured ~50x slower).
 
 Which kernel and which activation dtype (the dtype of everything between the matmuls:
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 from . import native_linear
 from .errors import FastGPTError
-from .native_linear import NativeLinear, int8_rows
+from .native_linear import GROUP, NativeLinear, int8_rows, quantize_groups_int4
 from .runtime import CpuCapabilities, cpu_capabilities, resolve_dtype
 
 INT8_KERNELS = ("native", "weight-only", "dynamic")
@@ -183,18 +184,6 @@ class Int4Linear(nn.Module):
                 f"int4 weights, group_size={self.group_size}")
 
 
-def quantize_groups_int4(weight: torch.Tensor, group_size: int):
-    """(N, K) float -> codes (N, K) int32 in 0..15, scale and zero (N, K / group_size) float32,
-    so that weight ~ (codes - 8) * scale + zero, each group spanning its own [min, max]."""
-    N, K = weight.shape
-    groups = weight.reshape(N, K // group_size, group_size)
-    low, high = groups.amin(dim=2), groups.amax(dim=2)
-    scale = ((high - low) / 15).clamp(min=1e-12)
-    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp_(0, 15)
-    zero = low + 8 * scale
-    return codes.to(torch.int32).reshape(N, K), scale, zero
-
-
 QUANTIZATIONS = ("int8", "int4")
 
 
@@ -232,9 +221,12 @@ def _freeze(model):
     return model
 
 
-def quantize_int4(model, dtype: torch.dtype | None = None, group_size: int = 32, head: str = "int4"):
-    """Like quantize_int8, but the matrices become Int4Linear (group-wise int4), which
-    compute in bf16 whatever the activations' dtype.
+def quantize_int4(model, dtype: torch.dtype | None = None, group_size: int = 32, head: str = "int4",
+                  native: bool | None = None):
+    """Like quantize_int8, but the matrices become group-wise int4: on fastgpt's C kernel
+    (NativeLinear "i4", fp32 activations) when `native` (default: where it builds, the group
+    size is its 32 and every matrix's K a multiple of it), else Int4Linear, which computes
+    in bf16 whatever the activations' dtype.
 
     `head`: the LM head's format, "int4" (default) or "int8". The head is a third of
     the bytes of the int8 model; measured on GPT-2 124M (1 CPU thread), an int8 head
@@ -244,13 +236,20 @@ def quantize_int4(model, dtype: torch.dtype | None = None, group_size: int = 32,
     """
     if head not in ("int4", "int8"):
         raise FastGPTError(f"quantize_int4: head must be 'int4' or 'int8', got {head!r}")
-    model.to(dtype or activation_dtype(model.device)).eval()
-    for owner, name in decode_matrices(model):
+    matrices = list(decode_matrices(model))
+    if native is None:
+        native = (model.device.type == "cpu" and group_size == GROUP and native_linear.available("i4")
+                  and all(getattr(owner, name).in_features % GROUP == 0 for owner, name in matrices))
+    model.to(dtype or (torch.float32 if native else activation_dtype(model.device))).eval()
+    for owner, name in matrices:
         linear = _real_rows(model, owner, getattr(owner, name))
-        if owner is model and head == "int8":
-            setattr(owner, name, Int8Linear(linear, KERNEL_DTYPE, "weight-only"))
+        if native:
+            layer = NativeLinear(linear, "i8" if owner is model and head == "int8" else "i4")
+        elif owner is model and head == "int8":
+            layer = Int8Linear(linear, KERNEL_DTYPE, "weight-only")
         else:
-            setattr(owner, name, Int4Linear(linear, group_size, KERNEL_DTYPE))
+            layer = Int4Linear(linear, group_size, KERNEL_DTYPE)
+        setattr(owner, name, layer)
     return _freeze(model)
 
 

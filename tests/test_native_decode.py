@@ -14,7 +14,7 @@ from fastgpt.cached_forward import hidden_states_at
 from fastgpt.generate import generate
 from fastgpt.kv_cache import KVCache
 from fastgpt.native_linear import NativeLinear
-from fastgpt.quantize import quantize_int8
+from fastgpt.quantize import quantize_int4, quantize_int8
 from fastgpt.streaming_linear import stream_matrices
 
 pytestmark = pytest.mark.skipif(native_build.compiler() is None, reason="no C compiler on this machine")
@@ -25,6 +25,8 @@ def native_model(fmt: str, **overrides):
     model = varied_tiny_model(**overrides)
     if fmt == "i8":
         return quantize_int8(model, kernel="native")
+    if fmt == "i4":
+        return quantize_int4(model, native=True)
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[fmt]
     assert "C kernel" in stream_matrices(model.to(dtype), native=True)
     return model
@@ -51,7 +53,7 @@ def decode_both_ways(model, tokens):
     return results
 
 
-@pytest.mark.parametrize("fmt", ["f32", "i8", "f16", "bf16"])
+@pytest.mark.parametrize("fmt", ["f32", "i8", "f16", "bf16", "i4"])
 def test_the_c_blocks_are_the_pytorch_blocks(fmt):
     model = native_model(fmt)
     assert native_decode.plan_for(model) is not None and native_decode.plan_for(model).fmt == fmt

@@ -13,7 +13,7 @@ from conftest import varied_tiny_model
 from fastgpt import native_build, native_linear
 from fastgpt.errors import FastGPTError
 from fastgpt.generate import generate
-from fastgpt.native_linear import FORMATS, NativeLinear, int8_rows, pack_tiles
+from fastgpt.native_linear import FORMATS, GROUP, NativeLinear, int8_rows, pack_tiles, quantize_groups_int4
 
 pytestmark = pytest.mark.skipif(native_build.compiler() is None, reason="no C compiler on this machine")
 PROMPTS = [[464], [15496, 11, 995, 0, 314], [40, 1101, 257, 1310, 2099, 286, 262, 2104, 13, 632, 373, 845]]
@@ -24,6 +24,9 @@ def stored_weight(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "i8":
         codes, scale = int8_rows(weight)
         return codes.double() * scale.double()[:, None]
+    if fmt == "i4":
+        codes, scale, zero = (t.double() for t in quantize_groups_int4(weight, GROUP))
+        return (codes - 8) * scale.repeat_interleave(GROUP, 1) + zero.repeat_interleave(GROUP, 1)
     return weight.to(FORMATS[fmt]).double()
 
 
@@ -33,9 +36,13 @@ def test_the_kernel_builds_here():
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("out_features, in_features", [(37, 29), (64, 96), (101, 3), (1, 50)])
+@pytest.mark.parametrize("out_features, in_features", [(37, 29), (64, 96), (101, 3), (1, 50), (45, 32)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_every_format_is_the_product_with_its_stored_weight(fmt, out_features, in_features, bias):
+    if fmt == "i4" and in_features % GROUP:
+        with pytest.raises(FastGPTError, match="multiple of 32"):
+            NativeLinear(torch.nn.Linear(in_features, out_features), fmt)
+        return
     torch.manual_seed(out_features * 7 + in_features)
     linear = torch.nn.Linear(in_features, out_features, bias=bias)
     layer = NativeLinear(linear, fmt)
@@ -93,7 +100,7 @@ def test_packing_puts_columns_in_tiles():
 
 def test_bad_use_is_one_clear_error():
     with pytest.raises(FastGPTError, match="format must be one of"):
-        NativeLinear(torch.nn.Linear(4, 4), "int3")
+        NativeLinear(torch.nn.Linear(4, 4), "i3")
     layer = NativeLinear(torch.nn.Linear(8, 8), "f16")
     layer.float()  # converts the fp16 tiles too: refuse instead of reading float32 bits as fp16 ones
     with pytest.raises(FastGPTError, match="converted"):

@@ -43,22 +43,26 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop when the text contains STR (not printed); repeatable")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", metavar="DTYPE",  # checked by runtime (torch-free --help)
-                   help="weight and activation dtype: auto, fp32, bf16, fp16 (torch's names float32, bfloat16, float16 "
-                        "too). auto: bf16 on CUDA and on CPUs that compute bf16 natively (AVX512-BF16, AMX), "
-                        "fp32 on other CPUs. On a CPU without bf16 instructions bf16 is emulated (~100x slower "
-                        "matmuls; a warning says so) and fp16 is the fast 16-bit format where it has F16C. "
-                        "fp32 on a CPU decodes through a streaming layout when a start-up timing finds it faster. "
-                        "fp16 may decode one sequence faster than bf16 even on a bf16 CPU, but without fp16 "
-                        "arithmetic its prompts (prefill) run several times slower")
+                   help="weight dtype: auto, fp32, bf16, fp16 (torch's names float32, bfloat16, float16 too). "
+                        "auto: bf16 on CUDA and on CPUs that compute bf16 natively (AVX512-BF16, AMX), fp32 on "
+                        "other CPUs. On a CPU, every float dtype decodes through fastgpt's C kernel where it "
+                        "builds (a C compiler is found): fp16 and bf16 weights are widened to fp32 in registers "
+                        "and the activations stay fp32, so both 16-bit formats are fast for prompts and decoding "
+                        "alike, on any CPU. Without the kernel, bf16 on a CPU without bf16 instructions is "
+                        "emulated (~100x slower matmuls; a warning says so), fp16 prompts run several times "
+                        "slower without fp16 arithmetic, and fp32 decodes through a slab layout when a start-up "
+                        "timing finds it faster")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton"],
                    help="kernel backend (default: $FASTGPT_BACKEND or auto = Triton on CUDA)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="CPU decoding with quantized matrices (APPROXIMATE: logits differ from the float "
                         "model's, so greedy text can too). int8: one scale per row, ~4x fewer bytes read per "
-                        "token than fp32; where the CPU computes bf16 natively, weight-only with bf16 "
-                        "activations, elsewhere fbgemm's dynamic int8 with fp32 activations. int4: a scale and "
-                        "zero per group of 32 weights, ~6x fewer bytes, a logit error ~8-10x int8's. The "
-                        "activations between the matmuls are bf16 only where bf16 is native (else fp32)")
+                        "token than fp32; through fastgpt's C kernel where it builds (int8 widened to fp32 in "
+                        "registers, fp32 activations), else, where the CPU computes bf16 natively, ATen's "
+                        "weight-only int8 with bf16 activations, elsewhere fbgemm's dynamic int8 with fp32 "
+                        "activations. int4: a scale and zero per group of 32 weights, ~6x fewer bytes, a logit "
+                        "error ~8-10x int8's, on ATen's int4 kernel (slower than int8 on the C kernel); its "
+                        "activations are bf16 only where bf16 is native (else fp32)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: the physical cores this process may use, or "
                         "$OMP_NUM_THREADS; a short GEMV timing at start-up falls back to 1 thread when the "

@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", metavar="DTYPE",
                    help="weight dtype: auto, fp32, bf16, fp16 (default auto: bf16 on GPUs and on CPUs that compute "
-                        "it natively, else fp32)")
+                        "it natively, else fp32; on CPUs, fastgpt's C kernel keeps 16-bit weights with fp32 "
+                        "activations: see `fastgpt generate --help`)")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton"],
                    help="kernel backend (default: $FASTGPT_BACKEND or auto = Triton on CUDA)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,

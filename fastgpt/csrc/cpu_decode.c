@@ -1,8 +1,9 @@
 /* Decoding on CPUs: matrix products, and whole transformer blocks for one token.
  *
  * 1. y = x @ W^T (* scale) (+ bias), x and y float32, W stored in tiles of TILE output
- * columns, each tile K x TILE contiguous, in one of four weight formats: float32, float16,
- * bfloat16, int8 (with one float32 scale per column).
+ * columns, each tile K x TILE contiguous, in one of five weight formats: float32, float16,
+ * bfloat16, int8 (with one float32 scale per column), int4 (two codes per byte, with a
+ * float32 scale and offset per column and group of GROUP rows of K: w = q scale + offset).
  *
  * Why: decoding one token multiplies one row by every weight matrix, so it is bound by
  * the speed at which the weights stream from memory. A tile is read front to back by one
@@ -88,11 +89,38 @@ static inline v16 load_f16(const uint16_t *p) {
 #define HAVE_F16 1
 #endif
 
+/* int4: TILE / 2 bytes per step of K; byte j holds column j in its low nibble and column
+ * j + TILE / 2 in its high one, so each half of the tile widens as one run of codes 0..15. */
+#define GROUP 32
+#if defined(__AVX512F__)
+static inline void load_i4(const uint8_t *p, v16 out[VECTORS]) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(0x0F);
+    out[0] = from_m512(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask))));
+    out[1] = from_m512(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask))));
+}
+#elif defined(__AVX2__) && defined(__F16C__)
+static inline void load_i4(const uint8_t *p, v16 out[VECTORS]) {
+    const __m128i bytes = _mm_loadl_epi64((const __m128i *)p), mask = _mm_set1_epi8(0x0F);
+    out[0] = from_halves(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(bytes, mask))),
+                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask))));
+}
+#else
+static inline void load_i4(const uint8_t *p, v16 out[VECTORS]) {
+    for (int v = 0; v < VECTORS; v++)
+        for (int i = 0; i < 16; i++) {
+            const int column = v * 16 + i, half = TILE / 2;
+            const uint8_t byte = p[column % half];
+            out[v][i] = (float)(column < half ? byte & 0x0F : byte >> 4);
+        }
+}
+#endif
+
 /* One tile times `rows` (1..ROWS, a constant after inlining) rows of x: out[r][0..TILE). */
 #define TILE_PRODUCT(FORMAT, WEIGHT)                                                           \
 static inline __attribute__((always_inline)) void tile_##FORMAT(                               \
         const int rows, const float *x, int64_t ldx, int64_t K, const WEIGHT *w,              \
-        float out[ROWS][TILE]) {                                                               \
+        const float *params, float out[ROWS][TILE]) {                                          \
+    (void)params;                                                                              \
     v16 acc[ROWS][VECTORS];                                                                    \
     for (int r = 0; r < rows; r++)                                                             \
         for (int v = 0; v < VECTORS; v++) acc[r][v] = (v16){0};                                \
@@ -108,6 +136,41 @@ static inline __attribute__((always_inline)) void tile_##FORMAT(                
         for (int v = 0; v < VECTORS; v++) memcpy(out[r] + 16 * v, &acc[r][v], sizeof(v16));    \
 }
 
+/* int4: each group of GROUP steps of K sums x q (and x) apart, then adds scale * that
+ * + offset * sum(x), the group's scale and offset per column (params: K / GROUP groups of a
+ * TILE-wide scale row then a TILE-wide offset row). K is a multiple of GROUP. */
+static inline __attribute__((always_inline)) void tile_i4(
+        const int rows, const float *x, int64_t ldx, int64_t K, const uint8_t *w,
+        const float *params, float out[ROWS][TILE]) {
+    v16 acc[ROWS][VECTORS];
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < VECTORS; v++) acc[r][v] = (v16){0};
+    for (int64_t g = 0; g < K / GROUP; g++) {
+        v16 part[ROWS][VECTORS];
+        float xsum[ROWS];
+        for (int r = 0; r < rows; r++) {
+            xsum[r] = 0.0f;
+            for (int v = 0; v < VECTORS; v++) part[r][v] = (v16){0};
+        }
+        for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k++) {
+            v16 wv[VECTORS];
+            load_i4(w + k * (TILE / 2), wv);
+            for (int r = 0; r < rows; r++) {
+                const float xv = x[r * ldx + k];
+                xsum[r] += xv;
+                for (int v = 0; v < VECTORS; v++) part[r][v] += xv * wv[v];
+            }
+        }
+        const float *scale = params + g * 2 * TILE, *offset = scale + TILE;
+        for (int v = 0; v < VECTORS; v++) {
+            const v16 sv = load_f32(scale + 16 * v), ov = load_f32(offset + 16 * v);
+            for (int r = 0; r < rows; r++) acc[r][v] += sv * part[r][v] + ov * xsum[r];
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < VECTORS; v++) memcpy(out[r] + 16 * v, &acc[r][v], sizeof(v16));
+}
+
 static inline float gelu_tanh(float u) {
     return 0.5f * u * (1.0f + tanhf(0.7978845608028654f * (u + 0.044715f * u * u * u)));
 }
@@ -117,8 +180,7 @@ static inline float gelu_tanh(float u) {
  * then GELU when `gelu`. Work items: (tile, block of BLOCK_ROWS rows), shared out by an
  * OpenMP `for` among the threads of the enclosing parallel region (one thread outside one). */
 #define BLOCK_ROWS 64
-#define PRODUCT(FORMAT, WEIGHT)                                                                \
-TILE_PRODUCT(FORMAT, WEIGHT)                                                                   \
+#define PRODUCT(FORMAT, WEIGHT, GROUPED)                                                       \
 static void gemm_##FORMAT(const float *x, int64_t M, int64_t ldx, int64_t K, const void *weights, \
                           int64_t N, const float *scale, const float *bias, float *y,        \
                           int64_t ldy, int gelu) {                                            \
@@ -129,22 +191,23 @@ static void gemm_##FORMAT(const float *x, int64_t M, int64_t ldx, int64_t K, con
         const int64_t t = item / blocks, first = (item % blocks) * BLOCK_ROWS;                 \
         const int64_t last = first + BLOCK_ROWS < M ? first + BLOCK_ROWS : M;                  \
         const int64_t n0 = t * TILE, width = N - n0 < TILE ? N - n0 : TILE;                    \
-        const WEIGHT *w = packed + t * K * TILE;                                               \
+        const WEIGHT *w = packed + t * K * (GROUPED ? TILE / 2 : TILE);                        \
+        const float *params = GROUPED ? scale + t * (K / GROUP) * 2 * TILE : 0;               \
         for (int64_t m = first; m < last; m += ROWS) {                                         \
             float out[ROWS][TILE];                                                             \
             const int rows = last - m < ROWS ? (int)(last - m) : ROWS;                         \
             const float *xs = x + m * ldx;                                                     \
             switch (rows) {                                                                    \
-                case 1: tile_##FORMAT(1, xs, ldx, K, w, out); break;                           \
-                case 2: tile_##FORMAT(2, xs, ldx, K, w, out); break;                           \
-                case 3: tile_##FORMAT(3, xs, ldx, K, w, out); break;                           \
-                default: tile_##FORMAT(ROWS, xs, ldx, K, w, out);                              \
+                case 1: tile_##FORMAT(1, xs, ldx, K, w, params, out); break;                           \
+                case 2: tile_##FORMAT(2, xs, ldx, K, w, params, out); break;                           \
+                case 3: tile_##FORMAT(3, xs, ldx, K, w, params, out); break;                           \
+                default: tile_##FORMAT(ROWS, xs, ldx, K, w, params, out);                              \
             }                                                                                  \
             for (int r = 0; r < rows; r++) {                                                   \
                 float *yr = y + (m + r) * ldy + n0;                                            \
                 for (int64_t j = 0; j < width; j++) {                                          \
                     float value = out[r][j];                                                   \
-                    if (scale) value *= scale[n0 + j];                                         \
+                    if (scale && !GROUPED) value *= scale[n0 + j];                             \
                     if (bias) value += bias[n0 + j];                                           \
                     yr[j] = gelu ? gelu_tanh(value) : value;                                   \
                 }                                                                              \
@@ -159,11 +222,16 @@ void fastgpt_gemm_##FORMAT(const float *x, int64_t M, int64_t ldx, int64_t K,   
     gemm_##FORMAT(x, M, ldx, K, packed, N, scale, bias, y, ldy, 0);                            \
 }
 
-PRODUCT(f32, float)
-PRODUCT(i8, int8_t)
-PRODUCT(bf16, uint16_t)
+TILE_PRODUCT(f32, float)
+TILE_PRODUCT(i8, int8_t)
+TILE_PRODUCT(bf16, uint16_t)
+PRODUCT(f32, float, 0)
+PRODUCT(i8, int8_t, 0)
+PRODUCT(bf16, uint16_t, 0)
+PRODUCT(i4, uint8_t, 1)
 #if defined(HAVE_F16)
-PRODUCT(f16, uint16_t)
+TILE_PRODUCT(f16, uint16_t)
+PRODUCT(f16, uint16_t, 0)
 #endif
 
 /* The tile width the packing must use (it depends on the instructions compiled in). */
@@ -178,7 +246,7 @@ typedef void (*gemm_fn)(const float *, int64_t, int64_t, int64_t, const void *, 
 typedef struct {
     const float *ln1_weight, *ln1_bias, *ln2_weight, *ln2_bias;
     const void *matrix[4];
-    const float *scale[4];  /* per output column (int8), else NULL */
+    const float *scale[4];  /* per output column (int8), per group and column (int4), else NULL */
     const float *bias[4];   /* or NULL */
 } fastgpt_block;
 
@@ -235,7 +303,7 @@ static void attend(const float *q, const float *k, const float *v, float *k_cach
 /* x (C): the token's embedding in, the last block's output (the residual stream) out.
  * k_cache, v_cache: this sequence's cache, (n_layer, H, S, D) with the given strides
  * between layers and heads; the token sits at `pos` < S. `format`: 0 f32, 1 i8, 2 bf16,
- * 3 f16. work: at least 10 C + H S floats. Returns 0, or -1 for an unknown format. */
+ * 3 f16, 4 i4. work: at least 10 C + H S floats. Returns 0, or -1 for an unknown format. */
 int fastgpt_decode_blocks(int format, int64_t n_layer, const fastgpt_block *blocks, int64_t C,
                           int64_t H, int64_t pos, float *k_cache, float *v_cache,
                           int64_t layer_stride, int64_t head_stride, float eps, float *x,
@@ -245,6 +313,7 @@ int fastgpt_decode_blocks(int format, int64_t n_layer, const fastgpt_block *bloc
         case 0: gemm = gemm_f32; break;
         case 1: gemm = gemm_i8; break;
         case 2: gemm = gemm_bf16; break;
+        case 4: gemm = gemm_i4; break;
 #if defined(HAVE_F16)
         case 3: gemm = gemm_f16; break;
 #endif
