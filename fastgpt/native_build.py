@@ -29,9 +29,9 @@ from .weights.download import default_cache_dir
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
 # -fopenmp: parallel loops on the OpenMP runtime torch has already loaded (libgomp), one pool
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-Wno-psabi")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-Wno-psabi")  # and -march (native unless a test asks otherwise)
 LIBRARIES = ("-lm",)  # after the source, where linkers that drop unneeded libraries look for them
-_failures: dict[str, str] = {}
+_failures: dict[tuple[str, str], str] = {}
 
 
 def compiler() -> str | None:
@@ -48,21 +48,22 @@ def _compiler_version(cc: str) -> str:
         return ""
 
 
-def library_path(name: str, cc: str) -> Path:
-    """Where the build of csrc/<name>.c for this source, compiler and CPU is cached."""
+def library_path(name: str, cc: str, march: str = "native") -> Path:
+    """Where the build of csrc/<name>.c for this source, compiler, -march and CPU is cached."""
     caps = cpu_capabilities()
-    key = "\n".join([(SOURCE_DIR / f"{name}.c").read_text(), " ".join(FLAGS + LIBRARIES), cc, _compiler_version(cc),
+    key = "\n".join([(SOURCE_DIR / f"{name}.c").read_text(), " ".join(FLAGS + LIBRARIES), march, cc,
+                     _compiler_version(cc),
                      platform.machine(), caps.model, caps.isa, str(sorted(vars(caps).items()))])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return default_cache_dir() / "native" / f"{name}-{digest}.so"
 
 
-def _build(name: str, cc: str, target: Path) -> None:
+def _build(name: str, cc: str, march: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def compile_to(tmp: Path) -> None:
-        result = subprocess.run([cc, *FLAGS, str(SOURCE_DIR / f"{name}.c"), "-o", str(tmp), *LIBRARIES],
-                                capture_output=True, text=True, timeout=300)
+        command = [cc, *FLAGS, f"-march={march}", str(SOURCE_DIR / f"{name}.c"), "-o", str(tmp), *LIBRARIES]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             first_error = next((line for line in result.stderr.splitlines() if "error" in line),
                                result.stderr.strip()[:200])
@@ -72,26 +73,28 @@ def _build(name: str, cc: str, target: Path) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def load_library(name: str) -> ctypes.CDLL | None:
-    """csrc/<name>.c compiled for this CPU and loaded, or None (see `unavailable_reason`)."""
+def load_library(name: str, march: str = "native") -> ctypes.CDLL | None:
+    """csrc/<name>.c compiled for this CPU and loaded, or None (see `unavailable_reason`).
+    `march`: another -march, so that tests can run the AVX2 and plain-C code paths on an
+    AVX-512 machine (the CPU must support what it names)."""
     if platform.system() != "Linux":
-        _failures[name] = f"native CPU kernels are built on Linux only, not {platform.system()}"
+        _failures[name, march] = f"native CPU kernels are built on Linux only, not {platform.system()}"
         return None
     cc = compiler()
     if cc is None:
-        _failures[name] = "no C compiler found (set $CC, or install gcc)"
+        _failures[name, march] = "no C compiler found (set $CC, or install gcc)"
         return None
     torch.get_num_threads()  # torch (and its OpenMP runtime) is loaded first, so the library shares it
-    target = library_path(name, cc)
+    target = library_path(name, cc, march)
     try:
         if not target.exists():
-            _build(name, cc, target)
+            _build(name, cc, march, target)
         return ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        _failures[name] = str(error).splitlines()[0]
+        _failures[name, march] = str(error).splitlines()[0]
         return None
 
 
-def unavailable_reason(name: str) -> str | None:
-    """Why `load_library(name)` gave None (None when it has not failed)."""
-    return _failures.get(name)
+def unavailable_reason(name: str, march: str = "native") -> str | None:
+    """Why `load_library(name, march)` gave None (None when it has not failed)."""
+    return _failures.get((name, march))

@@ -23,8 +23,9 @@ import weakref
 
 import torch
 
+from . import native_linear
 from .kv_cache import KVCache
-from .native_linear import NativeLinear, kernel_library
+from .native_linear import NativeLinear
 
 FORMAT_CODES = {"f32": 0, "i8": 1, "bf16": 2, "f16": 3, "i4": 4}
 
@@ -72,7 +73,7 @@ class BlockPlan:
                 self._watched += [(ln, "weight", ln.weight), (ln, "bias", ln.bias)]
             self._watched += [(block.attn, "qkv", matrices[0]), (block.attn, "proj", matrices[1]),
                               (block.mlp, "fc", matrices[2]), (block.mlp, "proj", matrices[3])]
-        self._function = kernel_library().fastgpt_decode_blocks
+        self._function = native_linear.kernel_library().fastgpt_decode_blocks
         self._work = torch.empty(0)
 
     def current(self) -> bool:
@@ -131,7 +132,7 @@ def plan_for(model) -> BlockPlan | None:
     if not (len(model.blocks) and type(getattr(model.blocks[0].attn, "qkv", None)) is NativeLinear):
         return None  # the common "no" in one look, before checking every block
     fmt = _plannable_format(model)
-    if fmt is None or kernel_library() is None:
+    if fmt is None or native_linear.kernel_library() is None:
         _PLANS.pop(model, None)
         return None
     plan = _PLANS[model] = BlockPlan(model, fmt)

@@ -41,9 +41,9 @@ _ARGUMENTS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, c
               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
 
 
-def kernel_library() -> ctypes.CDLL | None:
-    """csrc/cpu_decode.c built for this CPU, its functions' signatures declared, or None."""
-    library = load_library(LIBRARY)
+def kernel_library(march: str = "native") -> ctypes.CDLL | None:
+    """csrc/cpu_decode.c built for this CPU (or `march`), its functions' signatures declared, or None."""
+    library = load_library(LIBRARY, march)
     if library is not None and not hasattr(library, "ready"):
         for fmt in FORMATS:
             function = getattr(library, f"fastgpt_gemm_{fmt}", None)

@@ -74,3 +74,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def _c_kernel_builds():
+    """-march values whose build of fastgpt's C kernel this machine can run: native, and on
+    x86 also the AVX2 (haswell) and plain-C (x86-64) code paths."""
+    import platform
+
+    from fastgpt.runtime import cpu_capabilities
+    builds = ["native"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        caps = cpu_capabilities()
+        if caps.avx2 and caps.f16c and caps.avx512:  # (on an AVX2-only CPU, native is the AVX2 path)
+            builds.append("haswell")
+        builds.append("x86-64")
+    return builds
+
+
+@pytest.fixture(params=_c_kernel_builds())
+def c_kernel_build(request, monkeypatch):
+    """Runs the test once per code path of fastgpt's C kernel (csrc/cpu_decode.c) that this
+    CPU can execute: NativeLinear and the block decode then use that build."""
+    from fastgpt import native_build, native_linear
+    if native_build.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    if request.param != "native":
+        library = native_linear.kernel_library(request.param)
+        assert library is not None, native_build.unavailable_reason("cpu_decode", request.param)
+        monkeypatch.setattr(native_linear, "kernel_library", lambda march="native": library)
+        monkeypatch.setattr(native_linear, "_GEMMS", native_linear._Gemms())
+    return request.param

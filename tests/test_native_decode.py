@@ -54,7 +54,7 @@ def decode_both_ways(model, tokens):
 
 
 @pytest.mark.parametrize("fmt", ["f32", "i8", "f16", "bf16", "i4"])
-def test_the_c_blocks_are_the_pytorch_blocks(fmt):
+def test_the_c_blocks_are_the_pytorch_blocks(c_kernel_build, fmt):
     model = native_model(fmt)
     assert native_decode.plan_for(model) is not None and native_decode.plan_for(model).fmt == fmt
     torch.manual_seed(5)
@@ -66,7 +66,7 @@ def test_the_c_blocks_are_the_pytorch_blocks(fmt):
     torch.testing.assert_close(fast_cache.v, reference_cache.v, rtol=1e-4, atol=1e-4)
 
 
-def test_odd_widths_and_head_sizes():
+def test_odd_widths_and_head_sizes(c_kernel_build):
     model = native_model("f32", n_embd=40, n_head=5, n_layer=3)  # head_dim 8: the vector loops' scalar tails
     tokens = [3, 17, 250, 9, 1000, 42, 7]
     (fast, _), (reference, _) = decode_both_ways(model, tokens)

@@ -38,7 +38,7 @@ def test_the_kernel_builds_here():
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("out_features, in_features", [(37, 29), (64, 96), (101, 3), (1, 50), (45, 32)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_every_format_is_the_product_with_its_stored_weight(fmt, out_features, in_features, bias):
+def test_every_format_is_the_product_with_its_stored_weight(c_kernel_build, fmt, out_features, in_features, bias):
     if fmt == "i4" and in_features % GROUP:
         with pytest.raises(FastGPTError, match="multiple of 32"):
             NativeLinear(torch.nn.Linear(in_features, out_features), fmt)
