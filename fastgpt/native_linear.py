@@ -11,7 +11,9 @@ tiles front to back; the kernel widens the stored format to float32 in registers
     format  bytes/weight  stored as                        exact?
     f32     4             float32                          yes
     f16     2             float16 (F16C widening)          the weight rounded to fp16
-    bf16    2             bfloat16 (a shift)               the weight rounded to bf16
+    bf16    2             bfloat16 (a shift)               the weight rounded to bf16 (with
+                          AVX512-BF16: pairs of K, bf16    and the activations too:
+                          dot products)                    `bf16_pairs`)
     i8      1             int8 + a float32 scale/row       absmax / 127 per output row
     i4      0.5 (+0.25)   4-bit codes, two per byte, + a   (max - min) / 15 per group of
                           scale and offset per group of    32 weights along a row
@@ -50,6 +52,7 @@ def kernel_library(march: str = "native") -> ctypes.CDLL | None:
             if function is not None:
                 function.argtypes, function.restype = _ARGUMENTS, None
         library.fastgpt_tile_width.restype = ctypes.c_int
+        library.fastgpt_bf16_pairs.restype = ctypes.c_int
         i64, pointer = ctypes.c_int64, ctypes.c_void_p
         library.fastgpt_decode_blocks.argtypes = [ctypes.c_int, i64, pointer, i64, i64, i64, pointer, pointer,
                                                   i64, i64, ctypes.c_float, pointer, pointer, ctypes.c_int]
@@ -84,6 +87,22 @@ def tile_width() -> int:
     if library is None:
         raise FastGPTError(f"native CPU kernels unavailable: {why_unavailable()}")
     return library.fastgpt_tile_width()
+
+
+def bf16_pairs() -> bool:
+    """Whether this build multiplies bf16 weights with bf16 dot products (AVX512-BF16): its
+    bf16 tiles then hold pairs of K, and its bf16 products round the activations to bf16
+    (as oneDNN's bf16 matmuls do), at twice the fp32 arithmetic rate for prompts and batches."""
+    library = kernel_library()
+    return library is not None and bool(library.fastgpt_bf16_pairs())
+
+
+def pack_bf16_pairs(weight: torch.Tensor, tile: int) -> torch.Tensor:
+    """(N, K) -> (ceil(N / tile), ceil(K / 2), tile, 2) bf16: each column's weights for K steps
+    2p and 2p + 1 side by side, the layout of a bf16 dot product (K padded with a zero)."""
+    weight = F.pad(weight.to(torch.bfloat16), (0, weight.shape[1] % 2))
+    tiles = pack_tiles(weight, tile)                                   # (T, K_even, tile)
+    return tiles.view(tiles.shape[0], -1, 2, tile).transpose(2, 3).contiguous()
 
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +165,8 @@ class NativeLinear(nn.Module):
             elif fmt == "i8":
                 codes, scale = int8_rows(weight)
                 tiles = pack_tiles(codes, tile_width())
+            elif fmt == "bf16" and bf16_pairs():
+                tiles, scale = pack_bf16_pairs(weight, tile_width()), None
             else:
                 tiles, scale = pack_tiles(weight.to(FORMATS[fmt]), tile_width()), None
             self.register_buffer("tiles", tiles)
@@ -188,7 +209,10 @@ class NativeLinear(nn.Module):
             codes = torch.cat([self.tiles & 0x0F, self.tiles >> 4], dim=-1).float()  # (T, K, tile)
             scale, offset = (self.scale[:, :, i].repeat_interleave(GROUP, dim=1) for i in (0, 1))  # (T, K, tile)
             return (codes * scale + offset).transpose(1, 2).reshape(-1, K)[:N]
-        w = self.tiles.float().transpose(1, 2).reshape(-1, K)[:N]
+        tiles = self.tiles
+        if tiles.dim() == 4:  # bf16 pairs of K: back to (T, K, tile)
+            tiles = tiles.transpose(2, 3).reshape(tiles.shape[0], -1, tiles.shape[2])[:, :K]
+        w = tiles.float().transpose(1, 2).reshape(-1, K)[:N]
         return w * self.scale[:, None] if self.scale is not None else w
 
     def extra_repr(self) -> str:

@@ -252,7 +252,8 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def resolve_dtype(name: str | torch.dtype, device: torch.device, purpose: str = "train") -> torch.dtype:
+def resolve_dtype(name: str | torch.dtype, device: torch.device, purpose: str = "train",
+                  warn: bool = True) -> torch.dtype:
     """The compute dtype for `device`.
 
     'auto' for training (autocast dtype): bf16 on GPUs that have it, fp16 on older GPUs;
@@ -261,7 +262,9 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device, purpose: str = 
     (Not fp16 on CPUs, even where its one-row GEMV is the faster one, see
     `fastest_cpu_half_dtype`: without fp16 arithmetic a prompt's prefill or a served batch
     multiplies fp16 matrices 4-9x slower than bf16 ones.)
-    An explicit bf16 on a CPU without bf16 instructions runs, after a one-line warning.
+    An explicit bf16 on a CPU without bf16 instructions runs, after a one-line warning
+    (unless `warn` is False: the caller knows its bf16 weights are widened to fp32, as
+    fastgpt's C decoding kernel does).
     """
     if isinstance(name, torch.dtype):
         name = dtype_name(name)
@@ -275,7 +278,7 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device, purpose: str = 
     dtype = CANONICAL_DTYPES[key]
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise FastGPTError(f"--dtype bf16: {torch.cuda.get_device_name(device)} does not support bfloat16")
-    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16():
+    if warn and dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16():
         warn_slow_bf16()
     return dtype
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FastGPTError
-from .native_linear import NativeLinear, available
+from .native_linear import NativeLinear, available, bf16_pairs
 from .quantize import decode_matrices, quantize
 from .runtime import best_time
 
@@ -117,7 +117,8 @@ def stream_matrices(model, splits: int | None = None, check_speed: bool = True, 
     With `native` (default: when fastgpt's C kernel builds here): NativeLinear in the
     model's own format (float32, float16 or bfloat16 weights), and the rest of a 16-bit
     model turned to float32, since the kernel computes in float32 (a 16-bit model then
-    keeps its 16-bit weights, with float32 LayerNorms and attention, as llama.cpp does). No
+    keeps its 16-bit weights, with float32 LayerNorms and attention, as llama.cpp does;
+    bf16 products on AVX512-BF16 CPUs round their inputs to bf16, see `bf16_pairs`). No
     timing is needed there: one-token steps of such a model run all blocks in one C call
     (`fastgpt.native_decode`), which timing the products alone would misjudge, and the
     products themselves were as fast as or faster than PyTorch's in every measurement.
@@ -140,8 +141,12 @@ def stream_matrices(model, splits: int | None = None, check_speed: bool = True, 
     if fmt is not None and (available(fmt) if native is None else native):
         model.float()
         streamed = [NativeLinear(getattr(owner, name), fmt) for owner, name in matrices]
-        done = ("float32 matrices in fastgpt's C kernel" if fmt == "f32" else
-                f"{str(dtype).removeprefix('torch.')} weights in fastgpt's C kernel, float32 activations")
+        if fmt == "f32":
+            done = "float32 matrices in fastgpt's C kernel"
+        elif fmt == "bf16" and bf16_pairs():
+            done = "bfloat16 weights in fastgpt's C kernel, bf16 dot products (activations rounded at the products)"
+        else:
+            done = f"{str(dtype).removeprefix('torch.')} weights in fastgpt's C kernel, float32 activations"
     elif dtype == torch.float32:
         linears = [getattr(owner, name) for owner, name in matrices]
         splits = splits or default_splits()

@@ -48,14 +48,28 @@ def test_every_format_is_the_product_with_its_stored_weight(c_kernel_build, fmt,
     layer = NativeLinear(linear, fmt)
     weight = stored_weight(linear.weight, fmt)
     torch.testing.assert_close(layer.weight().double(), weight, rtol=0, atol=1e-7)
+    rounds = fmt == "bf16" and native_linear.bf16_pairs()  # bf16 dot products round the activations too
     for rows in [1, 2, 3, 4, 5, 9, 70, 131]:  # 1..4: one pass; 70, 131: across the 64-row blocks
         x = torch.randn(rows, in_features)
+        if rounds:
+            x = x.bfloat16().float()  # exactly representable: the products are then exact in fp32 sums
         expected = x.double() @ weight.T + (linear.bias.double() if bias else 0)
         y = layer(x)
         assert y.dtype == torch.float32 and y.shape == (rows, out_features)
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * in_features ** 0.5)
         torch.testing.assert_close(layer.matmul_no_bias(x).double(), x.double() @ weight.T,
                                    rtol=1e-5, atol=1e-5 * in_features ** 0.5)
+
+
+def test_bf16_dot_products_round_the_activations_like_pytorch():
+    if not native_linear.bf16_pairs():
+        pytest.skip("this build widens bf16 weights (no AVX512-BF16)")
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(77, 45, bias=False)  # odd K: the pair layout's zero pad
+    layer = NativeLinear(linear, "bf16")
+    x = torch.randn(6, 77)
+    expected = x.bfloat16().double() @ linear.weight.bfloat16().double().T
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_inputs_of_any_layout_and_dtype():

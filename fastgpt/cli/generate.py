@@ -104,6 +104,7 @@ def _setup(args):
     """(model, metadata, tokenizer, sampling kwargs) from the parsed arguments."""
     from .. import ops
     from ..errors import FastGPTError
+    from ..native_linear import available as native_available
     from ..runtime import measured_threads, resolve_device, resolve_dtype
     from ..sampling import validate
     from ..tokenizer import Tokenizer, load_tokenizer
@@ -128,7 +129,9 @@ def _setup(args):
     device = resolve_device(args.device)
     if device.type == "cpu":
         measured_threads(args.threads)
-    dtype = resolve_dtype(args.dtype, device, "inference")
+    # bf16 weights on fastgpt's C kernel are fast on any CPU: no warning about missing bf16 instructions then
+    dtype = resolve_dtype(args.dtype, device, "inference",
+                          warn=device.type != "cpu" or not native_available("bf16"))
 
     if args.random_init:
         from ..config import preset
@@ -146,7 +149,7 @@ def _setup(args):
     from ..streaming_linear import prepare_for_decoding
     # an explicit --dtype sets a quantized model's activations; auto: bf16 only where the CPU computes it natively
     done = prepare_for_decoding(model, args.quantize, None if args.dtype == "auto" else dtype)
-    if args.quantize:
+    if done:
         print(f"fastgpt: {done}", file=sys.stderr)
     draft = None
     if args.draft:

@@ -114,6 +114,7 @@ def run(args) -> int:
 def _load_model(args):
     """(model in eval mode, metadata, tokenizer) as `fastgpt generate` loads them."""
     from .. import ops
+    from ..native_linear import available as native_available
     from ..runtime import resolve_device, resolve_dtype, set_threads
     from ..tokenizer import Tokenizer, load_tokenizer
 
@@ -122,7 +123,9 @@ def _load_model(args):
     device = resolve_device(args.device)
     if device.type == "cpu":
         set_threads(args.threads)  # a batch of sequences is matrix work: every core helps
-    dtype = resolve_dtype(args.dtype, device, "inference")
+    # bf16 weights on fastgpt's C kernel are fast on any CPU: no warning about missing bf16 instructions then
+    dtype = resolve_dtype(args.dtype, device, "inference",
+                          warn=device.type != "cpu" or not native_available("bf16"))
     if args.random_init:
         from ..config import preset
         from ..model import GPT
@@ -135,7 +138,7 @@ def _load_model(args):
         tokenizer = load_tokenizer(resolve(args.model))  # its own BPE if saved with it, else GPT-2's
     from ..streaming_linear import prepare_for_decoding
     done = prepare_for_decoding(model, args.quantize, None if args.dtype == "auto" else dtype)
-    if args.quantize:
+    if done:
         print(f"fastgpt serve: {done}", file=sys.stderr)
     return model.eval(), metadata, tokenizer
 

@@ -25,6 +25,7 @@
  * the arithmetic and a barrier per step. */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX512F__)
@@ -224,11 +225,103 @@ void fastgpt_gemm_##FORMAT(const float *x, int64_t M, int64_t ldx, int64_t K,   
 
 TILE_PRODUCT(f32, float)
 TILE_PRODUCT(i8, int8_t)
-TILE_PRODUCT(bf16, uint16_t)
 PRODUCT(f32, float, 0)
 PRODUCT(i8, int8_t, 0)
-PRODUCT(bf16, uint16_t, 0)
 PRODUCT(i4, uint8_t, 1)
+
+#if defined(__AVX512BF16__)
+/* bf16 on CPUs with bf16 dot products (AVX512-BF16): the activations are rounded to bf16
+ * too (as oneDNN's bf16 matmuls do) and each instruction multiplies and adds two steps of
+ * K, twice the fp32 arithmetic rate: what prompts and batches need, which are compute
+ * bound. Tiles hold pairs of K: (K / 2, TILE, 2), column j's weights for k = 2p and 2p + 1
+ * side by side (K padded to even with a zero row). Every row count takes this path, so a
+ * row's result never depends on the rows computed beside it. */
+#define BF16_PAIRS 1
+static inline __attribute__((always_inline)) void tile_bf16(
+        const int rows, const uint16_t *x, int64_t ldx, int64_t pairs, const uint16_t *w,
+        float out[ROWS][TILE]) {
+    __m512 acc[ROWS][VECTORS];
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < VECTORS; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; p++) {
+        __m512i wv[VECTORS];
+        for (int v = 0; v < VECTORS; v++) wv[v] = _mm512_loadu_si512((const void *)(w + (p * TILE + 16 * v) * 2));
+        for (int r = 0; r < rows; r++) {
+            uint32_t pair;
+            memcpy(&pair, x + r * ldx + 2 * p, 4);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);
+            for (int v = 0; v < VECTORS; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xv, (__m512bh)wv[v]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < VECTORS; v++) _mm512_storeu_ps(out[r] + 16 * v, acc[r][v]);
+}
+
+/* x (M, K) float32 -> bf16 rows of length 2 * pairs (round to nearest even, a zero pad). */
+static void rows_to_bf16(const float *x, int64_t M, int64_t ldx, int64_t K, int64_t pairs, uint16_t *out) {
+    for (int64_t m = 0; m < M; m++) {
+        uint16_t *row = out + m * 2 * pairs;
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + m * ldx + k));
+            memcpy(row + k, &h, 32);
+        }
+        for (; k < K; k++) {
+            __m128bh h = _mm_cvtneps_pbh(_mm_set1_ps(x[m * ldx + k]));
+            memcpy(row + k, &h, 2);
+        }
+        if (K % 2) row[K] = 0;
+    }
+}
+
+static void gemm_bf16(const float *x, int64_t M, int64_t ldx, int64_t K, const void *weights, int64_t N,
+                      const float *scale, const float *bias, float *y, int64_t ldy, int gelu) {
+    (void)scale;
+    const uint16_t *packed = (const uint16_t *)weights;
+    const int64_t pairs = (K + 1) / 2, tiles = (N + TILE - 1) / TILE, blocks = (M + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    /* each thread rounds the rows it reads into its own buffer: no state shared between calls */
+    uint16_t *xb = (uint16_t *)malloc((size_t)(M * 2 * pairs) * sizeof(uint16_t));
+    if (!xb) abort();
+    rows_to_bf16(x, M, ldx, K, pairs, xb);
+    #pragma omp for schedule(static)
+    for (int64_t item = 0; item < tiles * blocks; item++) {
+        const int64_t t = item / blocks, first = (item % blocks) * BLOCK_ROWS;
+        const int64_t last = first + BLOCK_ROWS < M ? first + BLOCK_ROWS : M;
+        const int64_t n0 = t * TILE, width = N - n0 < TILE ? N - n0 : TILE;
+        const uint16_t *w = packed + t * pairs * TILE * 2;
+        for (int64_t m = first; m < last; m += ROWS) {
+            float out[ROWS][TILE];
+            const int rows = last - m < ROWS ? (int)(last - m) : ROWS;
+            const uint16_t *xs = xb + m * 2 * pairs;
+            switch (rows) {
+                case 1: tile_bf16(1, xs, 2 * pairs, pairs, w, out); break;
+                case 2: tile_bf16(2, xs, 2 * pairs, pairs, w, out); break;
+                case 3: tile_bf16(3, xs, 2 * pairs, pairs, w, out); break;
+                default: tile_bf16(ROWS, xs, 2 * pairs, pairs, w, out);
+            }
+            for (int r = 0; r < rows; r++) {
+                float *yr = y + (m + r) * ldy + n0;
+                for (int64_t j = 0; j < width; j++) {
+                    float value = out[r][j];
+                    if (bias) value += bias[n0 + j];
+                    yr[j] = gelu ? gelu_tanh(value) : value;
+                }
+            }
+        }
+    }
+    free(xb);
+}
+
+void fastgpt_gemm_bf16(const float *x, int64_t M, int64_t ldx, int64_t K, const uint16_t *packed, int64_t N,
+                       const float *scale, const float *bias, float *y, int64_t ldy, int threads) {
+    #pragma omp parallel num_threads(threads)
+    gemm_bf16(x, M, ldx, K, packed, N, scale, bias, y, ldy, 0);
+}
+#else
+#define BF16_PAIRS 0
+TILE_PRODUCT(bf16, uint16_t)
+PRODUCT(bf16, uint16_t, 0)
+#endif
 #if defined(HAVE_F16)
 TILE_PRODUCT(f16, uint16_t)
 PRODUCT(f16, uint16_t, 0)
@@ -236,6 +329,9 @@ PRODUCT(f16, uint16_t, 0)
 
 /* The tile width the packing must use (it depends on the instructions compiled in). */
 int fastgpt_tile_width(void) { return TILE; }
+
+/* 1 when bf16 tiles hold pairs of K and bf16 products round the activations to bf16 (see gemm_bf16). */
+int fastgpt_bf16_pairs(void) { return BF16_PAIRS; }
 
 /* ---------------------------------------------------------------- whole blocks, one token */
 typedef void (*gemm_fn)(const float *, int64_t, int64_t, int64_t, const void *, int64_t,
