@@ -50,7 +50,7 @@ from ..gpt2_vocab import GPT2_VOCAB_SIZE
 from ..native_linear import NativeLinear
 from ..quantize import INT8_KERNELS, QUANTIZATIONS, quantize, weight_bytes_per_token
 from ..runtime import CANONICAL_DTYPES, canonical_dtype_name, cpu_capabilities, describe_machine, fastest_cpu_half_dtype
-from ..streaming_linear import StreamingLinear, stream_matrices
+from ..streaming_linear import StreamingLinear, prepare_for_decoding, stream_matrices
 from ..weights import load_pretrained
 from .common import Row, device_name, quantiles, write_csv
 
@@ -453,6 +453,8 @@ def run_speculative(model_dir: str, draft_dir: str, out_dir: str | Path | None =
     with _threads(threads):
         target, _ = load_fastgpt(model_dir, device="cpu", dtype=torch.float32)
         draft, _ = load_fastgpt(draft_dir, device="cpu", dtype=torch.float32)
+        for model in (target, draft):  # as `fastgpt generate --draft` does
+            prepare_for_decoding(model)
         tokenizer = load_tokenizer(resolve(model_dir))
         ids = [tokenizer.encode(p) for p in prompts]
         greedy, sampled = dict(temperature=0), dict(temperature=0.8, top_k=40, seed=0)
