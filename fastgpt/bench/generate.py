@@ -453,6 +453,7 @@ def run_speculative(model_dir: str, draft_dir: str, out_dir: str | Path | None =
     with _threads(threads):
         target, _ = load_fastgpt(model_dir, device="cpu", dtype=torch.float32)
         draft, _ = load_fastgpt(draft_dir, device="cpu", dtype=torch.float32)
+        sizes = [m.num_parameters() / 1e6 for m in (target, draft)]  # (the C kernel's matrices are buffers)
         for model in (target, draft):  # as `fastgpt generate --draft` does
             prepare_for_decoding(model)
         tokenizer = load_tokenizer(resolve(model_dir))
@@ -473,7 +474,7 @@ def run_speculative(model_dir: str, draft_dir: str, out_dir: str | Path | None =
 
         wall, cpu = _time_interleaved({k: call(k, o) for k, o in contenders.items()}, repeats, "cpu")
         shape = (f"B=1 prompts={len(ids)} new={new_tokens} threads={torch.get_num_threads()} "
-                 f"target={target.num_parameters() / 1e6:.1f}M draft={draft.num_parameters() / 1e6:.1f}M")
+                 f"target={sizes[0]:.1f}M draft={sizes[1]:.1f}M")
         total = new_tokens * len(ids)
         rows = []
         for key in contenders:
