@@ -153,15 +153,27 @@ def test_bad_speed_arguments_exit_2_with_one_line(model_dir, capsys, flags, word
     assert len(err.splitlines()) == 1 and word in err
 
 
-def test_dtype_names_both_spellings_and_the_bf16_warning_on_a_cpu_without_it(model_dir, capsys, monkeypatch):
-    """Simulated capabilities: an AVX2-only CPU gets the one-line bf16 warning, a bf16 CPU does not."""
+@pytest.mark.parametrize("c_kernel", [False, True])
+def test_dtype_names_both_spellings_and_the_bf16_warning_on_a_cpu_without_it(model_dir, capsys, monkeypatch,
+                                                                              c_kernel):
+    """Simulated capabilities: an AVX2-only CPU gets the one-line bf16 warning, a bf16 CPU does not;
+    nor does any CPU when fastgpt's C kernel takes the bf16 weights (it widens them to fp32)."""
     import dataclasses
 
-    from fastgpt import runtime
+    from fastgpt import native_linear, runtime
+    if c_kernel and not native_linear.available("bf16"):
+        pytest.skip("fastgpt's C kernel does not build here")
+    from fastgpt import streaming_linear
+    real_available = native_linear.available
+
+    def with_or_without(fmt="f32"):
+        return c_kernel and real_available(fmt)
+    monkeypatch.setattr(native_linear, "available", with_or_without)
+    monkeypatch.setattr(streaming_linear, "available", with_or_without)
     real = runtime.cpu_capabilities()
     args = ["generate", "--model", str(model_dir), "--prompt", "x", "--max-new-tokens", "2", "--threads", "1",
             "--temperature", "0"]
-    for caps, warned in [(dataclasses.replace(real, avx512_bf16=False, amx=False, avx512=False), True),
+    for caps, warned in [(dataclasses.replace(real, avx512_bf16=False, amx=False, avx512=False), not c_kernel),
                          (dataclasses.replace(real, avx512_bf16=True), False)]:
         monkeypatch.setattr(runtime, "cpu_capabilities", lambda caps=caps: caps)
         runtime.warn_slow_bf16.cache_clear()

@@ -149,8 +149,6 @@ def _setup(args):
     from ..streaming_linear import prepare_for_decoding
     # an explicit --dtype sets a quantized model's activations; auto: bf16 only where the CPU computes it natively
     done = prepare_for_decoding(model, args.quantize, None if args.dtype == "auto" else dtype)
-    if done:
-        print(f"fastgpt: {done}", file=sys.stderr)
     draft = None
     if args.draft:
         from ..speculative import check_draft
@@ -158,6 +156,8 @@ def _setup(args):
         draft, _ = load_fastgpt(args.draft, device=device, dtype=dtype)
         check_draft(model, draft)
         prepare_for_decoding(draft)
+    if done:  # (after the checks: a bad --draft is a one-line error)
+        print(f"fastgpt: {done}", file=sys.stderr)
     speed = dict(compile=args.compile, draft=draft, speculate_k=args.speculate_k, prompt_lookup=args.prompt_lookup)
     sampling = dict(temperature=args.temperature, top_k=top_k, top_p=args.top_p, seed=args.seed, **speed)
     return model, metadata, tokenizer, sampling
