@@ -61,8 +61,9 @@ def library_path(name: str, cc: str, march: str = "native") -> Path:
 
 def _build(name: str, cc: str, march: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"fastgpt: compiling csrc/{name}.c for this CPU with {Path(cc).name} (once; cached in {target.parent})",
-          file=sys.stderr)
+    if sys.stderr.isatty():  # (a person waiting; logs and one-line error messages stay as they are)
+        print(f"fastgpt: compiling csrc/{name}.c for this CPU with {Path(cc).name} (once; cached in "
+              f"{target.parent})", file=sys.stderr)
 
     def compile_to(tmp: Path) -> None:
         command = [cc, *FLAGS, f"-march={march}", str(SOURCE_DIR / f"{name}.c"), "-o", str(tmp), *LIBRARIES]
