@@ -47,9 +47,11 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "auto: bf16 on CUDA and on CPUs that compute bf16 natively (AVX512-BF16, AMX), fp32 on "
                         "other CPUs. On a CPU, every float dtype decodes through fastgpt's C kernel where it "
                         "builds (a C compiler is found): fp16 and bf16 weights are widened to fp32 in registers "
-                        "and the activations stay fp32, so both 16-bit formats are fast for prompts and decoding "
-                        "alike, on any CPU. Without the kernel, bf16 on a CPU without bf16 instructions is "
-                        "emulated (~100x slower matmuls; a warning says so), fp16 prompts run several times "
+                        "and the activations stay fp32 (except bf16 on AVX512-BF16 CPUs: bf16 dot products, the "
+                        "activations rounded to bf16 at each product, twice as fast for prompts), so both 16-bit "
+                        "formats are fast for prompts and decoding alike, on any CPU. Without the kernel, bf16 "
+                        "on a CPU without bf16 instructions is emulated (~100x slower matmuls; a warning says "
+                        "so), fp16 prompts run several times "
                         "slower without fp16 arithmetic, and fp32 decodes through a slab layout when a start-up "
                         "timing finds it faster")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton"],
@@ -60,9 +62,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "token than fp32; through fastgpt's C kernel where it builds (int8 widened to fp32 in "
                         "registers, fp32 activations), else, where the CPU computes bf16 natively, ATen's "
                         "weight-only int8 with bf16 activations, elsewhere fbgemm's dynamic int8 with fp32 "
-                        "activations. int4: a scale and zero per group of 32 weights, ~6x fewer bytes, a logit "
-                        "error ~8-10x int8's, on ATen's int4 kernel (slower than int8 on the C kernel); its "
-                        "activations are bf16 only where bf16 is native (else fp32)")
+                        "activations. int4: a scale and zero per group of 32 weights, ~5x fewer bytes, a logit "
+                        "error ~8-10x int8's; on the C kernel where it builds (fp32 activations), else on ATen's "
+                        "int4 kernel with bf16 activations only where bf16 is native (else fp32)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: the physical cores this process may use, or "
                         "$OMP_NUM_THREADS; a short GEMV timing at start-up falls back to 1 thread when the "
