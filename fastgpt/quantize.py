@@ -266,7 +266,7 @@ def quantize_int8(model, dtype: torch.dtype | None = None, kernel: str | None = 
     """
     on_cpu = model.device.type == "cpu"
     kernel = kernel or (default_int8_kernel() if on_cpu else "weight-only")
-    if kernel == "native" and not (on_cpu and native_linear.available("i8")):
+    if kernel == "native" and not (on_cpu and native_linear.has_kernel("i8")):
         raise FastGPTError(f"the native int8 kernel runs on CPUs where it builds; here: "
                            f"{native_linear.why_unavailable() if on_cpu else model.device}")
     # fbgemm and the native kernel take fp32 in and out: bf16 activations would only add conversions

@@ -7,7 +7,7 @@
  *
  * Why: decoding one token multiplies one row by every weight matrix, so it is bound by
  * the speed at which the weights stream from memory. A tile is read front to back by one
- * thread, 32 (AVX-512) or 16 (AVX2) columns per step of K, into accumulators that stay
+ * thread, 32 (AVX-512), 16 (AVX2) or 8 (plain C) columns per step of K, into accumulators that stay
  * in registers; rows of x are taken four at a time, so a prefill reuses each tile from
  * the cache for every group of four rows. Narrow formats widen to float32 on load, so
  * every format computes in float32: the bytes shrink, the arithmetic stays exact.
@@ -28,92 +28,81 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The vector: VW floats, the CPU's register width (a wider generic vector would be split by
+ * the compiler through memory). A tile is two vectors wide. */
 #if defined(__AVX512F__)
-#define TILE 32
+#define VW 16
+#elif defined(__AVX2__) && defined(__F16C__)
+#define VW 8
 #else
-#define TILE 16
+#define VW 4
 #endif
-#define VECTORS (TILE / 16)
+#define VECTORS 2
+#define TILE (VECTORS * VW)
 #define ROWS 4 /* rows of x per pass over a tile: 4 x VECTORS accumulators */
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef float vec __attribute__((vector_size(VW * 4)));
 
-static inline v16 load_f32(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline vec load_f32(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+static inline void store_f32(float *p, vec v) { memcpy(p, &v, sizeof v); }
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__))
 #include <immintrin.h>
 #endif
 
-#if defined(__AVX512F__)
-static inline v16 from_m512(__m512 f) { v16 v; memcpy(&v, &f, sizeof v); return v; }
-static inline v16 load_i8(const int8_t *p) {
-    return from_m512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))));
-}
-static inline v16 load_f16(const uint16_t *p) {
-    return from_m512(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)));
-}
-static inline v16 load_bf16(const uint16_t *p) {
-    __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
-    return from_m512(_mm512_castsi512_ps(wide));
-}
-#elif defined(__AVX2__) && defined(__F16C__)
-static inline v16 from_halves(__m256 lo, __m256 hi) {
-    v16 v; memcpy(&v, &lo, 32); memcpy((char *)&v + 32, &hi, 32); return v;
-}
-static inline __m256 i8x8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-static inline v16 load_i8(const int8_t *p) { return from_halves(i8x8(p), i8x8(p + 8)); }
-static inline v16 load_f16(const uint16_t *p) {
-    return from_halves(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)),
-                       _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8))));
-}
-static inline __m256 bf16x8(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-static inline v16 load_bf16(const uint16_t *p) { return from_halves(bf16x8(p), bf16x8(p + 8)); }
-#else /* other CPUs: plain C, widened element by element (the compiler may vectorize it) */
-static inline v16 load_i8(const int8_t *p) {
-    v16 v; for (int i = 0; i < 16; i++) v[i] = (float)p[i]; return v;
-}
-static inline v16 load_bf16(const uint16_t *p) {
-    v16 v; for (int i = 0; i < 16; i++) { uint32_t bits = (uint32_t)p[i] << 16; memcpy(&v[i], &bits, 4); } return v;
-}
-#if defined(__FLT16_MAX__)
-static inline v16 load_f16(const uint16_t *p) {
-    v16 v; for (int i = 0; i < 16; i++) { _Float16 h; memcpy(&h, p + i, 2); v[i] = (float)h; } return v;
-}
-#define HAVE_F16 1
-#endif
-#endif
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__))
-#define HAVE_F16 1
-#endif
-
-/* int4: TILE / 2 bytes per step of K; byte j holds column j in its low nibble and column
- * j + TILE / 2 in its high one, so each half of the tile widens as one run of codes 0..15. */
+/* Widening loads: VW weights from memory -> VW floats. int4 (TILE / 2 bytes per step of K):
+ * byte j holds column j in its low nibble and column j + TILE / 2 in its high one, so each
+ * vector of the tile widens from one run of nibbles. */
 #define GROUP 32
 #if defined(__AVX512F__)
-static inline void load_i4(const uint8_t *p, v16 out[VECTORS]) {
+static inline vec from_ps(__m512 f) { vec v; memcpy(&v, &f, sizeof v); return v; }
+static inline vec load_i8(const int8_t *p) {
+    return from_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))));
+}
+static inline vec load_f16(const uint16_t *p) {
+    return from_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)));
+}
+static inline vec load_bf16(const uint16_t *p) {
+    __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+    return from_ps(_mm512_castsi512_ps(wide));
+}
+static inline void load_i4(const uint8_t *p, vec out[VECTORS]) {
     const __m128i bytes = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(0x0F);
-    out[0] = from_m512(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask))));
-    out[1] = from_m512(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask))));
+    out[0] = from_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask))));
+    out[1] = from_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask))));
 }
+#define HAVE_F16 1
 #elif defined(__AVX2__) && defined(__F16C__)
-static inline void load_i4(const uint8_t *p, v16 out[VECTORS]) {
+static inline vec from_ps(__m256 f) { vec v; memcpy(&v, &f, sizeof v); return v; }
+static inline vec load_i8(const int8_t *p) {
+    return from_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))));
+}
+static inline vec load_f16(const uint16_t *p) { return from_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p))); }
+static inline vec load_bf16(const uint16_t *p) {
+    return from_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16)));
+}
+static inline void load_i4(const uint8_t *p, vec out[VECTORS]) {
     const __m128i bytes = _mm_loadl_epi64((const __m128i *)p), mask = _mm_set1_epi8(0x0F);
-    out[0] = from_halves(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(bytes, mask))),
-                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask))));
+    out[0] = from_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(bytes, mask))));
+    out[1] = from_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask))));
 }
-#else
-static inline void load_i4(const uint8_t *p, v16 out[VECTORS]) {
-    for (int v = 0; v < VECTORS; v++)
-        for (int i = 0; i < 16; i++) {
-            const int column = v * 16 + i, half = TILE / 2;
-            const uint8_t byte = p[column % half];
-            out[v][i] = (float)(column < half ? byte & 0x0F : byte >> 4);
-        }
+#define HAVE_F16 1
+#else /* other CPUs: plain C, widened element by element (the compiler may vectorize it) */
+static inline vec load_i8(const int8_t *p) {
+    vec v; for (int i = 0; i < VW; i++) v[i] = (float)p[i]; return v;
 }
+static inline vec load_bf16(const uint16_t *p) {
+    vec v; for (int i = 0; i < VW; i++) { uint32_t bits = (uint32_t)p[i] << 16; memcpy(&v[i], &bits, 4); } return v;
+}
+static inline void load_i4(const uint8_t *p, vec out[VECTORS]) {
+    for (int i = 0; i < VW; i++) { out[0][i] = (float)(p[i] & 0x0F); out[1][i] = (float)(p[i] >> 4); }
+}
+#if defined(__FLT16_MAX__)
+static inline vec load_f16(const uint16_t *p) {
+    vec v; for (int i = 0; i < VW; i++) { _Float16 h; memcpy(&h, p + i, 2); v[i] = (float)h; } return v;
+}
+#define HAVE_F16 1
+#endif
 #endif
 
 /* One tile times `rows` (1..ROWS, a constant after inlining) rows of x: out[r][0..TILE). */
@@ -122,19 +111,19 @@ static inline __attribute__((always_inline)) void tile_##FORMAT(                
         const int rows, const float *x, int64_t ldx, int64_t K, const WEIGHT *w,              \
         const float *params, float out[ROWS][TILE]) {                                          \
     (void)params;                                                                              \
-    v16 acc[ROWS][VECTORS];                                                                    \
+    vec acc[ROWS][VECTORS];                                                                    \
     for (int r = 0; r < rows; r++)                                                             \
-        for (int v = 0; v < VECTORS; v++) acc[r][v] = (v16){0};                                \
+        for (int v = 0; v < VECTORS; v++) acc[r][v] = (vec){0};                                \
     for (int64_t k = 0; k < K; k++) {                                                          \
-        v16 wv[VECTORS];                                                                       \
-        for (int v = 0; v < VECTORS; v++) wv[v] = load_##FORMAT(w + k * TILE + 16 * v);        \
+        vec wv[VECTORS];                                                                       \
+        for (int v = 0; v < VECTORS; v++) wv[v] = load_##FORMAT(w + k * TILE + VW * v);        \
         for (int r = 0; r < rows; r++) {                                                       \
             float xv = x[r * ldx + k];                                                         \
             for (int v = 0; v < VECTORS; v++) acc[r][v] += xv * wv[v];                         \
         }                                                                                      \
     }                                                                                          \
     for (int r = 0; r < rows; r++)                                                             \
-        for (int v = 0; v < VECTORS; v++) memcpy(out[r] + 16 * v, &acc[r][v], sizeof(v16));    \
+        for (int v = 0; v < VECTORS; v++) store_f32(out[r] + VW * v, acc[r][v]);    \
 }
 
 /* int4: each group of GROUP steps of K sums x q (and x) apart, then adds scale * that
@@ -143,18 +132,18 @@ static inline __attribute__((always_inline)) void tile_##FORMAT(                
 static inline __attribute__((always_inline)) void tile_i4(
         const int rows, const float *x, int64_t ldx, int64_t K, const uint8_t *w,
         const float *params, float out[ROWS][TILE]) {
-    v16 acc[ROWS][VECTORS];
+    vec acc[ROWS][VECTORS];
     for (int r = 0; r < rows; r++)
-        for (int v = 0; v < VECTORS; v++) acc[r][v] = (v16){0};
+        for (int v = 0; v < VECTORS; v++) acc[r][v] = (vec){0};
     for (int64_t g = 0; g < K / GROUP; g++) {
-        v16 part[ROWS][VECTORS];
+        vec part[ROWS][VECTORS];
         float xsum[ROWS];
         for (int r = 0; r < rows; r++) {
             xsum[r] = 0.0f;
-            for (int v = 0; v < VECTORS; v++) part[r][v] = (v16){0};
+            for (int v = 0; v < VECTORS; v++) part[r][v] = (vec){0};
         }
         for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k++) {
-            v16 wv[VECTORS];
+            vec wv[VECTORS];
             load_i4(w + k * (TILE / 2), wv);
             for (int r = 0; r < rows; r++) {
                 const float xv = x[r * ldx + k];
@@ -164,12 +153,12 @@ static inline __attribute__((always_inline)) void tile_i4(
         }
         const float *scale = params + g * 2 * TILE, *offset = scale + TILE;
         for (int v = 0; v < VECTORS; v++) {
-            const v16 sv = load_f32(scale + 16 * v), ov = load_f32(offset + 16 * v);
+            const vec sv = load_f32(scale + VW * v), ov = load_f32(offset + VW * v);
             for (int r = 0; r < rows; r++) acc[r][v] += sv * part[r][v] + ov * xsum[r];
         }
     }
     for (int r = 0; r < rows; r++)
-        for (int v = 0; v < VECTORS; v++) memcpy(out[r] + 16 * v, &acc[r][v], sizeof(v16));
+        for (int v = 0; v < VECTORS; v++) store_f32(out[r] + VW * v, acc[r][v]);
 }
 
 static inline float gelu_tanh(float u) {
@@ -245,7 +234,7 @@ static inline __attribute__((always_inline)) void tile_bf16(
         for (int v = 0; v < VECTORS; v++) acc[r][v] = _mm512_setzero_ps();
     for (int64_t p = 0; p < pairs; p++) {
         __m512i wv[VECTORS];
-        for (int v = 0; v < VECTORS; v++) wv[v] = _mm512_loadu_si512((const void *)(w + (p * TILE + 16 * v) * 2));
+        for (int v = 0; v < VECTORS; v++) wv[v] = _mm512_loadu_si512((const void *)(w + (p * TILE + VW * v) * 2));
         for (int r = 0; r < rows; r++) {
             uint32_t pair;
             memcpy(&pair, x + r * ldx + 2 * p, 4);
@@ -254,7 +243,7 @@ static inline __attribute__((always_inline)) void tile_bf16(
         }
     }
     for (int r = 0; r < rows; r++)
-        for (int v = 0; v < VECTORS; v++) _mm512_storeu_ps(out[r] + 16 * v, acc[r][v]);
+        for (int v = 0; v < VECTORS; v++) _mm512_storeu_ps(out[r] + VW * v, acc[r][v]);
 }
 
 /* x (M, K) float32 -> bf16 rows of length 2 * pairs (round to nearest even, a zero pad). */
@@ -330,6 +319,10 @@ PRODUCT(f16, uint16_t, 0)
 /* The tile width the packing must use (it depends on the instructions compiled in). */
 int fastgpt_tile_width(void) { return TILE; }
 
+/* Floats per vector: 16 (AVX-512), 8 (AVX2 + F16C), 4 (plain C, whose widening loads are
+ * scalar code: fastgpt uses that build only when asked, see native_linear.available). */
+int fastgpt_vector_width(void) { return VW; }
+
 /* 1 when bf16 tiles hold pairs of K and bf16 products round the activations to bf16 (see gemm_bf16). */
 int fastgpt_bf16_pairs(void) { return BF16_PAIRS; }
 
@@ -357,13 +350,13 @@ static void layer_norm(const float *x, int64_t C, const float *weight, const flo
     for (int64_t i = 0; i < C; i++) out[i] = ((float)(x[i] - mean)) * inv * weight[i] + bias[i];
 }
 
-/* dot(a, b) over n values, 16 at a time. */
+/* dot(a, b) over n values, VW at a time. */
 static inline float dot(const float *a, const float *b, int64_t n) {
-    v16 acc = {0};
+    vec acc = {0};
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) acc += load_f32(a + i) * load_f32(b + i);
+    for (; i + VW <= n; i += VW) acc += load_f32(a + i) * load_f32(b + i);
     float total = 0.0f;
-    for (int v = 0; v < 16; v++) total += acc[v];
+    for (int v = 0; v < VW; v++) total += acc[v];
     for (; i < n; i++) total += a[i] * b[i];
     return total;
 }
@@ -371,10 +364,7 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 /* y += alpha x over n values. */
 static inline void axpy(float alpha, const float *x, float *y, int64_t n) {
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        v16 sum = load_f32(y + i) + alpha * load_f32(x + i);
-        memcpy(y + i, &sum, sizeof sum);
-    }
+    for (; i + VW <= n; i += VW) store_f32(y + i, load_f32(y + i) + alpha * load_f32(x + i));
     for (; i < n; i++) y[i] += alpha * x[i];
 }
 
