@@ -5,7 +5,7 @@ bandwidth. The kernels PyTorch ships for one-row products stream CPU memory well
 the machine's bandwidth: fp32 `F.linear` at 11.5 GB/s, the int8 kernels at 9
 (`_weight_int8pack_mm`) and 20 (fbgemm dynamic) GB/s, where a plain sum reads 32 (a
 2-core AVX512 EPYC, torch 2.13). `NativeLinear` stores W^T in tiles of TILE output columns
-(32 with AVX-512, 16 with AVX2), each K x TILE and contiguous, so each thread streams its
+(32 with AVX-512, 16 with AVX2, 8 in plain C), each K x TILE and contiguous, so each thread streams its
 tiles front to back; the kernel widens the stored format to float32 in registers:
 
     format  bytes/weight  stored as                        exact?
@@ -23,7 +23,8 @@ Activations are float32 in and out whatever the format: a 16-bit or int8 model k
 LayerNorms, attention and sums in float32, as llama.cpp does. The same kernel serves
 prefills and batches (four rows per pass over a tile): on the EPYC above it ran GPT-2's
 matrices at 158 GFLOP/s with 256 rows, F.linear at 123. Inference only, CPU only.
-`available()` says whether the kernel could be built here (see `fastgpt.native_build`).
+`available()` says whether fastgpt uses it by default here: built (see
+`fastgpt.native_build`), with vector code for this CPU; `has_kernel()`, whether it is built.
 """
 from __future__ import annotations
 
