@@ -4,9 +4,10 @@ Decoding one token reads every weight once, so its speed is bytes of weights / m
 bandwidth. The kernels PyTorch ships for one-row products stream CPU memory well below
 the machine's bandwidth: fp32 `F.linear` at 11.5 GB/s, the int8 kernels at 9
 (`_weight_int8pack_mm`) and 20 (fbgemm dynamic) GB/s, where a plain sum reads 32 (a
-2-core AVX512 EPYC, torch 2.13). `NativeLinear` stores W^T in tiles of TILE output columns
-(32 with AVX-512, 16 with AVX2, 8 in plain C), each K x TILE and contiguous, so each thread streams its
-tiles front to back; the kernel widens the stored format to float32 in registers:
+2-core AVX512 EPYC, torch 2.13). `NativeLinear` stores W^T in tiles of TILE output
+columns (32 with AVX-512, 16 with AVX2, 8 in plain C), each K x TILE and contiguous, so
+each thread streams its tiles front to back; the kernel widens the stored format to
+float32 in registers:
 
     format  bytes/weight  stored as                        exact?
     f32     4             float32                          yes
