@@ -41,10 +41,10 @@ def hidden_states_at(model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
     positions = cache.lengths[:, None] + offsets                       # (B, T)
     x = model.tok_emb(idx) + model.pos_emb(positions)
     live = _live_span(positions, cache)
-    if T == 1 and B == 1 and live is not None:  # one token of one sequence on a CPU: all blocks in C?
+    if B == 1 and live is not None:  # new tokens of one sequence on a CPU: all blocks in C?
         plan = native_decode.plan_for(model)
         if plan is not None and plan.fits(x, cache):
-            return model.ln_f(plan.run(x, cache, live - 1))
+            return model.ln_f(plan.run(x, cache, live - T))
     span = cache.max_length if live is None else live
     decode_kernel = T == 1 and ops.uses_triton(x)
     visible = None

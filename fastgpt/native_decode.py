@@ -1,4 +1,4 @@
-"""Every transformer block of a one-token decode step in one C call, on CPUs.
+"""Every transformer block of a decode step (or a speculative verification) in one C call, on CPUs.
 
 A decode step of one sequence runs ~15 PyTorch calls per block (LayerNorms, four products,
 the cache writes, attention, GELU, residual adds). On a small model each costs a few
@@ -81,21 +81,26 @@ class BlockPlan:
         return all(getattr(owner, name) is obj for owner, name, obj in self._watched)
 
     def fits(self, x: torch.Tensor, cache: KVCache) -> bool:
-        return (x.dtype == torch.float32 and cache.k.dtype == torch.float32 and cache.k.device.type == "cpu"
-                and cache.batch_size == 1 and cache.k.is_contiguous() and cache.v.is_contiguous())
+        return (x.dtype == torch.float32 and x.shape[0] == 1 and cache.k.dtype == torch.float32
+                and cache.k.device.type == "cpu" and cache.batch_size == 1 and cache.k.is_contiguous()
+                and cache.v.is_contiguous())
 
     def run(self, x: torch.Tensor, cache: KVCache, position: int) -> torch.Tensor:
-        """x (1, 1, C): the embedded token at `position` -> the last block's output (1, 1, C);
-        each block's key and value are written into `cache` at `position`."""
+        """x (1, T, C): T embedded tokens at positions `position` .. `position` + T - 1 ->
+        the last block's output (1, T, C); each block's keys and values are written into
+        `cache` at those positions, and token t attends to positions up to its own."""
         x = x.contiguous().clone()
-        S = cache.max_length
-        need = 10 * self.C + self.H * S
+        T = x.shape[1]
+        _, _, H, S, D = cache.k.shape
+        if position + T > S:
+            raise ValueError(f"tokens at {position}..{position + T - 1} do not fit a cache of {S} positions")
+        threads = torch.get_num_threads()
+        need = 10 * T * self.C + threads * (position + T)
         if self._work.numel() < need:
             self._work = torch.empty(need)
-        _, _, H, _, D = cache.k.shape
-        status = self._function(FORMAT_CODES[self.fmt], len(self.blocks), self.blocks, self.C, self.H, position,
+        status = self._function(FORMAT_CODES[self.fmt], len(self.blocks), self.blocks, self.C, self.H, position, T,
                                 cache.k.data_ptr(), cache.v.data_ptr(), H * S * D, S * D, self.eps,
-                                x.data_ptr(), self._work.data_ptr(), torch.get_num_threads())
+                                x.data_ptr(), self._work.data_ptr(), threads)
         if status != 0:
             raise RuntimeError(f"fastgpt_decode_blocks failed ({status}) for format {self.fmt}")
         return x

@@ -32,9 +32,9 @@ def native_model(fmt: str, **overrides):
     return model
 
 
-def decode_both_ways(model, tokens):
-    """Feed `tokens` one at a time through hidden_states_at with the C plan and without it
-    (monkeypatched away), from two fresh caches: (hidden states, caches) of both."""
+def decode_both_ways(model, tokens, chunk: int = 1):
+    """Feed `tokens`, `chunk` at a time, through hidden_states_at with the C plan and without
+    it (monkeypatched away), from two fresh caches: (hidden states, caches) of both."""
     results = []
     for use_plan in (True, False):
         cache = KVCache.for_model(model, 1)
@@ -44,9 +44,10 @@ def decode_both_ways(model, tokens):
             native_decode.plan_for = lambda m: None
         try:
             with torch.inference_mode():
-                for token in tokens:
-                    states.append(hidden_states_at(model, torch.tensor([[token]]), cache))
-                    cache.lengths += 1
+                for start in range(0, len(tokens), chunk):
+                    piece = tokens[start:start + chunk]
+                    states.append(hidden_states_at(model, torch.tensor([piece]), cache))
+                    cache.lengths += len(piece)
         finally:
             native_decode.plan_for = original
         results.append((torch.cat(states, dim=1), cache))
@@ -64,6 +65,21 @@ def test_the_c_blocks_are_the_pytorch_blocks(c_kernel_build, fmt):
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast_cache.k, reference_cache.k, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast_cache.v, reference_cache.v, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "i8"])
+@pytest.mark.parametrize("chunk", [2, 5, 13])
+def test_several_new_tokens_in_one_call_attend_causally(c_kernel_build, fmt, chunk):
+    """A speculative verification's shape: several new tokens of one sequence per call, each
+    attending to the cache and to the new tokens before it; the last chunk fills the cache."""
+    model = native_model(fmt)
+    torch.manual_seed(6)
+    tokens = torch.randint(0, model.config.vocab_size, (model.config.context_length,)).tolist()
+    (fast, fast_cache), (reference, reference_cache) = decode_both_ways(model, tokens, chunk)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast_cache.k, reference_cache.k, rtol=1e-4, atol=1e-4)
+    (one_at_a_time, _), _ = decode_both_ways(model, tokens)
+    torch.testing.assert_close(fast, one_at_a_time, rtol=1e-4, atol=1e-4)
 
 
 def test_odd_widths_and_head_sizes(c_kernel_build):

@@ -16,14 +16,15 @@
  * -march=native, so the vector width and the widening instructions are the CPU's own.
  * Threads: OpenMP, the runtime PyTorch itself uses (libgomp), so no second pool spins.
  *
- * 2. fastgpt_decode_blocks: every block of a GPT-2 for one new token of one sequence, in
- * one call and one OpenMP parallel region: LayerNorm, the qkv product, the key/value
- * written into the cache, attention over the cached positions (one head per thread at a
- * time), the output projection and residual, LayerNorm, fc + bias + GELU (tanh), the MLP
- * projection and residual. A small model's token costs ~15 PyTorch calls per block from
+ * 2. fastgpt_decode_blocks: every block of a GPT-2 for a few new tokens of one sequence
+ * (one decode step, or a speculative verification), in one call and one OpenMP parallel
+ * region: LayerNorm, the qkv product, the keys/values written into the cache, attention over
+ * the cached positions (one token and head per thread at a time), the output projection
+ * and residual, LayerNorm, fc + bias + GELU (tanh), the MLP projection and residual. A small model's token costs ~15 PyTorch calls per block from
  * Python, each a few microseconds of overhead against microseconds of work; here it costs
  * the arithmetic and a barrier per step. */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -368,12 +369,10 @@ static inline void axpy(float alpha, const float *x, float *y, int64_t n) {
     for (; i < n; i++) y[i] += alpha * x[i];
 }
 
-/* One head of attention for the token at `pos`: store its key and value at `pos`, then
+/* One head of attention for the token at `pos`, its key and value already in the cache:
  * out = softmax(q . K[0..pos] / sqrt(D)) V[0..pos]. k_cache, v_cache: this head's (S, D). */
-static void attend(const float *q, const float *k, const float *v, float *k_cache, float *v_cache,
-                   int64_t pos, int64_t D, float *scores, float *out) {
-    memcpy(k_cache + pos * D, k, D * sizeof(float));
-    memcpy(v_cache + pos * D, v, D * sizeof(float));
+static void attend(const float *q, const float *k_cache, const float *v_cache, int64_t pos, int64_t D,
+                   float *scores, float *out) {
     const float scale = 1.0f / sqrtf((float)D);
     float top = -INFINITY;
     for (int64_t j = 0; j <= pos; j++) {
@@ -386,12 +385,14 @@ static void attend(const float *q, const float *k, const float *v, float *k_cach
     for (int64_t j = 0; j <= pos; j++) axpy(scores[j] / total, v_cache + j * D, out, D);
 }
 
-/* x (C): the token's embedding in, the last block's output (the residual stream) out.
- * k_cache, v_cache: this sequence's cache, (n_layer, H, S, D) with the given strides
- * between layers and heads; the token sits at `pos` < S. `format`: 0 f32, 1 i8, 2 bf16,
- * 3 f16, 4 i4. work: at least 10 C + H S floats. Returns 0, or -1 for an unknown format. */
+/* x (T, C): T new tokens of one sequence at positions pos .. pos + T - 1, embedded, in; the
+ * last block's output (the residual stream) out. Token t attends to positions 0 .. pos + t
+ * (the cache's earlier entries and the new tokens before it). k_cache, v_cache: this
+ * sequence's cache, (n_layer, H, S, D) with the given strides between layers and heads;
+ * pos + T <= S. `format`: 0 f32, 1 i8, 2 bf16, 3 f16, 4 i4. work: at least
+ * 10 T C + threads (pos + T) floats. Returns 0, or -1 for an unknown format. */
 int fastgpt_decode_blocks(int format, int64_t n_layer, const fastgpt_block *blocks, int64_t C,
-                          int64_t H, int64_t pos, float *k_cache, float *v_cache,
+                          int64_t H, int64_t pos, int64_t T, float *k_cache, float *v_cache,
                           int64_t layer_stride, int64_t head_stride, float eps, float *x,
                           float *work, int threads) {
     gemm_fn gemm;
@@ -406,29 +407,42 @@ int fastgpt_decode_blocks(int format, int64_t n_layer, const fastgpt_block *bloc
         default: return -1;
     }
     const int64_t D = C / H;
-    float *normed = work, *qkv = normed + C, *heads = qkv + 3 * C, *delta = heads + C;
-    float *hidden = delta + C, *scores = hidden + 4 * C;
+    float *normed = work, *qkv = normed + T * C, *heads = qkv + 3 * T * C, *delta = heads + T * C;
+    float *hidden = delta + T * C, *scratch = hidden + 4 * T * C;
     #pragma omp parallel num_threads(threads)
-    for (int64_t l = 0; l < n_layer; l++) {
-        const fastgpt_block *b = blocks + l;
-        #pragma omp single
-        layer_norm(x, C, b->ln1_weight, b->ln1_bias, eps, normed);
-        gemm(normed, 1, C, C, b->matrix[0], 3 * C, b->scale[0], b->bias[0], qkv, 3 * C, 0);
-        #pragma omp for schedule(static)
-        for (int64_t h = 0; h < H; h++)
-            attend(qkv + h * D, qkv + C + h * D, qkv + 2 * C + h * D,
-                   k_cache + l * layer_stride + h * head_stride, v_cache + l * layer_stride + h * head_stride,
-                   pos, D, scores + h * (pos + 1), heads + h * D);
-        gemm(heads, 1, C, C, b->matrix[1], C, b->scale[1], b->bias[1], delta, C, 0);
-        #pragma omp single
-        {
-            for (int64_t i = 0; i < C; i++) x[i] += delta[i];
-            layer_norm(x, C, b->ln2_weight, b->ln2_bias, eps, normed);
+    {
+        float *scores = scratch + (int64_t)omp_get_thread_num() * (pos + T);
+        for (int64_t l = 0; l < n_layer; l++) {
+            const fastgpt_block *b = blocks + l;
+            float *k_layer = k_cache + l * layer_stride, *v_layer = v_cache + l * layer_stride;
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < T; t++)
+                layer_norm(x + t * C, C, b->ln1_weight, b->ln1_bias, eps, normed + t * C);
+            gemm(normed, T, C, C, b->matrix[0], 3 * C, b->scale[0], b->bias[0], qkv, 3 * C, 0);
+            #pragma omp for schedule(static)
+            for (int64_t item = 0; item < T * H; item++) {  /* every new key and value into the cache */
+                const int64_t t = item / H, h = item % H;
+                memcpy(k_layer + h * head_stride + (pos + t) * D, qkv + t * 3 * C + C + h * D, D * sizeof(float));
+                memcpy(v_layer + h * head_stride + (pos + t) * D, qkv + t * 3 * C + 2 * C + h * D, D * sizeof(float));
+            }
+            #pragma omp for schedule(static)
+            for (int64_t item = 0; item < T * H; item++) {
+                const int64_t t = item / H, h = item % H;
+                attend(qkv + t * 3 * C + h * D, k_layer + h * head_stride, v_layer + h * head_stride, pos + t, D,
+                       scores, heads + t * C + h * D);
+            }
+            gemm(heads, T, C, C, b->matrix[1], C, b->scale[1], b->bias[1], delta, C, 0);
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < T; t++) {
+                for (int64_t i = 0; i < C; i++) x[t * C + i] += delta[t * C + i];
+                layer_norm(x + t * C, C, b->ln2_weight, b->ln2_bias, eps, normed + t * C);
+            }
+            gemm(normed, T, C, C, b->matrix[2], 4 * C, b->scale[2], b->bias[2], hidden, 4 * C, 1);
+            gemm(hidden, T, 4 * C, 4 * C, b->matrix[3], C, b->scale[3], b->bias[3], delta, C, 0);
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t i = 0; i < C; i++) x[t * C + i] += delta[t * C + i];
         }
-        gemm(normed, 1, C, C, b->matrix[2], 4 * C, b->scale[2], b->bias[2], hidden, 4 * C, 1);
-        gemm(hidden, 1, 4 * C, 4 * C, b->matrix[3], C, b->scale[3], b->bias[3], delta, C, 0);
-        #pragma omp single
-        for (int64_t i = 0; i < C; i++) x[i] += delta[i];
     }
     return 0;
 }
