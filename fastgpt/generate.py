@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .cached_forward import head_logits, hidden_states_at
+from .cached_forward import head_logits, hidden_states_at, prefill_hidden_states
 from .errors import FastGPTError
 from .gpt2_vocab import EOT_ID
 from .kv_cache import KVCache
@@ -247,7 +247,10 @@ class _Run:
             idx[b, :len(w)] = torch.tensor(w)
         if self.cache is not None:
             self.cache.reset()
-        hidden = self.model.hidden_states(idx.to(self.device), self.cache)
+        if self.cache is not None:
+            hidden = prefill_hidden_states(self.model, idx.to(self.device), self.cache)
+        else:
+            hidden = self.model.hidden_states(idx.to(self.device), None)
         last = hidden[torch.arange(len(windows), device=self.device), lengths - 1]
         if self.cache is not None:
             self.cache.lengths.copy_(lengths)
