@@ -70,17 +70,6 @@ def hidden_states_at(model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
     return model.ln_f(x)
 
 
-def prefill_hidden_states(model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """A prompt batch (B, T) on an empty cache -> final-LayerNorm'd hidden states (B, T, C).
-    One prompt on a CPU whose model fits fastgpt's C block step runs there (one call for all
-    blocks); otherwise the model's own prefill (`GPT.hidden_states`)."""
-    if idx.shape[0] == 1 and idx.device.type == "cpu" and not torch.compiler.is_compiling():
-        plan = native_decode.plan_for(model)
-        if plan is not None:
-            return hidden_states_at(model, idx, cache)
-    return model.hidden_states(idx, cache)
-
-
 def _live_span(positions: torch.Tensor, cache: KVCache) -> int | None:
     """How many cache slots the step can see, or None for "keep the shape static". On a
     CPU, reading the positions costs no device sync, and attending over the live prefix

@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .cached_forward import head_logits, hidden_states_at, prefill_hidden_states
+from .cached_forward import head_logits, hidden_states_at
 from .errors import FastGPTError
 from .gpt2_vocab import EOT_ID
 from .kv_cache import KVCache
@@ -247,10 +247,7 @@ class _Run:
             idx[b, :len(w)] = torch.tensor(w)
         if self.cache is not None:
             self.cache.reset()
-        if self.cache is not None:
-            hidden = prefill_hidden_states(self.model, idx.to(self.device), self.cache)
-        else:
-            hidden = self.model.hidden_states(idx.to(self.device), None)
+        hidden = self.model.hidden_states(idx.to(self.device), self.cache)
         last = hidden[torch.arange(len(windows), device=self.device), lengths - 1]
         if self.cache is not None:
             self.cache.lengths.copy_(lengths)

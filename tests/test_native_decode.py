@@ -130,17 +130,3 @@ def test_models_and_batches_it_does_not_cover_take_the_pytorch_blocks():
             == [generate(reference, [p], 8, temperature=0, eos_id=None).tokens[0] for p in two])
     model.train()
     assert native_decode.plan_for(model) is None
-
-
-@pytest.mark.parametrize("fmt", ["f32", "bf16"])
-def test_a_prompt_prefills_through_the_c_blocks_as_the_model_does(fmt):
-    from fastgpt.cached_forward import prefill_hidden_states
-    model = native_model(fmt)
-    idx = torch.tensor([PROMPTS[1]])
-    caches = [KVCache.for_model(model, 1) for _ in range(2)]
-    with torch.inference_mode():
-        fast = prefill_hidden_states(model, idx, caches[0])
-        reference = model.hidden_states(idx, caches[1])
-    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(caches[0].k, caches[1].k, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(caches[0].v, caches[1].v, rtol=1e-4, atol=1e-4)
