@@ -80,6 +80,9 @@ def test_several_new_tokens_in_one_call_attend_causally(c_kernel_build, fmt, chu
     torch.testing.assert_close(fast_cache.k, reference_cache.k, rtol=1e-4, atol=1e-4)
     (one_at_a_time, _), _ = decode_both_ways(model, tokens)
     torch.testing.assert_close(fast, one_at_a_time, rtol=1e-4, atol=1e-4)
+    plan, cache = native_decode.plan_for(model), KVCache.for_model(model, 1)
+    many = torch.zeros(1, native_decode.MAX_TOKENS + 1, model.config.n_embd)
+    assert plan.fits(many[:, :-1], cache) and not plan.fits(many, cache)  # longer runs: the PyTorch blocks
 
 
 def test_odd_widths_and_head_sizes(c_kernel_build):
