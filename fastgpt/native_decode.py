@@ -84,7 +84,7 @@ class BlockPlan:
             for ln in (ln_1, ln_2):
                 watched += [(ln, "weight", ln.weight), (ln, "bias", ln.bias)]
             watched += [(block.attn, "qkv", matrices[0]), (block.attn, "proj", matrices[1]),
-                              (block.mlp, "fc", matrices[2]), (block.mlp, "proj", matrices[3])]
+                        (block.mlp, "fc", matrices[2]), (block.mlp, "proj", matrices[3])]
         # Checked before every step, so by the dict that holds each attribute (nn.Module's
         # __getattr__ costs ~1 us a name: ~100 us per token on the demo model).
         self._watched = [(_holder(owner, name), name, obj) for owner, name, obj in watched]
@@ -146,7 +146,10 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def plan_for(model) -> BlockPlan | None:
-    """The model's BlockPlan (built or rebuilt as needed), or None when its blocks do not fit."""
+    """The model's BlockPlan (built or rebuilt as needed), or None when its blocks do not fit
+    or the model is training (the C blocks know no dropout)."""
+    if model.training:
+        return None
     plan = _PLANS.get(model)
     if plan is not None and plan.current():
         return plan

@@ -131,5 +131,6 @@ def test_models_and_batches_it_does_not_cover_take_the_pytorch_blocks():
     two = [PROMPTS[0], PROMPTS[1]]  # a batch of two: the PyTorch blocks, same answers
     assert (generate(model, two, 8, temperature=0, eos_id=None).tokens
             == [generate(reference, [p], 8, temperature=0, eos_id=None).tokens[0] for p in two])
+    assert native_decode.plan_for(model) is not None
     model.train()
-    assert native_decode.plan_for(model) is None
+    assert native_decode.plan_for(model) is None  # (a plan built before does not outlive eval mode)
