@@ -191,17 +191,17 @@ class NativeLinear(nn.Module):
         # one allocation and the call; anything else is converted first.
         if x.device.type != "cpu":
             raise FastGPTError(f"NativeLinear runs on CPUs; the input is on {x.device}")
-        if self.tiles.dtype != FORMATS[self.fmt]:
-            raise FastGPTError(f"NativeLinear's {self.fmt} tiles were converted to {self.tiles.dtype} "
-                               "(by .to() or .half()?); rebuild the layer instead")
+        tiles, scale, bias = self.tiles, self.scale, self.bias
+        if tiles.dtype != FORMATS[self.fmt] or any(t is not None and t.dtype != torch.float32 for t in (scale, bias)):
+            raise FastGPTError(f"NativeLinear's {self.fmt} tiles, scales or bias were converted (by .to(), .half() "
+                               "or .bfloat16()?); the kernel reads them as they were stored: rebuild the layer")
         rows = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
         N = self.out_features
         y = torch.empty(*x.shape[:-1], N)
         M = y.numel() // N if N else 0
         if M:
-            scale = self.scale
-            bias = self.bias if with_bias else None
-            _GEMMS[self.fmt](rows.data_ptr(), M, self.in_features, self.in_features, self.tiles.data_ptr(), N,
+            bias = bias if with_bias else None
+            _GEMMS[self.fmt](rows.data_ptr(), M, self.in_features, self.in_features, tiles.data_ptr(), N,
                            None if scale is None else scale.data_ptr(), None if bias is None else bias.data_ptr(),
                            y.data_ptr(), N, torch.get_num_threads())
         return y if x.dtype == torch.float32 else y.to(x.dtype)

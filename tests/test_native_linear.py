@@ -119,6 +119,10 @@ def test_bad_use_is_one_clear_error():
     layer.float()  # converts the fp16 tiles too: refuse instead of reading float32 bits as fp16 ones
     with pytest.raises(FastGPTError, match="converted"):
         layer(torch.randn(1, 8))
+    int8 = NativeLinear(torch.nn.Linear(8, 8), "i8")
+    int8.half()  # leaves the int8 codes, halves the scales and bias: refused too
+    with pytest.raises(FastGPTError, match="converted"):
+        int8(torch.randn(1, 8))
 
 
 def test_a_failed_build_is_reported_and_nothing_is_loaded(monkeypatch, tmp_path):
