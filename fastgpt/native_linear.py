@@ -192,7 +192,8 @@ class NativeLinear(nn.Module):
         if x.device.type != "cpu":
             raise FastGPTError(f"NativeLinear runs on CPUs; the input is on {x.device}")
         tiles, scale, bias = self.tiles, self.scale, self.bias
-        if tiles.dtype != FORMATS[self.fmt] or any(t is not None and t.dtype != torch.float32 for t in (scale, bias)):
+        if (tiles.dtype != FORMATS[self.fmt] or (scale is not None and scale.dtype != torch.float32)
+                or (bias is not None and bias.dtype != torch.float32)):
             raise FastGPTError(f"NativeLinear's {self.fmt} tiles, scales or bias were converted (by .to(), .half() "
                                "or .bfloat16()?); the kernel reads them as they were stored: rebuild the layer")
         rows = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
