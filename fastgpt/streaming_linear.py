@@ -170,5 +170,6 @@ def prepare_for_decoding(model, quantization: str | None = None, activations: to
     Returns what was done, for the log line."""
     if quantization:
         quantize(model, quantization, activations)
-        return f"weights quantized to {quantization} (approximate: logits differ from the float model's)"
+        where = " on fastgpt's C kernel" if isinstance(model.blocks[0].mlp.fc, NativeLinear) else ""
+        return f"weights quantized to {quantization}{where} (approximate: logits differ from the float model's)"
     return stream_matrices(model)
