@@ -72,7 +72,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "that every thread must join, so on a busy machine fewer threads can be faster")
     p.add_argument("--compile", action="store_true",
                    help="run the decode step through torch.compile (a one-off compilation of tens of seconds; "
-                        "pays off for long generations of small models, where per-op overhead dominates)")
+                        "pays off on GPUs for long generations of small models, where per-op overhead dominates). "
+                        "On CPUs where fastgpt's C kernel runs each decode step in one call, the compiled step "
+                        "cannot use that call and is slower")
     p.add_argument("--draft", default=None, metavar="PATH",
                    help="speculative decoding: a smaller model with the same tokenizer proposes "
                         "--speculate-k tokens, the model checks them in one pass (greedy text is unchanged; "
