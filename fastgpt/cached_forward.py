@@ -41,10 +41,10 @@ def hidden_states_at(model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
     positions = cache.lengths[:, None] + offsets                       # (B, T)
     x = model.tok_emb(idx) + model.pos_emb(positions)
     live = _live_span(positions, cache)
-    if B == 1 and live is not None:  # new tokens of one sequence on a CPU: all blocks in C?
+    if live is not None:  # on a CPU: all blocks in one C call?
         plan = native_decode.plan_for(model)
-        if plan is not None and plan.fits(x, cache):
-            return model.ln_f(plan.run(x, cache, live - T))
+        if plan is not None and plan.fits(x, cache, live):
+            return model.ln_f(plan.run(x, cache))
     span = cache.max_length if live is None else live
     decode_kernel = T == 1 and ops.uses_triton(x)
     visible = None

@@ -1,12 +1,14 @@
 """Every transformer block of a decode step (or a speculative verification) in one C call, on CPUs.
 
-A decode step of one sequence runs ~15 PyTorch calls per block (LayerNorms, four products,
-the cache writes, attention, GELU, residual adds). On a small model each costs a few
-microseconds of dispatch against microseconds of work: the `make demo` model (4 x 256)
-spent ~280 us per block per token, ~10x its arithmetic. `csrc/cpu_decode.c`'s
-`fastgpt_decode_blocks` runs all blocks for the token in one OpenMP parallel region, with
-the same tile products as `NativeLinear`, and the attention over the live cache written
-out in C (one head per thread at a time).
+A decode step runs ~15 PyTorch calls per block (LayerNorms, four products, the cache
+writes, attention, GELU, residual adds). On a small model each costs a few microseconds of
+dispatch against microseconds of work: the `make demo` model (4 x 256) spent ~280 us per
+block per token, ~10x its arithmetic. `csrc/cpu_decode.c`'s `fastgpt_decode_blocks` runs
+all blocks in one OpenMP parallel region, with the same tile products as `NativeLinear`,
+and the attention over the live cache written out in C (one token and head per thread at a
+time), for up to MAX_TOKENS new tokens of each sequence of a batch, each at its own
+position (a ragged batch of the serving engine, through its window of the cache, too).
+Every row's result depends on its own sequence only, bit for bit (tested).
 
 `BlockPlan` is the C-side view of a model: the addresses of every block's LayerNorm
 vectors and NativeLinear tiles, scales and biases. `plan_for(model)` builds it once per
@@ -95,28 +97,34 @@ class BlockPlan:
         """Whether every module and tensor the addresses came from is still in place."""
         return all(table.get(name) is obj for table, name, obj in self._watched)
 
-    def fits(self, x: torch.Tensor, cache: KVCache) -> bool:
-        return (x.dtype == torch.float32 and x.shape[0] == 1 and x.shape[1] <= MAX_TOKENS
-                and cache.k.dtype == torch.float32
-                and cache.k.device.type == "cpu" and cache.batch_size == 1 and cache.k.is_contiguous()
-                and cache.v.is_contiguous())
+    def fits(self, x: torch.Tensor, cache: KVCache, live: int) -> bool:
+        """Whether the C blocks take new tokens x (B, T, C) for `cache`, whose sequences reach
+        at most `live` positions after them: float32 on the CPU, at most MAX_TOKENS per
+        sequence, every position inside the cache, each position's D values contiguous (the
+        serving engine's windows of a larger cache qualify)."""
+        k, v = cache.k, cache.v
+        D = k.shape[-1]
+        return (x.dtype == torch.float32 and x.shape[1] <= MAX_TOKENS and k.dtype == torch.float32
+                and k.device.type == "cpu" and live <= cache.max_length and k.stride() == v.stride()
+                and k.stride(-1) == 1 and k.stride(-2) == D and cache.lengths.dtype == torch.int64)
 
-    def run(self, x: torch.Tensor, cache: KVCache, position: int) -> torch.Tensor:
-        """x (1, T, C): T embedded tokens at positions `position` .. `position` + T - 1 ->
-        the last block's output (1, T, C); each block's keys and values are written into
-        `cache` at those positions, and token t attends to positions up to its own."""
+    def run(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """x (B, T, C): T embedded tokens of each sequence b, at positions cache.lengths[b] ..
+        + T - 1 -> the last block's output (B, T, C); each block's keys and values are written
+        into `cache` at those positions, and each token attends to its own sequence's
+        positions up to its own. (The caller checked `fits`.)"""
         x = x.contiguous().clone()
-        T = x.shape[1]
-        _, _, H, S, D = cache.k.shape
-        if position + T > S:
-            raise ValueError(f"tokens at {position}..{position + T - 1} do not fit a cache of {S} positions")
+        B, T, _ = x.shape
+        positions = cache.lengths.contiguous()
+        span = int(positions.max()) + T
         threads = torch.get_num_threads()
-        need = 10 * T * self.C + threads * (position + T)
+        need = 10 * B * T * self.C + threads * span
         if self._work.numel() < need:
             self._work = torch.empty(need)
-        status = self._function(FORMAT_CODES[self.fmt], len(self.blocks), self.blocks, self.C, self.H, position, T,
-                                cache.k.data_ptr(), cache.v.data_ptr(), H * S * D, S * D, self.eps,
-                                x.data_ptr(), self._work.data_ptr(), threads)
+        layer_stride, batch_stride, head_stride = cache.k.stride()[:3]
+        status = self._function(FORMAT_CODES[self.fmt], len(self.blocks), self.blocks, self.C, self.H, B, T,
+                                positions.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), layer_stride,
+                                batch_stride, head_stride, self.eps, x.data_ptr(), self._work.data_ptr(), threads)
         if status != 0:
             raise RuntimeError(f"fastgpt_decode_blocks failed ({status}) for format {self.fmt}")
         return x

@@ -58,7 +58,8 @@ def kernel_library(march: str = "native") -> ctypes.CDLL | None:
         library.fastgpt_bf16_pairs.restype = ctypes.c_int
         i64, pointer = ctypes.c_int64, ctypes.c_void_p
         library.fastgpt_decode_blocks.argtypes = [ctypes.c_int, i64, pointer, i64, i64, i64, i64, pointer, pointer,
-                                                  i64, i64, ctypes.c_float, pointer, pointer, ctypes.c_int]
+                                                  pointer, i64, i64, i64, ctypes.c_float, pointer, pointer,
+                                                  ctypes.c_int]
         library.fastgpt_decode_blocks.restype = ctypes.c_int
         library.ready = True
     return library

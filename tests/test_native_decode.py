@@ -82,7 +82,8 @@ def test_several_new_tokens_in_one_call_attend_causally(c_kernel_build, fmt, chu
     torch.testing.assert_close(fast, one_at_a_time, rtol=1e-4, atol=1e-4)
     plan, cache = native_decode.plan_for(model), KVCache.for_model(model, 1)
     many = torch.zeros(1, native_decode.MAX_TOKENS + 1, model.config.n_embd)
-    assert plan.fits(many[:, :-1], cache) and not plan.fits(many, cache)  # longer runs: the PyTorch blocks
+    assert plan.fits(many[:, :-1], cache, 20) and not plan.fits(many, cache, 20)  # longer runs: PyTorch blocks
+    assert not plan.fits(many[:, :-1], cache, cache.max_length + 1)  # past the cache: never written by C
 
 
 def test_odd_widths_and_head_sizes(c_kernel_build):
@@ -121,14 +122,57 @@ def test_the_plan_follows_a_replaced_matrix():
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_models_and_batches_it_does_not_cover_take_the_pytorch_blocks():
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "i8"])
+@pytest.mark.parametrize("tokens_per_row", [1, 3])
+def test_a_ragged_batch_in_a_window_of_a_larger_cache(c_kernel_build, fmt, tokens_per_row):
+    """The serving engine's decode step: several sequences at their own positions, through
+    a view of rows and positions of a larger cache (not contiguous)."""
+    import copy as copy_module
+    model = native_model(fmt)
+    torch.manual_seed(7)
+    full = KVCache.for_model(model, 5)
+    full.k.normal_()
+    full.v.normal_()
+    full.lengths.copy_(torch.tensor([9, 3, 20, 14, 0]))
+    caches = [copy_module.deepcopy(full) for _ in range(2)]
+    tokens = torch.randint(0, model.config.vocab_size, (3, tokens_per_row))
+    outputs = []
+    for cache, use_plan in zip(caches, (True, False), strict=True):
+        view = copy_module.copy(cache)  # rows 1..3, positions 0..31: as fastgpt.serve.engine windows it
+        view.k, view.v, view.lengths = cache.k[:, 1:4, :, :32], cache.v[:, 1:4, :, :32], cache.lengths[1:4]
+        original = native_decode.plan_for
+        if not use_plan:
+            native_decode.plan_for = lambda m: None
+        try:
+            with torch.inference_mode():
+                outputs.append(hidden_states_at(model, tokens, view))
+        finally:
+            native_decode.plan_for = original
+    assert native_decode.plan_for(model).fits(torch.zeros(3, tokens_per_row, model.config.n_embd), view, 24)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(caches[0].k, caches[1].k, rtol=1e-4, atol=1e-4)  # the same slots written
+    torch.testing.assert_close(caches[0].v, caches[1].v, rtol=1e-4, atol=1e-4)
+    rows = [hidden_states_at(model, tokens[i:i + 1], _one_row(caches[0], full, i + 1)) for i in range(3)]
+    torch.testing.assert_close(torch.cat(rows), outputs[0], rtol=0, atol=0)  # a row never depends on the others
+
+
+def _one_row(scratch: KVCache, original: KVCache, row: int) -> KVCache:
+    """A one-sequence cache holding `original`'s row as it was before the step."""
+    import copy as copy_module
+    single = copy_module.copy(scratch)
+    single.k, single.v = original.k[:, row:row + 1].clone(), original.v[:, row:row + 1].clone()
+    single.lengths = original.lengths[row:row + 1].clone()
+    return single
+
+
+def test_models_it_does_not_cover_take_the_pytorch_blocks():
     assert native_decode.plan_for(varied_tiny_model()) is None  # plain nn.Linear matrices
     mixed = native_model("f32")
     mixed.blocks[0].attn.proj = torch.nn.Linear(mixed.config.n_embd, mixed.config.n_embd)
     assert native_decode.plan_for(mixed) is None
     model = native_model("f32")
     reference = copy.deepcopy(model)
-    two = [PROMPTS[0], PROMPTS[1]]  # a batch of two: the PyTorch blocks, same answers
+    two = [PROMPTS[0], PROMPTS[1]]  # a ragged batch of two decodes as each prompt alone
     assert (generate(model, two, 8, temperature=0, eos_id=None).tokens
             == [generate(reference, [p], 8, temperature=0, eos_id=None).tokens[0] for p in two])
     assert native_decode.plan_for(model) is not None

@@ -16,9 +16,9 @@
  * -march=native, so the vector width and the widening instructions are the CPU's own.
  * Threads: OpenMP, the runtime PyTorch itself uses (libgomp), so no second pool spins.
  *
- * 2. fastgpt_decode_blocks: every block of a GPT-2 for a few new tokens of one sequence
- * (one decode step, or a speculative verification), in one call and one OpenMP parallel
- * region: LayerNorm, the qkv product, the keys/values written into the cache, attention over
+ * 2. fastgpt_decode_blocks: every block of a GPT-2 for a few new tokens of each sequence of
+ * a batch (a decode step, or a speculative verification), in one call and one OpenMP
+ * parallel region: LayerNorm, the qkv product, the keys/values written into the cache, attention over
  * the cached positions (one token and head per thread at a time), the output projection
  * and residual, LayerNorm, fc + bias + GELU (tanh), the MLP projection and residual. A small model's token costs ~15 PyTorch calls per block from
  * Python, each a few microseconds of overhead against microseconds of work; here it costs
@@ -385,16 +385,19 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, i
     for (int64_t j = 0; j <= pos; j++) axpy(scores[j] / total, v_cache + j * D, out, D);
 }
 
-/* x (T, C): T new tokens of one sequence at positions pos .. pos + T - 1, embedded, in; the
- * last block's output (the residual stream) out. Token t attends to positions 0 .. pos + t
- * (the cache's earlier entries and the new tokens before it). k_cache, v_cache: this
- * sequence's cache, (n_layer, H, S, D) with the given strides between layers and heads;
- * pos + T <= S. `format`: 0 f32, 1 i8, 2 bf16, 3 f16, 4 i4. work: at least
- * 10 T C + threads (pos + T) floats. Returns 0, or -1 for an unknown format. */
+/* x (B T, C): T new tokens of each of B sequences, sequence b's at positions
+ * positions[b] .. positions[b] + T - 1, embedded, in; the last block's output (the residual
+ * stream) out. Token t of sequence b attends to positions 0 .. positions[b] + t of its own
+ * cache (earlier entries and its new tokens before it). k_cache, v_cache: (n_layer, B, H, S,
+ * D) with the given strides between layers, sequences and heads (positions D floats apart),
+ * positions[b] + T <= S. `format`: 0 f32, 1 i8, 2 bf16, 3 f16, 4 i4. work: at least
+ * 10 B T C + threads * span floats, span = max_b positions[b] + T. Returns 0, or -1 for an
+ * unknown format. Each row's result depends on its own sequence only: the products treat
+ * rows alike whatever their number, and everything else is per row. */
 int fastgpt_decode_blocks(int format, int64_t n_layer, const fastgpt_block *blocks, int64_t C,
-                          int64_t H, int64_t pos, int64_t T, float *k_cache, float *v_cache,
-                          int64_t layer_stride, int64_t head_stride, float eps, float *x,
-                          float *work, int threads) {
+                          int64_t H, int64_t B, int64_t T, const int64_t *positions,
+                          float *k_cache, float *v_cache, int64_t layer_stride, int64_t batch_stride,
+                          int64_t head_stride, float eps, float *x, float *work, int threads) {
     gemm_fn gemm;
     switch (format) {
         case 0: gemm = gemm_f32; break;
@@ -406,42 +409,44 @@ int fastgpt_decode_blocks(int format, int64_t n_layer, const fastgpt_block *bloc
 #endif
         default: return -1;
     }
-    const int64_t D = C / H;
-    float *normed = work, *qkv = normed + T * C, *heads = qkv + 3 * T * C, *delta = heads + T * C;
-    float *hidden = delta + T * C, *scratch = hidden + 4 * T * C;
+    const int64_t D = C / H, R = B * T;
+    int64_t span = 0;
+    for (int64_t b = 0; b < B; b++) span = positions[b] + T > span ? positions[b] + T : span;
+    float *normed = work, *qkv = normed + R * C, *heads = qkv + 3 * R * C, *delta = heads + R * C;
+    float *hidden = delta + R * C, *scratch = hidden + 4 * R * C;
     #pragma omp parallel num_threads(threads)
     {
-        float *scores = scratch + (int64_t)omp_get_thread_num() * (pos + T);
+        float *scores = scratch + (int64_t)omp_get_thread_num() * span;
         for (int64_t l = 0; l < n_layer; l++) {
-            const fastgpt_block *b = blocks + l;
-            float *k_layer = k_cache + l * layer_stride, *v_layer = v_cache + l * layer_stride;
+            const fastgpt_block *blk = blocks + l;
             #pragma omp for schedule(static)
-            for (int64_t t = 0; t < T; t++)
-                layer_norm(x + t * C, C, b->ln1_weight, b->ln1_bias, eps, normed + t * C);
-            gemm(normed, T, C, C, b->matrix[0], 3 * C, b->scale[0], b->bias[0], qkv, 3 * C, 0);
+            for (int64_t r = 0; r < R; r++)
+                layer_norm(x + r * C, C, blk->ln1_weight, blk->ln1_bias, eps, normed + r * C);
+            gemm(normed, R, C, C, blk->matrix[0], 3 * C, blk->scale[0], blk->bias[0], qkv, 3 * C, 0);
             #pragma omp for schedule(static)
-            for (int64_t item = 0; item < T * H; item++) {  /* every new key and value into the cache */
-                const int64_t t = item / H, h = item % H;
-                memcpy(k_layer + h * head_stride + (pos + t) * D, qkv + t * 3 * C + C + h * D, D * sizeof(float));
-                memcpy(v_layer + h * head_stride + (pos + t) * D, qkv + t * 3 * C + 2 * C + h * D, D * sizeof(float));
+            for (int64_t item = 0; item < R * H; item++) {  /* every new key and value into the cache */
+                const int64_t r = item / H, h = item % H, b = r / T, pos = positions[b] + r % T;
+                const int64_t at = l * layer_stride + b * batch_stride + h * head_stride + pos * D;
+                memcpy(k_cache + at, qkv + r * 3 * C + C + h * D, D * sizeof(float));
+                memcpy(v_cache + at, qkv + r * 3 * C + 2 * C + h * D, D * sizeof(float));
             }
             #pragma omp for schedule(static)
-            for (int64_t item = 0; item < T * H; item++) {
-                const int64_t t = item / H, h = item % H;
-                attend(qkv + t * 3 * C + h * D, k_layer + h * head_stride, v_layer + h * head_stride, pos + t, D,
-                       scores, heads + t * C + h * D);
+            for (int64_t item = 0; item < R * H; item++) {
+                const int64_t r = item / H, h = item % H, b = r / T, pos = positions[b] + r % T;
+                const int64_t at = l * layer_stride + b * batch_stride + h * head_stride;
+                attend(qkv + r * 3 * C + h * D, k_cache + at, v_cache + at, pos, D, scores, heads + r * C + h * D);
             }
-            gemm(heads, T, C, C, b->matrix[1], C, b->scale[1], b->bias[1], delta, C, 0);
+            gemm(heads, R, C, C, blk->matrix[1], C, blk->scale[1], blk->bias[1], delta, C, 0);
             #pragma omp for schedule(static)
-            for (int64_t t = 0; t < T; t++) {
-                for (int64_t i = 0; i < C; i++) x[t * C + i] += delta[t * C + i];
-                layer_norm(x + t * C, C, b->ln2_weight, b->ln2_bias, eps, normed + t * C);
+            for (int64_t r = 0; r < R; r++) {
+                for (int64_t i = 0; i < C; i++) x[r * C + i] += delta[r * C + i];
+                layer_norm(x + r * C, C, blk->ln2_weight, blk->ln2_bias, eps, normed + r * C);
             }
-            gemm(normed, T, C, C, b->matrix[2], 4 * C, b->scale[2], b->bias[2], hidden, 4 * C, 1);
-            gemm(hidden, T, 4 * C, 4 * C, b->matrix[3], C, b->scale[3], b->bias[3], delta, C, 0);
+            gemm(normed, R, C, C, blk->matrix[2], 4 * C, blk->scale[2], blk->bias[2], hidden, 4 * C, 1);
+            gemm(hidden, R, 4 * C, 4 * C, blk->matrix[3], C, blk->scale[3], blk->bias[3], delta, C, 0);
             #pragma omp for schedule(static)
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t i = 0; i < C; i++) x[t * C + i] += delta[t * C + i];
+            for (int64_t r = 0; r < R; r++)
+                for (int64_t i = 0; i < C; i++) x[r * C + i] += delta[r * C + i];
         }
     }
     return 0;
