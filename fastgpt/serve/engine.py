@@ -15,11 +15,13 @@ static KV cache whose batch rows are *slots*:
 A request never waits for the running batch to finish: it waits at most one decode
 step plus one prefill. The prompts admitted together are prefilled as
 `fastgpt.generate.generate` prefills a ragged batch, and each decode step goes through
-the same `hidden_states_at` / `head_logits`. One caveat, measured: CPU matrix kernels
-round a row differently depending on how many rows there are (here a row of a 1- to
-7-row product differed from the same row in an 8+ row one), so a batched row's logits
-can differ from the batch-1 ones in the last bits; greedy tokens then differ only where
-the two best logits tie to ~1e-6.
+the same `hidden_states_at` / `head_logits`. On CPUs where fastgpt's C kernel runs the
+decode step (`fastgpt.native_decode`), each row is computed on its own, bit for bit as it
+would be alone. One caveat, measured, for PyTorch's CPU matrix kernels (the fallback): they
+round a row differently depending on how many rows there are (here a row of a 1- to 7-row
+product differed from the same row in an 8+ row one), so a batched row's logits can differ
+from the batch-1 ones in the last bits; greedy tokens then differ only where the two best
+logits tie to ~1e-6.
 Padding the batch to a fixed row count would make rows independent of each other but
 cost ~3x per step for a lone request (GPT-2 MLP, 1 vs 8 rows), and still not equal the
 batch-1 path, so the decode step runs exactly the occupied rows. Text goes through
