@@ -119,9 +119,10 @@ def stream_matrices(model, splits: int | None = None, check_speed: bool = True, 
     model turned to float32, since the kernel computes in float32 (a 16-bit model then
     keeps its 16-bit weights, with float32 LayerNorms and attention, as llama.cpp does;
     bf16 products on AVX512-BF16 CPUs round their inputs to bf16, see `bf16_pairs`). No
-    timing is needed there: one-token steps of such a model run all blocks in one C call
-    (`fastgpt.native_decode`), which timing the products alone would misjudge, and the
-    products themselves were as fast as or faster than PyTorch's in every measurement.
+    timing is needed there: decode steps of such a model run all blocks in one C call
+    (`fastgpt.native_decode`), which timing the products alone would misjudge; measured end
+    to end (README), every format decoded faster this way than on PyTorch's kernels. Where
+    the kernel has no vector code for the CPU, `available` says no and the slabs apply.
 
     Else, float32 only: StreamingLinear with `splits` slabs, when (`check_speed`)
     `streaming_is_faster` says so for this model; other dtypes are left alone there, since
