@@ -215,7 +215,8 @@ def _real_rows(model, owner, linear: nn.Linear) -> nn.Linear:
     return head
 
 
-def _freeze(model):
+def freeze(model):
+    """No gradients for any parameter left: an inference-only model (quantized or streamed)."""
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -250,7 +251,7 @@ def quantize_int4(model, dtype: torch.dtype | None = None, group_size: int = 32,
         else:
             layer = Int4Linear(linear, group_size, KERNEL_DTYPE)
         setattr(owner, name, layer)
-    return _freeze(model)
+    return freeze(model)
 
 
 def quantize_int8(model, dtype: torch.dtype | None = None, kernel: str | None = None):
@@ -278,7 +279,7 @@ def quantize_int8(model, dtype: torch.dtype | None = None, kernel: str | None = 
         linear = _real_rows(model, owner, getattr(owner, name))
         layer = NativeLinear(linear, "i8") if kernel == "native" else Int8Linear(linear, compute, kernel)
         setattr(owner, name, layer)
-    return _freeze(model)
+    return freeze(model)
 
 
 def weight_bytes_per_token(model) -> int:

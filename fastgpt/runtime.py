@@ -259,9 +259,9 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device, purpose: str = 
     'auto' for training (autocast dtype): bf16 on GPUs that have it, fp16 on older GPUs;
     on CPUs bf16 only where the CPU computes it natively, else fp32.
     'auto' for inference (weight dtype): bf16 on GPUs; on CPUs bf16 where native, else fp32.
-    (Not fp16 on CPUs, even where its one-row GEMV is the faster one, see
-    `fastest_cpu_half_dtype`: without fp16 arithmetic a prompt's prefill or a served batch
-    multiplies fp16 matrices 4-9x slower than bf16 ones.)
+    (Not fp16 on CPUs: on PyTorch's kernels, without fp16 arithmetic, a prompt's prefill or
+    a served batch multiplies fp16 matrices 4-9x slower than bf16 ones; fastgpt's C kernel
+    widens either to fp32, see `fastgpt.native_linear`.)
     An explicit bf16 on a CPU without bf16 instructions runs, after a one-line warning
     (unless `warn` is False: the caller knows its bf16 weights are widened to fp32, as
     fastgpt's C decoding kernel does).

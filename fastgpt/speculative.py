@@ -95,7 +95,7 @@ def accept_sampling(drafts: Sequence[int], draft_probs: torch.Tensor | None, tar
             q_row = draft_probs[n] if draft_probs is not None else _one_hot(drafts[n], target_probs[n])
             residual = (target_probs[n] - q_row).clamp(min=0)
             total = residual.sum()
-            weights = residual / total if total > 0 else target_probs[n]
+            weights = residual if total > 0 else target_probs[n]  # (draw normalises)
             return n, int(draw(weights[None], generator)[0])
     return K, int(draw(target_probs[K][None], generator)[0])
 

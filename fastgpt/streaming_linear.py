@@ -16,8 +16,8 @@ for `F.linear`. Several rows (a prefill, a served batch) take the same path: S G
 over half the K each. `StreamingLinear` holds that layout;
 `stream_matrices` swaps in the streaming layout for the model's matrices (inference
 only, like `fastgpt.quantize`): fastgpt's own C kernel (`fastgpt.native_linear`, which
-reads at 26-28 GB/s on that machine and runs prefills faster than BLAS) where it builds,
-else these slabs, each after timing one pass over the model's own matrices both ways on
+reads at 26-37 GB/s on that machine and runs prefills faster than BLAS) where it builds
+with vector code for the CPU, else these slabs, each after timing one pass over the model's own matrices both ways on
 the CPU at hand (`streaming_is_faster`).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .errors import FastGPTError
 from .native_linear import NativeLinear, available, bf16_pairs
-from .quantize import decode_matrices, quantize
+from .quantize import decode_matrices, freeze, quantize
 from .runtime import best_time
 
 
@@ -159,8 +159,7 @@ def stream_matrices(model, splits: int | None = None, check_speed: bool = True, 
         return ""
     for (owner, name), layer in zip(matrices, streamed, strict=True):
         setattr(owner, name, layer)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze(model)
     return done
 
 

@@ -62,9 +62,9 @@ def test_the_c_blocks_are_the_pytorch_blocks(c_kernel_build, fmt):
     tokens = torch.randint(0, model.config.vocab_size, (model.config.context_length,)).tolist()  # fills the cache
     (fast, fast_cache), (reference, reference_cache) = decode_both_ways(model, tokens)
     assert torch.isfinite(fast).all()
-    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(fast_cache.k, reference_cache.k, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(fast_cache.v, reference_cache.v, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast, reference, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(fast_cache.k, reference_cache.k, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(fast_cache.v, reference_cache.v, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("fmt", ["f32", "i8"])
@@ -76,10 +76,10 @@ def test_several_new_tokens_in_one_call_attend_causally(c_kernel_build, fmt, chu
     torch.manual_seed(6)
     tokens = torch.randint(0, model.config.vocab_size, (model.config.context_length,)).tolist()
     (fast, fast_cache), (reference, reference_cache) = decode_both_ways(model, tokens, chunk)
-    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(fast_cache.k, reference_cache.k, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast, reference, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(fast_cache.k, reference_cache.k, rtol=2e-5, atol=2e-5)
     (one_at_a_time, _), _ = decode_both_ways(model, tokens)
-    torch.testing.assert_close(fast, one_at_a_time, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast, one_at_a_time, rtol=2e-5, atol=2e-5)
     plan, cache = native_decode.plan_for(model), KVCache.for_model(model, 1)
     many = torch.zeros(1, native_decode.MAX_TOKENS + 1, model.config.n_embd)
     assert plan.fits(many[:, :-1], cache, 20) and not plan.fits(many, cache, 20)  # longer runs: PyTorch blocks
@@ -90,7 +90,7 @@ def test_odd_widths_and_head_sizes(c_kernel_build):
     model = native_model("f32", n_embd=40, n_head=5, n_layer=3)  # head_dim 8: the vector loops' scalar tails
     tokens = [3, 17, 250, 9, 1000, 42, 7]
     (fast, _), (reference, _) = decode_both_ways(model, tokens)
-    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast, reference, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -119,7 +119,7 @@ def test_the_plan_follows_a_replaced_matrix():
     second = native_decode.plan_for(model)
     assert second is not first
     (fast, _), (reference, _) = decode_both_ways(model, [5, 6, 7])
-    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast, reference, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("fmt", ["f32", "bf16", "i8"])
@@ -149,9 +149,9 @@ def test_a_ragged_batch_in_a_window_of_a_larger_cache(c_kernel_build, fmt, token
         finally:
             native_decode.plan_for = original
     assert native_decode.plan_for(model).fits(torch.zeros(3, tokens_per_row, model.config.n_embd), view, 24)
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(caches[0].k, caches[1].k, rtol=1e-4, atol=1e-4)  # the same slots written
-    torch.testing.assert_close(caches[0].v, caches[1].v, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(caches[0].k, caches[1].k, rtol=2e-5, atol=2e-5)  # the same slots written
+    torch.testing.assert_close(caches[0].v, caches[1].v, rtol=2e-5, atol=2e-5)
     rows = [hidden_states_at(model, tokens[i:i + 1], _one_row(caches[0], full, i + 1)) for i in range(3)]
     torch.testing.assert_close(torch.cat(rows), outputs[0], rtol=0, atol=0)  # a row never depends on the others
 

@@ -50,7 +50,7 @@ from ..gpt2_vocab import GPT2_VOCAB_SIZE
 from ..native_linear import NativeLinear
 from ..quantize import INT8_KERNELS, QUANTIZATIONS, quantize, weight_bytes_per_token
 from ..runtime import CANONICAL_DTYPES, canonical_dtype_name, cpu_capabilities, describe_machine, fastest_cpu_half_dtype
-from ..streaming_linear import StreamingLinear, prepare_for_decoding, stream_matrices
+from ..streaming_linear import StreamingLinear, prepare_for_decoding
 from ..weights import load_pretrained
 from .common import Row, device_name, quantiles, write_csv
 
@@ -383,7 +383,7 @@ def _load_ours(directory, device, mode):
         return quantize(load_pretrained(directory, device=device), "int8", kernel=INT8_WITH_KERNEL[mode])
     dtype = half_dtype(device) if mode == HALF else CANONICAL_DTYPES[mode]
     model = load_pretrained(directory, device=device, dtype=dtype)
-    stream_matrices(model)  # as `fastgpt generate` does (fp32 on CPUs, where a timing says it is faster)
+    prepare_for_decoding(model)  # as `fastgpt generate` does
     return model
 
 
