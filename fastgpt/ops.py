@@ -63,6 +63,7 @@ _FUSED_TORCH = {
     "bias_gelu": torch_fused.bias_gelu_fused,
     "attention": torch_fused.attention_fused,
     "attention_qkv": torch_fused.attention_qkv_fused,
+    "linear_cross_entropy": torch_fused.linear_cross_entropy_fused,
 }
 _TRITON = {
     "layer_norm": _layernorm.layer_norm_triton,

@@ -14,7 +14,7 @@ from fastgpt import ops
 from fastgpt.config import preset
 from fastgpt.model import GPT
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "auto", "triton"]  # auto on a CPU: PyTorch's fused kernels and torch_fused.py
 
 
 def _batch(model, B=2, T=24):

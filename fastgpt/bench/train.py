@@ -4,6 +4,7 @@ A step = forward + backward + gradient clipping at norm 1 + AdamW, on a fixed ba
 Contenders, on the same shapes in the same run:
   fastgpt          - fastgpt's GPT as `fastgpt pretrain` runs it: backend "auto" (the
                      Triton kernels on CUDA; on CPU the ops' PyTorch paths), its fused AdamW;
+  fastgpt+compile  - the same under torch.compile (`fastgpt pretrain --compile`);
   nanogpt          - THE BASELINE: the nanoGPT / llm.c-PyTorch recipe (fastgpt/bench/nanogpt.py):
                      SDPA flash attention, tanh GELU, vocabulary padded to 50304, fused AdamW,
                      whole-model torch.compile on CUDA (eager on a CPU, as nanoGPT's CPU
@@ -60,7 +61,7 @@ from .common import (
 from .nanogpt import NanoGPT
 from .nanogpt import make_optimizer as nanogpt_optimizer
 
-VARIANTS = ("fastgpt", "nanogpt", "nanogpt+compile", "nanogpt-eager", "textbook", "textbook+compile")
+VARIANTS = ("fastgpt", "fastgpt+compile", "nanogpt", "nanogpt+compile", "nanogpt-eager", "textbook", "textbook+compile")
 DEFAULT_VARIANTS = ("fastgpt", "nanogpt", "textbook")
 BASELINE = "nanogpt"
 
@@ -117,7 +118,7 @@ class TrainStep:
         else:
             self.model = GPT(cfg).to(device)
             self.optimizer = make_optimizer(self.model, 6e-4, 0.1, (0.9, 0.95), 1e-8, torch.device(device))
-            self.backend = "auto" if variant == "fastgpt" else "torch"
+            self.backend = "auto" if variant.startswith("fastgpt") else "torch"
         self.forward = torch.compile(self.model) if _compiles(variant, on_cuda) else self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.device_type, self.dtype = torch.device(device).type, dtype
