@@ -57,6 +57,14 @@ def test_each_contender_step_trains(variant):
     assert losses[-1] < losses[0] - 0.5  # the same batch every step: it is memorised
 
 
+def test_compiled_variants_wrap_the_same_contender():
+    """fastgpt+compile is fastgpt's own path (backend auto) under torch.compile (built lazily: not run here)."""
+    for variant, backend in (("fastgpt+compile", "auto"), ("nanogpt+compile", None), ("fastgpt", "auto")):
+        step = train.TrainStep(variant, TINY, 2, "cpu", torch.float32)
+        assert step.backend == backend
+        assert (step.forward is not step.model) == variant.endswith("+compile")
+
+
 def test_flops_per_token_is_fastgpts_unpadded_count():
     assert train.flops_per_token(TINY) == model_flops_per_token(GPT(TINY), TINY.context_length)
 
@@ -89,7 +97,7 @@ def test_gpu_sizes_are_the_issue_cases():
     big, small = train.SIZE_SETS["cpu"]["cases"]
     assert (big.config().n_layer, big.config().n_embd, big.batches, big.config().context_length) == (12, 768, (4,), 256)
     assert (small.config().n_layer, small.config().n_embd) == (6, 384)
-    assert train.SIZE_SETS["cpu"]["variants"] == ("fastgpt", "nanogpt", "nanogpt+compile")
+    assert train.SIZE_SETS["cpu"]["variants"] == ("fastgpt", "fastgpt+compile", "nanogpt", "nanogpt+compile")
 
 
 @pytest.mark.slow

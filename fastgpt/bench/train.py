@@ -9,8 +9,8 @@ Contenders, on the same shapes in the same run:
                      SDPA flash attention, tanh GELU, vocabulary padded to 50304, fused AdamW,
                      whole-model torch.compile on CUDA (eager on a CPU, as nanoGPT's CPU
                      runs are), TF32 on, bf16 autocast on CUDA;
-  nanogpt+compile  - the same with torch.compile on any device (part of the cpu size set:
-                     compile helped the contender on a CPU here, so it is timed both ways);
+  nanogpt+compile  - the same with torch.compile on any device (part of the cpu size set,
+                     with fastgpt+compile: compile helped both on a CPU here);
   nanogpt-eager    - the same without torch.compile on any device;
   textbook         - second baseline: fastgpt's own textbook reference (backend "torch":
                      T x T attention scores, written-out GELU, unpadded 50257-wide head);
@@ -80,12 +80,12 @@ class Case:
 SIZE_SETS = {
     "gpt2": dict(device="cuda", cases=(Case("gpt2", {}, (8, 32)),), dtype=torch.bfloat16,
                  warmup=3, samples=10, steps=5, memory=True),
-    # nanogpt+compile too: measured here, inductor made the contender 1.23x faster at 6 x 384
-    # (benchmarks/results/2026-11-29-cpu-train), so on a CPU the recipe is timed both ways.
+    # Both ways, eager and compiled: inductor made the recipe 1.14x faster on the 2-core EPYC
+    # (benchmarks/results/2026-11-30-cpu-train), and fastgpt 1.04-1.07x.
     "cpu": dict(device="cpu", cases=(Case("gpt2", dict(context_length=256), (4,)),
                                      Case("gpt2", dict(n_layer=6, n_head=6, n_embd=384, context_length=256), (4,))),
                 dtype=torch.float32, warmup=1, samples=3, steps=2, memory=False,
-                variants=("fastgpt", "nanogpt", "nanogpt+compile")),
+                variants=("fastgpt", "fastgpt+compile", "nanogpt", "nanogpt+compile")),
     "tiny": dict(device="any", cases=(Case("tiny", dict(context_length=32), (2,)),), dtype=torch.float32,
                  warmup=1, samples=3, steps=2, memory=False),
 }
@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     def add(parser):
         parser.add_argument("--variants", default=None,
                             help=f"comma-separated subset of {', '.join(VARIANTS)} "
-                                 f"(default: {','.join(DEFAULT_VARIANTS)}; the cpu size set adds nanogpt+compile)")
+                                 f"(default: {','.join(DEFAULT_VARIANTS)}; the cpu size set: "
+                                 f"{','.join(SIZE_SETS['cpu']['variants'])})")
         parser.add_argument("--samples", type=int, default=None, help="timed samples per contender and batch")
         parser.add_argument("--steps", type=int, default=None, help="training steps per timed sample")
 
