@@ -109,6 +109,7 @@ def test_linear_cross_entropy_fused_under_bf16_autocast_matches_autocast_referen
         loss = torch_fused.linear_cross_entropy_fused(hidden, weight, targets, vocab_size=V)
         expected = reference.linear_cross_entropy_reference(h2, w2, targets, vocab_size=V)
     assert loss.dtype == expected.dtype == torch.float32
+    assert "_LinearCrossEntropy" not in type(loss.grad_fn).__name__  # 16-bit logits: autograd's loss
     torch.testing.assert_close(loss, expected, rtol=1e-3, atol=1e-3)
     loss.backward()
     expected.backward()
@@ -123,6 +124,7 @@ def test_linear_cross_entropy_fused_backward_twice_with_retain_graph():
     hidden = torch.randn(9, 8, requires_grad=True)
     weight = torch.randn(16, 8, requires_grad=True)
     loss = torch_fused.linear_cross_entropy_fused(hidden, weight, torch.randint(0, 16, (9,)))
+    assert "_LinearCrossEntropy" in type(loss.grad_fn).__name__  # fp32: the gradient written in the forward
     loss.backward(retain_graph=True)
     first = hidden.grad.clone()
     hidden.grad = None

@@ -167,9 +167,11 @@ def _throughput_rows(steps: dict[str, TrainStep], cfg, batch, device, dtype, spe
         step.set_batch(batch)
         measure_steps_ms(step, 1, 1, warmup=spec["warmup"], device=device)  # compiles / allocates
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(spec["samples"]):
-        for name, step in steps.items():
-            times[name].append(measure_steps_ms(step, spec["steps"], 1, warmup=0, device=device)[0])
+    order = list(steps)
+    for sample in range(spec["samples"]):
+        # the order rotates each round, so that no contender always runs after the same one
+        for name in order[sample % len(order):] + order[:sample % len(order)]:
+            times[name].append(measure_steps_ms(steps[name], spec["steps"], 1, warmup=0, device=device)[0])
     tokens = batch * cfg.context_length
     per_token = flops_per_token(cfg)
     peak = peak_flops(torch.device(device), dtype)
