@@ -78,6 +78,9 @@ def test_compiled_training_step_equals_eager(backend):
         loss_e, grads_e = step(model)
         loss_c, grads_c = step(compiled)
     # AOTAutograd may sum a tied weight's two gradients in the other order: a few fp32 ulps.
+    # auto's eager loss writes the logits' gradient in its forward, its compiled one is
+    # autograd's (torch_fused.linear_cross_entropy_fused): the same sums, rounded elsewhere.
+    atol = 1e-6 if backend == "auto" else 1e-7
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=0)
     for name in grads_e:
-        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-5, atol=atol, msg=name)
