@@ -80,8 +80,8 @@ class Case:
 SIZE_SETS = {
     "gpt2": dict(device="cuda", cases=(Case("gpt2", {}, (8, 32)),), dtype=torch.bfloat16,
                  warmup=3, samples=10, steps=5, memory=True),
-    # Both ways, eager and compiled: inductor made the recipe 1.14x faster on the 2-core EPYC
-    # (benchmarks/results/2026-11-30-cpu-train), and fastgpt 1.04-1.07x.
+    # Both ways, eager and compiled: inductor made the recipe 1.13-1.18x faster on the 2-core
+    # EPYC, and fastgpt 0.94-1.11x (benchmarks/results/2026-11-30-cpu-train).
     "cpu": dict(device="cpu", cases=(Case("gpt2", dict(context_length=256), (4,)),
                                      Case("gpt2", dict(n_layer=6, n_head=6, n_embd=384, context_length=256), (4,))),
                 dtype=torch.float32, warmup=1, samples=3, steps=2, memory=False,
