@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .errors import FastGPTError
 from .native_linear import NativeLinear, available, bf16_pairs
 from .quantize import decode_matrices, freeze, quantize
-from .runtime import best_time
+from .runtime import best_time, resolve_dtype
 
 
 class StreamingLinear(nn.Module):
@@ -161,6 +161,13 @@ def stream_matrices(model, splits: int | None = None, check_speed: bool = True, 
         setattr(owner, name, layer)
     freeze(model)
     return done
+
+
+def decoding_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The weight dtype `fastgpt generate` and `fastgpt serve` load a model in: the runtime's
+    choice for inference, warning about bf16 on a CPU without bf16 instructions only where
+    PyTorch would multiply it (fastgpt's C kernel widens bf16 weights to fp32 on any CPU)."""
+    return resolve_dtype(name, device, "inference", warn=device.type != "cpu" or not available("bf16"))
 
 
 def prepare_for_decoding(model, quantization: str | None = None, activations: torch.dtype | None = None) -> str:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import ops
+from fastgpt.errors import FastGPTError
 from fastgpt.kernels import reference, torch_fused
 
 
@@ -89,10 +90,12 @@ def test_linear_cross_entropy_fused_over_a_padded_head_against_fp64(vocab_size, 
     assert torch.isfinite(hidden.grad).all()
 
 
-def test_linear_cross_entropy_fused_rejects_a_bad_vocab_size():
-    with pytest.raises(Exception, match="vocab_size must be an integer"):
-        torch_fused.linear_cross_entropy_fused(torch.randn(2, 4), torch.randn(8, 4), torch.tensor([0, 1]),
-                                               vocab_size=9)
+def test_linear_cross_entropy_fused_rejects_a_bad_vocab_size_or_reduction():
+    hidden, weight, targets = torch.randn(2, 4), torch.randn(8, 4), torch.tensor([0, 1])
+    with pytest.raises(FastGPTError, match="vocab_size must be an integer"):
+        torch_fused.linear_cross_entropy_fused(hidden, weight, targets, vocab_size=9)
+    with pytest.raises(FastGPTError, match="reduction must be mean, sum or none, got 'avg'"):
+        torch_fused.linear_cross_entropy_fused(hidden, weight, targets, reduction="avg")
 
 
 def test_linear_cross_entropy_fused_under_bf16_autocast_matches_autocast_reference():

@@ -51,9 +51,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "activations rounded to bf16 at each product, twice as fast for prompts), so both 16-bit "
                         "formats are fast for prompts and decoding alike, on any CPU. Without the kernel, bf16 "
                         "on a CPU without bf16 instructions is emulated (~100x slower matmuls; a warning says "
-                        "so), fp16 prompts run several times "
-                        "slower without fp16 arithmetic, and fp32 decodes through a slab layout when a start-up "
-                        "timing finds it faster")
+                        "so), fp16 prompts run several times slower without fp16 arithmetic, and fp32 decodes "
+                        "through a slab layout when a start-up timing finds it faster")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton"],
                    help="kernel backend (default: $FASTGPT_BACKEND or auto = Triton on CUDA)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
@@ -108,9 +107,9 @@ def _setup(args):
     """(model, metadata, tokenizer, sampling kwargs) from the parsed arguments."""
     from .. import ops
     from ..errors import FastGPTError
-    from ..native_linear import available as native_available
-    from ..runtime import measured_threads, resolve_device, resolve_dtype
+    from ..runtime import measured_threads, resolve_device
     from ..sampling import validate
+    from ..streaming_linear import decoding_dtype, prepare_for_decoding
     from ..tokenizer import Tokenizer, load_tokenizer
 
     top_k = args.top_k or None  # 0 means no limit
@@ -133,9 +132,7 @@ def _setup(args):
     device = resolve_device(args.device)
     if device.type == "cpu":
         measured_threads(args.threads)
-    # bf16 weights on fastgpt's C kernel are fast on any CPU: no warning about missing bf16 instructions then
-    dtype = resolve_dtype(args.dtype, device, "inference",
-                          warn=device.type != "cpu" or not native_available("bf16"))
+    dtype = decoding_dtype(args.dtype, device)
 
     if args.random_init:
         from ..config import preset
@@ -150,7 +147,6 @@ def _setup(args):
         # its own BPE if saved with it, else GPT-2's (a single weights file, like the book's model.pth, has none)
         from pathlib import Path
         tokenizer = load_tokenizer(None if Path(args.model).expanduser().is_file() else resolve(args.model))
-    from ..streaming_linear import prepare_for_decoding
     # an explicit --dtype sets a quantized model's activations; auto: bf16 only where the CPU computes it natively
     done = prepare_for_decoding(model, args.quantize, None if args.dtype == "auto" else dtype)
     draft = None

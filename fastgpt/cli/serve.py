@@ -114,8 +114,8 @@ def run(args) -> int:
 def _load_model(args):
     """(model in eval mode, metadata, tokenizer) as `fastgpt generate` loads them."""
     from .. import ops
-    from ..native_linear import available as native_available
-    from ..runtime import resolve_device, resolve_dtype, set_threads
+    from ..runtime import resolve_device, set_threads
+    from ..streaming_linear import decoding_dtype, prepare_for_decoding
     from ..tokenizer import Tokenizer, load_tokenizer
 
     if args.backend:
@@ -123,9 +123,7 @@ def _load_model(args):
     device = resolve_device(args.device)
     if device.type == "cpu":
         set_threads(args.threads)  # a batch of sequences is matrix work: every core helps
-    # bf16 weights on fastgpt's C kernel are fast on any CPU: no warning about missing bf16 instructions then
-    dtype = resolve_dtype(args.dtype, device, "inference",
-                          warn=device.type != "cpu" or not native_available("bf16"))
+    dtype = decoding_dtype(args.dtype, device)
     if args.random_init:
         from ..config import preset
         from ..model import GPT
@@ -136,7 +134,6 @@ def _load_model(args):
         from ..weights import load_fastgpt, resolve
         model, metadata = load_fastgpt(args.model, device=device, dtype=dtype)
         tokenizer = load_tokenizer(resolve(args.model))  # its own BPE if saved with it, else GPT-2's
-    from ..streaming_linear import prepare_for_decoding
     done = prepare_for_decoding(model, args.quantize, None if args.dtype == "auto" else dtype)
     if done:
         print(f"fastgpt serve: {done}", file=sys.stderr)

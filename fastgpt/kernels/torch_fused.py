@@ -60,16 +60,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         logits[:, vocab_size:] = float("-inf")  # pad columns: no token, so no probability and no gradient
         grad = torch.empty_like(logits)
         keep = targets != ignore_index
+        ignored = (~keep).unsqueeze(1)
         safe = torch.where(keep, targets, 0).unsqueeze(1)
         losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        rows = max(1, SOFTMAX_CHUNK_BYTES // (4 * logits.shape[1]))
+        rows = max(1, SOFTMAX_CHUNK_BYTES // (logits.element_size() * logits.shape[1]))
         for r0 in range(0, logits.shape[0], rows):
             log_p = torch.log_softmax(logits[r0:r0 + rows], dim=-1)
             losses[r0:r0 + rows] = log_p.gather(1, safe[r0:r0 + rows]).squeeze(1).neg()
-            log_p.masked_fill_(~keep[r0:r0 + rows].unsqueeze(1), float("-inf"))  # ignored rows: no gradient
+            log_p.masked_fill_(ignored[r0:r0 + rows], float("-inf"))  # ignored rows: no gradient
             torch.exp(log_p, out=grad[r0:r0 + rows])
         del logits
-        losses = losses.masked_fill(~keep, 0.0)
+        losses = losses.masked_fill(ignored[:, 0], 0.0)
         # the target's entry: p - 1, from the fp32 loss (p = exp(-loss)), not from the rounded p
         grad.scatter_(1, safe, torch.where(keep, torch.expm1(-losses), 0.0).unsqueeze(1))
         count = keep.sum()
